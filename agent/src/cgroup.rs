@@ -1,0 +1,1 @@
+//! cgroup usage reader (placeholder).

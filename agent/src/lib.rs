@@ -1,0 +1,3 @@
+//! The `chuted` agent library: everything the binary wires together.
+pub mod cgroup;
+pub mod podman;

@@ -1,0 +1,1 @@
+//! Typed libpod client (placeholder).
