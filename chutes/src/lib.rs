@@ -1,1 +1,34 @@
-//! placeholder
+//! The pure model of a chute, shared by the `chuted` agent and the cloud tools.
+//!
+//! A *chute* is a third-party container that the agent runs under Podman with hard caps.
+//! This crate holds every decision about a chute that can be made without touching the
+//! machine:
+//!
+//! * [`manifest`]: parse `chute.toml` once into validated types ([`Manifest`]); unknown keys
+//!   and bad values are refused with messages naming the key, the value and what is allowed.
+//! * [`ledger`]: admission control from fixed device pools ([`Ledger`]): a chute runs only
+//!   if all of its caps fit, operations are all-or-nothing, and growth is validated
+//!   before anything is released.
+//! * [`lifecycle`]: the per-chute state machine ([`Lifecycle`]): inputs (user requests,
+//!   Podman events, fired timers) in, [`Action`]s out, with restart policy and backoff.
+//! * [`reconcile`]: what to do with each chute when the agent starts again ([`plan`]).
+//!
+//! What it deliberately is not: there is no I/O here, no clock, no Podman, no files and no
+//! logging. Time comes in as `now_ms: u64`; timers are requested as actions and fed back
+//! as inputs. Every data type is `Serialize + Deserialize + Clone + Debug + PartialEq` so
+//! the agent can snapshot it with postcard and print it as JSON.
+
+pub mod ledger;
+pub mod lifecycle;
+pub mod manifest;
+pub mod reconcile;
+
+pub use ledger::{AdmissionError, Amounts, Ledger, Pools, Reservation, Resource, Shortfall};
+pub use lifecycle::{
+    Action, BackoffConfig, ChuteState, Input, Lifecycle, LifecycleConfig, LifecycleError,
+};
+pub use manifest::{
+    format_bytes, format_cpu, format_rate, parse_bytes, parse_rate_bps, ChuteName, Manifest,
+    ManifestError, Network, PortMapping, Protocol, Resources, RestartPolicy,
+};
+pub use reconcile::{plan, KnownChute, ObservedContainer, ReconcileAction};

@@ -1,1 +1,335 @@
-//! End-to-end test helpers shared by the tests in tests/tests/.
+//! End-to-end test harness: real `chuted` binaries against a real Podman API service,
+//! each test with its own Podman service, state dir, admin socket and uniquely named
+//! chutes. Everything a test creates is removed by name/id in `Drop`, even on failure.
+//!
+//! Not a library for users; only the tests in `tests/tests/` use it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const IMAGE: &str = "localhost/chuted-hello-web:1";
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+}
+
+/// The chuted binary under test: $CHUTED_BIN, else target/{debug,release}/chuted.
+pub fn chuted_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CHUTED_BIN") {
+        return p.into();
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let p = target.join("debug/chuted");
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p chuted` first (or set CHUTED_BIN)",
+        p.display()
+    );
+    p
+}
+
+/// Builds the example image once per machine (idempotent script).
+pub fn ensure_image() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let st = Command::new(workspace_root().join("examples/hello-web/build-image.sh"))
+            .stdout(Stdio::null())
+            .status()
+            .expect("run build-image.sh");
+        assert!(st.success(), "building the example image failed");
+    });
+}
+
+pub fn podman(args: &[&str]) -> Output {
+    Command::new("podman").args(args).output().expect("run podman")
+}
+
+pub fn podman_ok(args: &[&str]) -> String {
+    let o = podman(args);
+    assert!(
+        o.status.success(),
+        "podman {args:?} failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_owned()
+}
+
+pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// One test's world: a Podman API service, an agent, and the chutes it deployed.
+pub struct World {
+    pub dir: PathBuf,
+    pub podman_socket: PathBuf,
+    pub admin_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    podman_service: Child,
+    agent: Option<Child>,
+    /// Container names this test may have created; removed in Drop.
+    containers: Vec<String>,
+}
+
+impl World {
+    /// `config` is the agent config file's text.
+    pub fn new(config: &str) -> World {
+        ensure_image();
+        let dir = std::env::temp_dir().join(unique("chuted-e2e-"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let podman_socket = dir.join("podman.sock");
+        let podman_service = Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", podman_socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start podman system service");
+        let config_path = dir.join("agent.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let w = World {
+            admin_socket: dir.join("admin.sock"),
+            state_dir: dir.join("state"),
+            config: config_path,
+            podman_socket,
+            podman_service,
+            agent: None,
+            containers: Vec::new(),
+            dir,
+        };
+        wait_until("podman socket", Duration::from_secs(10), || w.podman_socket.exists());
+        w
+    }
+
+    pub fn start_agent(&mut self) {
+        assert!(self.agent.is_none(), "agent already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(chuted_bin())
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .arg("run")
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--podman-socket")
+            .arg(&self.podman_socket)
+            .arg("--config")
+            .arg(&self.config)
+            .arg("--log-level")
+            .arg("debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start chuted run");
+        self.agent = Some(child);
+        let start = Instant::now();
+        loop {
+            if self.try_cli(&["status"]).status.success() {
+                break;
+            }
+            if let Some(st) = self.agent.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited with {st} during start; log:\n{}", self.agent_log());
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "agent did not come up; log:\n{}",
+                self.agent_log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL, as a crash or power cut would.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut c) = self.agent.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn agent_log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        Command::new(chuted_bin())
+            .arg("--admin-socket")
+            .arg(&self.admin_socket)
+            .args(args)
+            .output()
+            .expect("run chuted cli")
+    }
+
+    /// Runs a CLI command that must succeed; returns stdout.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let o = self.try_cli(args);
+        assert!(
+            o.status.success(),
+            "chuted {args:?} failed: {}\nagent log tail:\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            tail(&self.agent_log(), 30)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// Runs a CLI command that must fail; returns stderr.
+    pub fn cli_err(&self, args: &[&str]) -> String {
+        let o = self.try_cli(args);
+        assert!(
+            !o.status.success(),
+            "chuted {args:?} unexpectedly succeeded: {}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut a = args.to_vec();
+        a.push("--json");
+        serde_json::from_str(&self.cli(&a)).unwrap()
+    }
+
+    pub fn inspect(&self, name: &str) -> Value {
+        self.json(&["inspect", name])
+    }
+
+    pub fn state(&self, name: &str) -> String {
+        self.inspect(name)["state"].as_str().unwrap().to_owned()
+    }
+
+    pub fn wait_state(&self, name: &str, want: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            let s = self.state(name);
+            if s == want {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "chute {name} is {s}, wanted {want}; log tail:\n{}",
+                tail(&self.agent_log(), 30)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Writes a chute directory; `extra` is appended to the manifest.
+    pub fn chute_dir(&mut self, name: &str, command: &str, extra: &str) -> PathBuf {
+        let d = self.dir.join(format!("chute-{name}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(
+            d.join("chute.toml"),
+            format!("name = \"{name}\"\nversion = \"1\"\nimage = \"{IMAGE}\"\ncommand = {command}\n{extra}"),
+        )
+        .unwrap();
+        self.track(name);
+        d
+    }
+
+    pub fn track(&mut self, chute: &str) {
+        let c = format!("chute-{chute}");
+        if !self.containers.contains(&c) {
+            self.containers.push(c);
+        }
+    }
+
+    pub fn track_container(&mut self, name: &str) {
+        self.containers.push(name.to_owned());
+    }
+
+    pub fn deploy(&mut self, dir: &Path) -> Value {
+        self.json(&["deploy", dir.to_str().unwrap()])
+    }
+
+    pub fn container_pid(&self, name: &str) -> u32 {
+        podman_ok(&["inspect", "-f", "{{.State.Pid}}", &format!("chute-{name}")])
+            .parse()
+            .unwrap()
+    }
+
+    pub fn started_at(&self, name: &str) -> String {
+        podman_ok(&["inspect", "-f", "{{.State.StartedAt}}", &format!("chute-{name}")])
+    }
+
+    pub fn status(&self) -> Value {
+        self.json(&["status"])
+    }
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        self.kill_agent();
+        for c in &self.containers {
+            let _ = podman(&["rm", "-f", "-t", "0", c]);
+        }
+        let _ = self.podman_service.kill();
+        let _ = self.podman_service.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("test dir kept for post-mortem: {}", self.dir.display());
+        }
+    }
+}
+
+pub fn tail(s: &str, n: usize) -> String {
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Reads one cgroup-v1 (or v2) file of a process's cgroup for `controller`.
+pub fn cgroup_file(pid: u32, controller: &str, file: &str) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        if ctrls.split(',').any(|c| c == controller) {
+            let p = format!("/sys/fs/cgroup/{ctrls}{path}/{file}");
+            let alt = format!("/sys/fs/cgroup/{controller}{path}/{file}");
+            return std::fs::read_to_string(&p)
+                .or_else(|_| std::fs::read_to_string(&alt))
+                .unwrap_or_else(|e| panic!("read {p}: {e}"))
+                .trim()
+                .to_owned();
+        }
+        if ctrls.is_empty() {
+            let p = format!("/sys/fs/cgroup{path}/{file}");
+            if let Ok(s) = std::fs::read_to_string(&p) {
+                return s.trim().to_owned();
+            }
+        }
+    }
+    panic!("no {controller} cgroup for pid {pid}");
+}
+
+/// A config with small, exact pools so admission is easy to reason about.
+pub fn small_pools_config(extra: &str) -> String {
+    format!(
+        "{extra}\nbackoff_initial_ms = 300\nbackoff_max_ms = 4000\nstop_timeout_secs = 2\n\
+         [pools]\ncpu = 2.0\nmemory = \"200MiB\"\npids = 500\nbandwidth_down = \"100mbit\"\nbandwidth_up = \"100mbit\"\n"
+    )
+}

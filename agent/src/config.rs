@@ -1,0 +1,339 @@
+//! The agent's configuration file (`--config FILE`, TOML) and the defaults derived from the
+//! host when a key is absent.
+//!
+//! Every key is optional. Unknown keys are refused so a typo never silently falls back to a
+//! default (a mistyped `memroy` pool would otherwise hand chutes the whole machine).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chutes::{BackoffConfig, LifecycleConfig, Pools};
+use serde::Deserialize;
+
+/// Capabilities a chute keeps after `cap_drop = ALL`: enough for an ordinary daemon to bind
+/// low ports and drop privileges, nothing that reaches the host (no NET_ADMIN, SYS_ADMIN,
+/// NET_RAW, MKNOD, SYS_CHROOT, AUDIT_WRITE).
+pub const DEFAULT_CAPS: &[&str] = &[
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "NET_BIND_SERVICE",
+    "SETGID",
+    "SETUID",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Syntax { path: PathBuf, message: String },
+    #[error("config file {path}: invalid `{key}` = {value}: {allowed}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        allowed: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    pools: Option<RawPools>,
+    allow_host_network: Option<bool>,
+    oci_runtime: Option<String>,
+    heartbeat_secs: Option<u64>,
+    sample_secs: Option<u64>,
+    owner_key: Option<String>,
+    cloud: Option<String>,
+    zombie_timeout_secs: Option<u64>,
+    stop_timeout_secs: Option<u32>,
+    backoff_initial_ms: Option<u64>,
+    backoff_max_ms: Option<u64>,
+    backoff_reset_secs: Option<u64>,
+    ulimit_nofile: Option<u64>,
+    ulimit_nproc: Option<u64>,
+    cap_add: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPools {
+    cpu: Option<f64>,
+    memory: Option<String>,
+    pids: Option<u64>,
+    bandwidth_down: Option<String>,
+    bandwidth_up: Option<String>,
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Capacity the ledger admits chutes against.
+    pub pools: Pools,
+    pub allow_host_network: bool,
+    /// OCI runtime passed to Podman per container (`runc` on cgroup-v1 hybrid hosts where
+    /// crun refuses to run); `None` uses Podman's default.
+    pub oci_runtime: Option<String>,
+    pub heartbeat: Duration,
+    pub sample_interval: Duration,
+    pub owner_key: Option<String>,
+    pub cloud: Option<String>,
+    pub lifecycle: LifecycleConfig,
+    pub ulimit_nofile: u64,
+    pub ulimit_nproc: u64,
+    pub cap_add: Vec<String>,
+}
+
+/// Facts about the host used to derive default pools.
+#[derive(Debug, Clone, Copy)]
+pub struct HostFacts {
+    pub cpus: u64,
+    pub memory_bytes: u64,
+}
+
+impl HostFacts {
+    pub fn detect() -> Self {
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get() as u64)
+            .unwrap_or(1);
+        let memory_bytes = std::fs::read_to_string("/proc/meminfo")
+            .ok()
+            .and_then(|s| parse_memtotal(&s))
+            .unwrap_or(256 * 1024 * 1024);
+        HostFacts { cpus, memory_bytes }
+    }
+}
+
+fn parse_memtotal(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Default pools: all cores, three quarters of RAM (the rest is for the OS, Podman and
+/// conmon), 4096 pids and a 1 gbit link each way.
+pub fn default_pools(host: HostFacts) -> Pools {
+    Pools {
+        cpu_millicores: host.cpus * 1000,
+        memory_bytes: host.memory_bytes / 4 * 3,
+        pids: 4096,
+        bandwidth_down_bps: 1_000_000_000,
+        bandwidth_up_bps: 1_000_000_000,
+    }
+}
+
+impl AgentConfig {
+    /// Defaults for this host, no file.
+    pub fn defaults(host: HostFacts) -> Self {
+        let mut lifecycle = LifecycleConfig::default();
+        lifecycle.backoff = BackoffConfig::default();
+        AgentConfig {
+            pools: default_pools(host),
+            allow_host_network: false,
+            oci_runtime: None,
+            heartbeat: Duration::from_secs(30),
+            sample_interval: Duration::from_secs(1),
+            owner_key: None,
+            cloud: None,
+            lifecycle,
+            ulimit_nofile: 1024,
+            ulimit_nproc: 1024,
+            cap_add: DEFAULT_CAPS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    pub fn load(path: &Path, host: HostFacts) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path, host)
+    }
+
+    pub fn parse(text: &str, path: &Path, host: HostFacts) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| ConfigError::Syntax {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        let invalid = |key: &'static str, value: String, allowed: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key,
+            value,
+            allowed: allowed.to_owned(),
+        };
+        let mut cfg = AgentConfig::defaults(host);
+        if let Some(p) = raw.pools {
+            if let Some(cpu) = p.cpu {
+                if !(cpu.is_finite() && cpu > 0.0 && cpu <= 4096.0) {
+                    return Err(invalid(
+                        "pools.cpu",
+                        cpu.to_string(),
+                        "a number of cores, > 0 and <= 4096",
+                    ));
+                }
+                cfg.pools.cpu_millicores = (cpu * 1000.0).round() as u64;
+            }
+            if let Some(m) = p.memory {
+                cfg.pools.memory_bytes = chutes::parse_bytes(&m).map_err(|e| {
+                    invalid("pools.memory", format!("{m:?}"), &format!("{e} (e.g. \"512MiB\")"))
+                })?;
+            }
+            if let Some(n) = p.pids {
+                if n == 0 {
+                    return Err(invalid("pools.pids", n.to_string(), "an integer >= 1"));
+                }
+                cfg.pools.pids = n;
+            }
+            if let Some(r) = p.bandwidth_down {
+                cfg.pools.bandwidth_down_bps = chutes::parse_rate_bps(&r).map_err(|e| {
+                    invalid("pools.bandwidth_down", format!("{r:?}"), &format!("{e} (e.g. \"100mbit\")"))
+                })?;
+            }
+            if let Some(r) = p.bandwidth_up {
+                cfg.pools.bandwidth_up_bps = chutes::parse_rate_bps(&r).map_err(|e| {
+                    invalid("pools.bandwidth_up", format!("{r:?}"), &format!("{e} (e.g. \"20mbit\")"))
+                })?;
+            }
+        }
+        if let Some(v) = raw.allow_host_network {
+            cfg.allow_host_network = v;
+        }
+        if let Some(rt) = raw.oci_runtime {
+            if rt.is_empty() || !rt.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+                return Err(invalid("oci_runtime", format!("{rt:?}"), "a runtime name such as \"runc\" or \"crun\""));
+            }
+            cfg.oci_runtime = Some(rt);
+        }
+        if let Some(s) = raw.heartbeat_secs {
+            if !(1..=86_400).contains(&s) {
+                return Err(invalid("heartbeat_secs", s.to_string(), "1..=86400"));
+            }
+            cfg.heartbeat = Duration::from_secs(s);
+        }
+        if let Some(s) = raw.sample_secs {
+            if !(1..=3600).contains(&s) {
+                return Err(invalid("sample_secs", s.to_string(), "1..=3600"));
+            }
+            cfg.sample_interval = Duration::from_secs(s);
+        }
+        if let Some(k) = raw.owner_key {
+            if k.len() != 64 || !k.chars().all(|c| c.is_ascii_hexdigit()) {
+                return Err(invalid("owner_key", format!("{k:?}"), "64 hex digits (an Ed25519 public key)"));
+            }
+            cfg.owner_key = Some(k.to_ascii_lowercase());
+        }
+        if let Some(c) = raw.cloud {
+            if !(c.starts_with("ws://") || c.starts_with("wss://")) {
+                return Err(invalid("cloud", format!("{c:?}"), "a ws:// or wss:// URL"));
+            }
+            cfg.cloud = Some(c);
+        }
+        if let Some(s) = raw.zombie_timeout_secs {
+            cfg.lifecycle.zombie_timeout_ms = s.saturating_mul(1000);
+        }
+        if let Some(s) = raw.stop_timeout_secs {
+            if s > 600 {
+                return Err(invalid("stop_timeout_secs", s.to_string(), "0..=600"));
+            }
+            cfg.lifecycle.stop_timeout_secs = s;
+        }
+        if let Some(ms) = raw.backoff_initial_ms {
+            if ms == 0 {
+                return Err(invalid("backoff_initial_ms", ms.to_string(), "an integer >= 1"));
+            }
+            cfg.lifecycle.backoff.initial_ms = ms;
+        }
+        if let Some(ms) = raw.backoff_max_ms {
+            cfg.lifecycle.backoff.max_ms = ms;
+        }
+        if cfg.lifecycle.backoff.max_ms < cfg.lifecycle.backoff.initial_ms {
+            return Err(invalid(
+                "backoff_max_ms",
+                cfg.lifecycle.backoff.max_ms.to_string(),
+                "must be >= backoff_initial_ms",
+            ));
+        }
+        if let Some(s) = raw.backoff_reset_secs {
+            cfg.lifecycle.backoff.reset_after_ms = s.saturating_mul(1000);
+        }
+        if let Some(n) = raw.ulimit_nofile {
+            cfg.ulimit_nofile = n.max(64);
+        }
+        if let Some(n) = raw.ulimit_nproc {
+            cfg.ulimit_nproc = n.max(16);
+        }
+        if let Some(caps) = raw.cap_add {
+            for c in &caps {
+                let bare = c.trim_start_matches("CAP_");
+                if bare.is_empty() || !bare.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
+                    return Err(invalid("cap_add", format!("{c:?}"), "capability names such as \"NET_BIND_SERVICE\""));
+                }
+                if matches!(bare, "SYS_ADMIN" | "NET_ADMIN" | "SYS_MODULE" | "SYS_RAWIO" | "SYS_PTRACE" | "DAC_READ_SEARCH" | "SYS_BOOT" | "MAC_ADMIN") {
+                    return Err(invalid("cap_add", format!("{c:?}"), "not a capability that reaches the host (SYS_ADMIN, NET_ADMIN, SYS_MODULE, SYS_RAWIO, SYS_PTRACE, ... are refused)"));
+                }
+            }
+            cfg.cap_add = caps.into_iter().map(|c| c.trim_start_matches("CAP_").to_owned()).collect();
+        }
+        Ok(cfg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOST: HostFacts = HostFacts {
+        cpus: 4,
+        memory_bytes: 4 << 30,
+    };
+
+    fn parse(s: &str) -> Result<AgentConfig, ConfigError> {
+        AgentConfig::parse(s, Path::new("/etc/chuted.toml"), HOST)
+    }
+
+    #[test]
+    fn defaults_come_from_the_host() {
+        let c = parse("").unwrap();
+        assert_eq!(c.pools.cpu_millicores, 4000);
+        assert_eq!(c.pools.memory_bytes, 3 << 30);
+        assert!(!c.allow_host_network);
+        assert_eq!(c.heartbeat, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn pools_parse_with_units() {
+        let c = parse("[pools]\ncpu = 1.5\nmemory = \"512MiB\"\npids = 100\nbandwidth_down = \"100mbit\"\nbandwidth_up = \"20mbit\"\n").unwrap();
+        assert_eq!(c.pools.cpu_millicores, 1500);
+        assert_eq!(c.pools.memory_bytes, 512 << 20);
+        assert_eq!(c.pools.pids, 100);
+        assert_eq!(c.pools.bandwidth_down_bps, 100_000_000);
+        assert_eq!(c.pools.bandwidth_up_bps, 20_000_000);
+    }
+
+    #[test]
+    fn bad_values_name_the_key_and_what_is_allowed() {
+        let e = parse("[pools]\nmemory = \"lots\"\n").unwrap_err().to_string();
+        assert!(e.contains("pools.memory") && e.contains("lots") && e.contains("512MiB"), "{e}");
+        let e = parse("[pools]\ncpu = -1\n").unwrap_err().to_string();
+        assert!(e.contains("pools.cpu") && e.contains("> 0"), "{e}");
+        let e = parse("memroy = 1\n").unwrap_err().to_string();
+        assert!(e.contains("memroy"), "{e}");
+        let e = parse("cap_add = [\"SYS_ADMIN\"]\n").unwrap_err().to_string();
+        assert!(e.contains("cap_add") && e.contains("SYS_ADMIN"), "{e}");
+        let e = parse("owner_key = \"abc\"\n").unwrap_err().to_string();
+        assert!(e.contains("64 hex"), "{e}");
+    }
+
+    #[test]
+    fn memtotal_is_read_from_meminfo() {
+        assert_eq!(parse_memtotal("MemTotal:       16384 kB\nMemFree: 1 kB\n"), Some(16384 * 1024));
+        assert_eq!(parse_memtotal("garbage"), None);
+    }
+}

@@ -1,0 +1,161 @@
+//! The admin socket server: reads one JSON request per connection and streams replies.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::rc::Rc;
+
+use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, StreamExt};
+use serde_json::json;
+use smol::channel::unbounded;
+use smol::io::BufReader;
+use smol::net::unix::{UnixListener, UnixStream};
+use tracing::{debug, warn};
+
+use crate::admin::{Reply, Request, MAX_REQUEST};
+use crate::supervisor::{Agent, ChuteOp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminSocketError {
+    #[error("admin socket {path}: another agent is already listening there")]
+    InUse { path: std::path::PathBuf },
+    #[error("admin socket {path}: {source}")]
+    Io {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// Binds the admin socket with mode 0600 (root only). A stale socket left by a killed
+/// agent is replaced; a live one is refused.
+pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
+    let io = |source| AdminSocketError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(AdminSocketError::InUse {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::remove_file(path).map_err(io)?;
+    }
+    // Bind under a restrictive umask equivalent: create, then tighten before anyone can
+    // have connected (the directory is root-only too).
+    let listener = UnixListener::bind(path).map_err(io)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    Ok(listener)
+}
+
+pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let agent2 = agent.clone();
+                agent.spawn(async move {
+                    if let Err(e) = handle(agent2, stream).await {
+                        debug!(error = %e, "admin connection ended");
+                    }
+                })
+                .detach();
+            }
+            Err(e) => {
+                warn!(error = %e, "admin accept failed");
+                smol::Timer::after(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    w.write_all(&line).await
+}
+
+async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
+    let mut writer = stream.clone();
+    let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
+    let mut line = String::new();
+    reader.read_line(&mut line).await?;
+    if !line.ends_with('\n') {
+        let msg = if line.len() >= MAX_REQUEST {
+            format!("request larger than {MAX_REQUEST} bytes")
+        } else {
+            "request was not terminated by a newline".to_owned()
+        };
+        return write_reply(&mut writer, &Reply::Error(msg)).await;
+    }
+    let req: Request = match serde_json::from_str(&line) {
+        Ok(r) => r,
+        Err(e) => {
+            return write_reply(&mut writer, &Reply::Error(format!("malformed request: {e}"))).await;
+        }
+    };
+    let result = match req {
+        Request::Deploy { manifest_toml, dir } => {
+            let (ptx, prx) = unbounded::<String>();
+            let deploy = agent.deploy(manifest_toml, dir.map(Into::into), ptx);
+            let mut w2 = writer.clone();
+            let forward = async move {
+                while let Ok(p) = prx.recv().await {
+                    let _ = write_reply(&mut w2, &Reply::Progress(p)).await;
+                }
+            };
+            let (r, ()) = futures_lite::future::zip(deploy, forward).await;
+            r
+        }
+        Request::List => Ok(json!(agent.list())),
+        Request::Inspect { name } => agent.inspect(&name),
+        Request::Start { name } => agent.op(&name, ChuteOp::Start).await,
+        Request::Stop { name } => agent.op(&name, ChuteOp::Stop).await,
+        Request::Restart { name } => agent.op(&name, ChuteOp::Restart).await,
+        Request::Remove { name } => agent.op(&name, ChuteOp::Remove).await,
+        Request::Status => Ok(agent.status()),
+        Request::Logs { name, follow, tail } => {
+            let id = match agent.view(&name) {
+                Ok(v) => v.borrow().container_id.clone(),
+                Err(e) => return write_reply(&mut writer, &Reply::Error(e.to_string())).await,
+            };
+            let Some(id) = id else {
+                return write_reply(&mut writer, &Reply::Error(format!("chute `{name}` has no container"))).await;
+            };
+            match agent.podman.logs(&id, follow, tail).await {
+                Ok(mut stream) => {
+                    let mut partial: Vec<u8> = Vec::new();
+                    while let Some(chunk) = stream.next().await {
+                        let chunk = match chunk {
+                            Ok(c) => c,
+                            Err(e) => {
+                                return write_reply(&mut writer, &Reply::Error(e.to_string())).await;
+                            }
+                        };
+                        let source = format!("{:?}", chunk.stream).to_ascii_lowercase();
+                        partial.extend_from_slice(&chunk.data);
+                        while let Some(pos) = partial.iter().position(|&b| b == b'\n') {
+                            let rest = partial.split_off(pos + 1);
+                            let text = String::from_utf8_lossy(&partial[..pos]).into_owned();
+                            partial = rest;
+                            // A closed client ends a follow.
+                            write_reply(&mut writer, &Reply::Log { stream: source.clone(), line: text }).await?;
+                        }
+                    }
+                    if !partial.is_empty() {
+                        let text = String::from_utf8_lossy(&partial).into_owned();
+                        write_reply(&mut writer, &Reply::Log { stream: "stdout".into(), line: text }).await?;
+                    }
+                    Ok(json!(null))
+                }
+                Err(e) => Err(crate::supervisor::OpError::Podman { chute: name, source: e }),
+            }
+        }
+    };
+    let reply = match result {
+        Ok(v) => Reply::Ok(v),
+        Err(e) => Reply::Error(e.to_string()),
+    };
+    write_reply(&mut writer, &reply).await
+}

@@ -1,0 +1,285 @@
+//! Crash-safe state: the agent's snapshot of its chutes.
+//!
+//! Layout: `CHSN` magic, format version (u16 LE), payload length (u32 LE), CRC-32 of the
+//! payload (u32 LE), then the postcard payload. Written atomically (temp file in the same
+//! directory, fsync, rename, fsync of the directory) so a crash at any instant leaves either
+//! the old or the new snapshot, never a mix. A snapshot that fails any check is reported
+//! and set aside; the agent then rebuilds from the labels Podman keeps on our containers.
+//!
+//! The manifest is stored as its TOML source and parsed again on load: the snapshot then
+//! never depends on the in-memory layout of the manifest types.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use chutes::ChuteState;
+use serde::{Deserialize, Serialize};
+
+pub const MAGIC: [u8; 4] = *b"CHSN";
+pub const VERSION: u16 = 1;
+const HEADER_LEN: usize = 4 + 2 + 4 + 4;
+/// Far above any real snapshot (100 chutes is ~100 KB) but small enough that a corrupt
+/// length field cannot make us allocate the machine's memory.
+const MAX_PAYLOAD: usize = 16 << 20;
+pub const FILE_NAME: &str = "snapshot.bin";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Snapshot {
+    pub chutes: Vec<ChuteRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChuteRecord {
+    pub name: String,
+    pub manifest_toml: String,
+    pub container_id: Option<String>,
+    pub state: ChuteState,
+    pub restarts: u32,
+    pub reservation_held: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot {path}: not a chuted snapshot (bad magic)")]
+    BadMagic { path: PathBuf },
+    #[error("snapshot {path}: format version {found} is not supported (this agent reads version {supported})")]
+    UnsupportedVersion {
+        path: PathBuf,
+        found: u16,
+        supported: u16,
+    },
+    #[error("snapshot {path}: truncated ({found} bytes, expected {expected})")]
+    Truncated {
+        path: PathBuf,
+        expected: usize,
+        found: usize,
+    },
+    #[error("snapshot {path}: checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
+    Checksum {
+        path: PathBuf,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("snapshot {path}: payload does not decode: {message}")]
+    Decode { path: PathBuf, message: String },
+    #[error("snapshot {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// CRC-32 (IEEE). Bitwise: snapshots are small and written rarely, so a table would be
+/// bytes spent for nothing.
+pub fn crc32(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            let mask = (crc & 1).wrapping_neg();
+            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
+        }
+    }
+    !crc
+}
+
+pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
+    let payload = postcard::to_allocvec(snapshot).expect("serializing plain data into a Vec cannot fail");
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+pub fn decode(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
+    let path = path.to_owned();
+    if bytes.len() < HEADER_LEN {
+        if bytes.len() >= 4 && bytes[..4] != MAGIC {
+            return Err(SnapshotError::BadMagic { path });
+        }
+        return Err(SnapshotError::Truncated {
+            path,
+            expected: HEADER_LEN,
+            found: bytes.len(),
+        });
+    }
+    if bytes[..4] != MAGIC {
+        return Err(SnapshotError::BadMagic { path });
+    }
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(SnapshotError::UnsupportedVersion {
+            path,
+            found: version,
+            supported: VERSION,
+        });
+    }
+    let len = u32::from_le_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
+    let stored = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
+    if len > MAX_PAYLOAD {
+        return Err(SnapshotError::Decode {
+            path,
+            message: format!("payload length {len} exceeds the {MAX_PAYLOAD}-byte limit"),
+        });
+    }
+    let payload = &bytes[HEADER_LEN..];
+    if payload.len() != len {
+        return Err(SnapshotError::Truncated {
+            path,
+            expected: HEADER_LEN + len,
+            found: bytes.len(),
+        });
+    }
+    let computed = crc32(payload);
+    if computed != stored {
+        return Err(SnapshotError::Checksum {
+            path,
+            stored,
+            computed,
+        });
+    }
+    postcard::from_bytes(payload).map_err(|e| SnapshotError::Decode {
+        path,
+        message: e.to_string(),
+    })
+}
+
+/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+/// `mode` applies to the new file from its creation (key files are 0600 from birth, never
+/// briefly world-readable).
+pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+pub fn save(state_dir: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
+    let path = state_dir.join(FILE_NAME);
+    write_atomic(&path, &encode(snapshot), 0o600).map_err(|source| SnapshotError::Io { path, source })
+}
+
+/// `Ok(None)` when there is no snapshot yet (first start).
+pub fn load(state_dir: &Path) -> Result<Option<Snapshot>, SnapshotError> {
+    let path = state_dir.join(FILE_NAME);
+    match fs::read(&path) {
+        Ok(bytes) => decode(&bytes, &path).map(Some),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(SnapshotError::Io { path, source }),
+    }
+}
+
+/// Moves a snapshot that failed to load out of the way, keeping it for a post-mortem.
+pub fn set_aside(state_dir: &Path) -> Option<PathBuf> {
+    let from = state_dir.join(FILE_NAME);
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let to = state_dir.join(format!("{FILE_NAME}.corrupt-{secs}"));
+    fs::rename(&from, &to).ok().map(|_| to)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Snapshot {
+        Snapshot {
+            chutes: vec![ChuteRecord {
+                name: "hello-web".into(),
+                manifest_toml: "name = \"hello-web\"\n".into(),
+                container_id: Some("abc123".into()),
+                state: ChuteState::Running,
+                restarts: 3,
+                reservation_held: true,
+            }],
+        }
+    }
+
+    #[test]
+    fn crc32_matches_the_standard_check_value() {
+        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
+    }
+
+    #[test]
+    fn round_trips_through_disk() {
+        let dir = tempdir();
+        save(&dir, &sample()).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(sample()));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = fs::metadata(dir.join(FILE_NAME)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn every_truncation_and_bit_flip_is_refused_without_panicking() {
+        let bytes = encode(&sample());
+        let p = Path::new("/x/snapshot.bin");
+        for cut in 0..bytes.len() {
+            assert!(decode(&bytes[..cut], p).is_err(), "truncated at {cut} accepted");
+        }
+        for i in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut b = bytes.clone();
+                b[i] ^= 1 << bit;
+                assert!(decode(&b, p).is_err(), "flip at byte {i} bit {bit} accepted");
+            }
+        }
+    }
+
+    #[test]
+    fn errors_say_what_is_wrong() {
+        let p = Path::new("/x/snapshot.bin");
+        let mut b = encode(&sample());
+        b[4] = 9;
+        assert!(decode(&b, p).unwrap_err().to_string().contains("version 9"));
+        let b = encode(&sample());
+        assert!(decode(&b[..b.len() - 1], p).unwrap_err().to_string().contains("truncated"));
+        assert!(decode(b"garbage-garbage", p).unwrap_err().to_string().contains("magic"));
+    }
+
+    #[test]
+    fn missing_snapshot_is_a_first_start() {
+        let dir = tempdir();
+        assert_eq!(load(&dir).unwrap(), None);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn tempdir() -> PathBuf {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static N: AtomicU32 = AtomicU32::new(0);
+        let d = std::env::temp_dir().join(format!(
+            "chuted-snap-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+}

@@ -1,0 +1,1313 @@
+//! The supervisor: one task per chute that alone owns that chute's lifecycle (Spawnpoint's
+//! design), a router that feeds Podman's event stream to those tasks, a usage sampler, and
+//! reconciliation with what Podman reports when the agent starts.
+//!
+//! Everything runs on one single-threaded executor; shared state lives in `RefCell`s that
+//! are never borrowed across an `.await`.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use chutes::{
+    AdmissionError, ChuteName, ChuteState, Input, Ledger, Lifecycle, LifecycleConfig, Manifest,
+    ManifestError, ReconcileAction,
+};
+use serde_json::{json, Value};
+use smol::channel::{bounded, Receiver, Sender};
+use smol::{LocalExecutor, Task, Timer};
+use tracing::{debug, info, warn};
+
+use crate::cgroup::CgroupPaths;
+use crate::config::AgentConfig;
+use crate::podman::{ContainerEvent, ContainerSpec, Podman, PodmanError};
+use crate::snapshot::{self, ChuteRecord, Snapshot};
+
+pub const LABEL_MANAGED: &str = "chuted.managed";
+pub const LABEL_CHUTE: &str = "chuted.chute";
+pub const LABEL_MANIFEST: &str = "chuted.manifest";
+pub const MANAGED_FILTER: &str = "chuted.managed=true";
+/// Name of an image archive beside `chute.toml`, and of the file holding its sha256.
+pub const IMAGE_ARCHIVE: &str = "image.tar";
+pub const IMAGE_DIGEST: &str = "image.tar.sha256";
+
+/// How long an operation waits for Podman's event confirming it before it inspects the
+/// container directly (the event stream may be reconnecting).
+const EVENT_WAIT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Admission(#[from] AdmissionError),
+    #[error("no chute named `{name}` (known: {known})")]
+    NoSuchChute { name: String, known: String },
+    #[error("chute `{chute}`: {message}")]
+    State { chute: String, message: String },
+    #[error("chute `{chute}` asks for the host network, which this agent's config does not allow (set allow_host_network = true to permit it)")]
+    HostNetworkRefused { chute: String },
+    #[error("chute `{chute}`: image: {message}")]
+    Image { chute: String, message: String },
+    #[error("chute `{chute}`: podman: {source}")]
+    Podman {
+        chute: String,
+        #[source]
+        source: PodmanError,
+    },
+    #[error("chute `{chute}`: update failed and the previous version was restored: {message}")]
+    UpdateRolledBack { chute: String, message: String },
+    #[error("chute `{chute}`: timed out waiting to become {wanted} (now {now}){detail}")]
+    Timeout {
+        chute: String,
+        wanted: &'static str,
+        now: ChuteState,
+        detail: String,
+    },
+    #[error("chute `{chute}` is busy with another operation; try again")]
+    Busy { chute: String },
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct UsageSample {
+    pub cpu_usage_ns: u64,
+    pub cpu_percent: f64,
+    pub memory_bytes: u64,
+    pub pids: u64,
+    pub sampled_at_ms: u64,
+}
+
+/// What the rest of the agent may read about a chute; written only by its task.
+#[derive(Debug)]
+pub struct ChuteView {
+    pub manifest: Manifest,
+    pub manifest_toml: String,
+    pub container_id: Option<String>,
+    pub state: ChuteState,
+    pub restarts: u32,
+    pub reservation_held: bool,
+    pub last_exit_code: Option<i32>,
+    pub last_error: Option<String>,
+    pub pid: u32,
+    pub sandbox_key: Option<String>,
+    pub cgroup: Option<CgroupPaths>,
+    pub usage: Option<UsageSample>,
+}
+
+impl ChuteView {
+    fn record(&self) -> ChuteRecord {
+        ChuteRecord {
+            name: self.manifest.name.to_string(),
+            manifest_toml: self.manifest_toml.clone(),
+            container_id: self.container_id.clone(),
+            state: self.state,
+            restarts: self.restarts,
+            reservation_held: self.reservation_held,
+        }
+    }
+}
+
+pub enum ChuteOp {
+    Install {
+        dir: Option<PathBuf>,
+        progress: Sender<String>,
+    },
+    Update {
+        manifest: Box<Manifest>,
+        manifest_toml: String,
+        dir: Option<PathBuf>,
+        progress: Sender<String>,
+    },
+    Start,
+    Stop,
+    Restart,
+    Remove,
+}
+
+pub enum ChuteMsg {
+    Request {
+        op: ChuteOp,
+        reply: Sender<Result<Value, OpError>>,
+    },
+    Event(ContainerEvent),
+    Timer(u64),
+    Resync,
+}
+
+struct ChuteHandle {
+    tx: Sender<ChuteMsg>,
+    view: Rc<RefCell<ChuteView>>,
+}
+
+/// A container with our labels that the snapshot did not know: reported, never deleted.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UnknownContainer {
+    pub container_id: String,
+    pub chute: Option<String>,
+}
+
+pub struct Agent {
+    pub podman: Podman,
+    pub cfg: AgentConfig,
+    pub state_dir: PathBuf,
+    pub ledger: RefCell<Ledger>,
+    chutes: RefCell<BTreeMap<ChuteName, ChuteHandle>>,
+    pub unknown: RefCell<Vec<UnknownContainer>>,
+    ex: Rc<LocalExecutor<'static>>,
+    epoch: Instant,
+    last_saved: RefCell<Vec<u8>>,
+}
+
+impl Agent {
+    pub fn new(
+        podman: Podman,
+        cfg: AgentConfig,
+        state_dir: PathBuf,
+        ex: Rc<LocalExecutor<'static>>,
+    ) -> Rc<Self> {
+        Rc::new(Agent {
+            podman,
+            ledger: RefCell::new(Ledger::new(cfg.pools)),
+            cfg,
+            state_dir,
+            chutes: RefCell::new(BTreeMap::new()),
+            unknown: RefCell::new(Vec::new()),
+            ex,
+            epoch: Instant::now(),
+            last_saved: RefCell::new(Vec::new()),
+        })
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.epoch.elapsed()
+    }
+
+    pub fn spawn<T: 'static>(&self, fut: impl std::future::Future<Output = T> + 'static) -> Task<T> {
+        self.ex.spawn(fut)
+    }
+
+    fn lifecycle_config(&self) -> LifecycleConfig {
+        self.cfg.lifecycle.clone()
+    }
+
+    fn known_names(&self) -> String {
+        let names: Vec<String> = self.chutes.borrow().keys().map(|n| n.to_string()).collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+
+    fn handle(&self, name: &str) -> Result<Sender<ChuteMsg>, OpError> {
+        let parsed = ChuteName::parse(name)?;
+        self.chutes
+            .borrow()
+            .get(&parsed)
+            .map(|h| h.tx.clone())
+            .ok_or_else(|| OpError::NoSuchChute {
+                name: name.to_owned(),
+                known: self.known_names(),
+            })
+    }
+
+    pub fn view(&self, name: &str) -> Result<Rc<RefCell<ChuteView>>, OpError> {
+        let parsed = ChuteName::parse(name)?;
+        self.chutes
+            .borrow()
+            .get(&parsed)
+            .map(|h| h.view.clone())
+            .ok_or_else(|| OpError::NoSuchChute {
+                name: name.to_owned(),
+                known: self.known_names(),
+            })
+    }
+
+    pub fn views(&self) -> Vec<Rc<RefCell<ChuteView>>> {
+        self.chutes.borrow().values().map(|h| h.view.clone()).collect()
+    }
+
+    /// Writes the snapshot if anything in it changed since the last write.
+    pub fn save_snapshot(&self) {
+        let snap = Snapshot {
+            chutes: self
+                .chutes
+                .borrow()
+                .values()
+                .map(|h| h.view.borrow().record())
+                .collect(),
+        };
+        let bytes = snapshot::encode(&snap);
+        if *self.last_saved.borrow() == bytes {
+            return;
+        }
+        match snapshot::save(&self.state_dir, &snap) {
+            Ok(()) => *self.last_saved.borrow_mut() = bytes,
+            Err(e) => warn!(error = %e, "cannot write snapshot"),
+        }
+    }
+
+    fn spawn_actor(self: &Rc<Self>, view: ChuteView, lifecycle: Lifecycle) -> Sender<ChuteMsg> {
+        let name = view.manifest.name.clone();
+        let (tx, rx) = bounded(256);
+        let view = Rc::new(RefCell::new(view));
+        self.chutes.borrow_mut().insert(
+            name.clone(),
+            ChuteHandle {
+                tx: tx.clone(),
+                view: view.clone(),
+            },
+        );
+        let actor = Actor {
+            agent: self.clone(),
+            name,
+            lc: lifecycle,
+            view,
+            rx,
+            tx: tx.clone(),
+            deferred: VecDeque::new(),
+            timers: Vec::new(),
+            starts_seen: 0,
+            purge: false,
+        };
+        self.ex.spawn(actor.run()).detach();
+        tx
+    }
+
+    fn forget(&self, name: &ChuteName) {
+        self.chutes.borrow_mut().remove(name);
+        self.save_snapshot();
+    }
+
+    async fn ask(&self, tx: Sender<ChuteMsg>, op: ChuteOp, chute: &str) -> Result<Value, OpError> {
+        let (reply, rx) = bounded(1);
+        tx.send(ChuteMsg::Request { op, reply })
+            .await
+            .map_err(|_| OpError::NoSuchChute {
+                name: chute.to_owned(),
+                known: self.known_names(),
+            })?;
+        rx.recv().await.unwrap_or_else(|_| {
+            Err(OpError::NoSuchChute {
+                name: chute.to_owned(),
+                known: self.known_names(),
+            })
+        })
+    }
+
+    /// Deploys a new chute or updates an existing one. Nothing is created or changed when
+    /// this fails (an update that fails midway puts the previous version back).
+    pub async fn deploy(
+        self: &Rc<Self>,
+        manifest_toml: String,
+        dir: Option<PathBuf>,
+        progress: Sender<String>,
+    ) -> Result<Value, OpError> {
+        let manifest = Manifest::from_toml_str(&manifest_toml)?;
+        if manifest.network.host_network && !self.cfg.allow_host_network {
+            return Err(OpError::HostNetworkRefused {
+                chute: manifest.name.to_string(),
+            });
+        }
+        let name = manifest.name.clone();
+        let existing = self.chutes.borrow().get(&name).map(|h| h.tx.clone());
+        if let Some(tx) = existing {
+            let op = ChuteOp::Update {
+                manifest: Box::new(manifest),
+                manifest_toml,
+                dir,
+                progress,
+            };
+            return self.ask(tx, op, name.as_str()).await;
+        }
+        // Reserve first so two concurrent deploys cannot both fit into the same space;
+        // the installer releases it again if anything fails.
+        self.ledger
+            .borrow_mut()
+            .admit(name.clone(), manifest.reservation())?;
+        let _ = progress.try_send(format!(
+            "reserved {} cpu, {} memory, {} pids",
+            chutes::format_cpu(u64::from(manifest.resources.cpu_millicores)),
+            chutes::format_bytes(manifest.resources.memory_bytes),
+            manifest.resources.pids
+        ));
+        let view = ChuteView {
+            manifest: manifest.clone(),
+            manifest_toml,
+            container_id: None,
+            state: ChuteState::Installing,
+            restarts: 0,
+            reservation_held: true,
+            last_exit_code: None,
+            last_error: None,
+            pid: 0,
+            sandbox_key: None,
+            cgroup: None,
+            usage: None,
+        };
+        let lc = Lifecycle::new(manifest.restart, self.lifecycle_config());
+        let tx = self.spawn_actor(view, lc);
+        self.ask(tx, ChuteOp::Install { dir, progress }, name.as_str()).await
+    }
+
+    pub async fn op(self: &Rc<Self>, name: &str, op: ChuteOp) -> Result<Value, OpError> {
+        let tx = self.handle(name)?;
+        self.ask(tx, op, name).await
+    }
+
+    pub fn list(&self) -> Vec<crate::admin::ChuteSummary> {
+        self.views()
+            .iter()
+            .map(|v| {
+                let v = v.borrow();
+                crate::admin::ChuteSummary {
+                    name: v.manifest.name.to_string(),
+                    state: v.state,
+                    container_id: v.container_id.clone(),
+                    restarts: v.restarts,
+                    version: v.manifest.version.clone(),
+                    image: v.manifest.image.clone(),
+                }
+            })
+            .collect()
+    }
+
+    pub fn inspect(&self, name: &str) -> Result<Value, OpError> {
+        let view = self.view(name)?;
+        let v = view.borrow();
+        let m = &v.manifest;
+        Ok(json!({
+            "name": m.name.as_str(),
+            "state": v.state,
+            "container_id": v.container_id,
+            "container_name": m.name.container_name(),
+            "restarts": v.restarts,
+            "version": m.version,
+            "image": m.image,
+            "command": m.command,
+            "restart_policy": m.restart,
+            "reservation_held": v.reservation_held,
+            "reservation": m.reservation(),
+            "resources": {
+                "cpu_millicores": m.resources.cpu_millicores,
+                "memory_bytes": m.resources.memory_bytes,
+                "pids": m.resources.pids,
+            },
+            "network": {
+                "bandwidth_down_bps": m.network.bandwidth_down_bps,
+                "bandwidth_up_bps": m.network.bandwidth_up_bps,
+                "ports": m.network.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+                "host_network": m.network.host_network,
+            },
+            "pid": v.pid,
+            "last_exit_code": v.last_exit_code,
+            "last_error": v.last_error,
+            "usage": v.usage,
+            "cgroup_limits": v.cgroup.as_ref().and_then(|c| c.limits().ok()).map(|l| json!({
+                "memory_max": l.memory_max,
+                "memory_swap_max": l.memory_swap_max,
+                "cpu_quota_us": l.cpu_quota_us,
+                "cpu_period_us": l.cpu_period_us,
+                "pids_max": l.pids_max,
+            })),
+        }))
+    }
+
+    pub fn status(&self) -> Value {
+        let ledger = self.ledger.borrow();
+        json!({
+            "agent_version": env!("CARGO_PKG_VERSION"),
+            "uptime_secs": self.uptime().as_secs(),
+            "chutes": self.chutes.borrow().len(),
+            "pools": {
+                "capacity": ledger.capacity(),
+                "used": ledger.used(),
+                "free": ledger.free(),
+            },
+            "unknown_containers": *self.unknown.borrow(),
+        })
+    }
+
+    /// Brings the in-memory state in line with the snapshot and what Podman reports.
+    pub async fn reconcile(self: &Rc<Self>) -> anyhow_free::Result<()> {
+        let (records, rebuilt) = match snapshot::load(&self.state_dir) {
+            Ok(Some(s)) => (s.chutes, false),
+            Ok(None) => (Vec::new(), false),
+            Err(e) => {
+                let aside = snapshot::set_aside(&self.state_dir);
+                warn!(error = %e, set_aside = ?aside, "snapshot unusable; rebuilding from container labels");
+                (Vec::new(), true)
+            }
+        };
+        let observed = self
+            .podman
+            .list(MANAGED_FILTER)
+            .await
+            .map_err(|e| anyhow_free::Error(format!("cannot list containers: {e}")))?;
+
+        // When the snapshot was lost, the labels are the record: every container we own
+        // carries its manifest.
+        let mut records = records;
+        if rebuilt {
+            for c in &observed {
+                if let (Some(name), Some(toml)) = (c.labels.get(LABEL_CHUTE), c.labels.get(LABEL_MANIFEST)) {
+                    if records.iter().any(|r| &r.name == name) {
+                        continue;
+                    }
+                    records.push(ChuteRecord {
+                        name: name.clone(),
+                        manifest_toml: toml.clone(),
+                        container_id: Some(c.id.clone()),
+                        state: ChuteState::Running,
+                        restarts: 0,
+                        reservation_held: true,
+                    });
+                }
+            }
+        }
+
+        let mut manifests: BTreeMap<ChuteName, (Manifest, ChuteRecord)> = BTreeMap::new();
+        for r in records {
+            match Manifest::from_toml_str(&r.manifest_toml) {
+                Ok(m) => {
+                    manifests.insert(m.name.clone(), (m, r));
+                }
+                Err(e) => warn!(chute = %r.name, error = %e, "snapshot entry has an invalid manifest; skipping"),
+            }
+        }
+        let known: Vec<chutes::KnownChute> = manifests
+            .values()
+            .map(|(m, r)| chutes::KnownChute {
+                name: m.name.clone(),
+                container_id: r.container_id.clone(),
+                state: r.state,
+                policy: m.restart,
+            })
+            .collect();
+        let obs: Vec<chutes::ObservedContainer> = observed
+            .iter()
+            .map(|c| chutes::ObservedContainer {
+                id: c.id.clone(),
+                chute: c.labels.get(LABEL_CHUTE).and_then(|n| ChuteName::parse(n).ok()),
+                running: c.running,
+                exit_code: Some(c.exit_code),
+            })
+            .collect();
+        let plan = chutes::reconcile::plan(&known, &obs);
+        info!(actions = plan.len(), chutes = known.len(), containers = obs.len(), "reconciling");
+        for action in plan {
+            self.apply_reconcile(action, &mut manifests).await;
+        }
+        self.save_snapshot();
+        Ok(())
+    }
+
+    async fn apply_reconcile(
+        self: &Rc<Self>,
+        action: ReconcileAction,
+        manifests: &mut BTreeMap<ChuteName, (Manifest, ChuteRecord)>,
+    ) {
+        let mk_view = |m: &Manifest, r: &ChuteRecord, state: ChuteState, held: bool, id: Option<String>| ChuteView {
+            manifest: m.clone(),
+            manifest_toml: r.manifest_toml.clone(),
+            container_id: id,
+            state,
+            restarts: r.restarts,
+            reservation_held: held,
+            last_exit_code: None,
+            last_error: None,
+            pid: 0,
+            sandbox_key: None,
+            cgroup: None,
+            usage: None,
+        };
+        match action {
+            ReconcileAction::Adopt { chute, container_id } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                info!(chute = %chute, container = %short(&container_id), "adopting running chute");
+                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(ChuteState::Running, r.restarts, m.restart, self.lifecycle_config());
+                let tx = self.spawn_actor(mk_view(m, r, ChuteState::Running, true, Some(container_id)), lc);
+                let _ = tx.send(ChuteMsg::Resync).await;
+            }
+            ReconcileAction::Restart { chute, container_id, exit_code } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                info!(chute = %chute, ?exit_code, "chute died while the agent was down; restarting per policy {}", m.restart);
+                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(ChuteState::Stopped, r.restarts, m.restart, self.lifecycle_config());
+                let mut view = mk_view(m, r, ChuteState::Stopped, true, Some(container_id));
+                view.last_exit_code = exit_code;
+                view.restarts = r.restarts.saturating_add(1);
+                let tx = self.spawn_actor(view, lc);
+                let (reply, _rx) = bounded(1);
+                let _ = tx.send(ChuteMsg::Request { op: ChuteOp::Start, reply }).await;
+            }
+            ReconcileAction::Release { chute, container_id, exit_code } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                let state = if exit_code.unwrap_or(0) == 0 { ChuteState::Stopped } else { ChuteState::Failed };
+                info!(chute = %chute, ?exit_code, "chute died while the agent was down; policy {} says no restart, reservation freed", m.restart);
+                let lc = Lifecycle::restore(state, r.restarts, m.restart, self.lifecycle_config());
+                let mut view = mk_view(m, r, state, false, Some(container_id));
+                view.last_exit_code = exit_code;
+                self.spawn_actor(view, lc);
+            }
+            ReconcileAction::KeepStopped { chute, container_id } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                let held = r.reservation_held;
+                if held {
+                    self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                }
+                let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
+                self.spawn_actor(mk_view(m, r, r.state, held, Some(container_id)), lc);
+            }
+            ReconcileAction::Recreate { chute } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                warn!(chute = %chute, "container is gone; re-creating it");
+                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(ChuteState::Stopped, r.restarts, m.restart, self.lifecycle_config());
+                let tx = self.spawn_actor(mk_view(m, r, ChuteState::Stopped, true, None), lc);
+                let (reply, _rx) = bounded(1);
+                let _ = tx.send(ChuteMsg::Request { op: ChuteOp::Start, reply }).await;
+            }
+            ReconcileAction::ReportUnknown { container_id, chute } => {
+                warn!(container = %short(&container_id), chute = ?chute.as_ref().map(|c| c.to_string()),
+                    "container carries chuted labels but is not in the snapshot; leaving it alone (remove it with `podman rm` if it is stale)");
+                self.unknown.borrow_mut().push(UnknownContainer {
+                    container_id,
+                    chute: chute.map(|c| c.to_string()),
+                });
+            }
+            ReconcileAction::Forget { chute } => {
+                debug!(chute = %chute, "forgetting chute with no container");
+            }
+            ReconcileAction::FinishRemoval { chute, container_id } => {
+                info!(chute = %chute, container = %short(&container_id), "finishing a removal interrupted by the agent stopping");
+                if let Err(e) = self.podman.remove(&container_id, true).await {
+                    warn!(chute = %chute, error = %e, "cannot remove leftover container");
+                }
+            }
+            ReconcileAction::RecreateStopped { chute } => {
+                let Some((m, r)) = manifests.get(&chute) else { return };
+                info!(chute = %chute, "stopped chute's container is gone; it will be re-created on the next start");
+                let held = r.reservation_held;
+                if held {
+                    self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                }
+                let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
+                self.spawn_actor(mk_view(m, r, r.state, held, None), lc);
+            }
+        }
+        let over = self.ledger.borrow().overcommitted();
+        if !over.is_empty() {
+            warn!(?over, "adopted chutes exceed the configured pools; new deploys will be refused until space is freed");
+        }
+    }
+}
+
+/// A minimal error type for the binary-facing reconcile entry point, so this library does
+/// not need `anyhow`.
+pub mod anyhow_free {
+    #[derive(Debug)]
+    pub struct Error(pub String);
+    impl std::fmt::Display for Error {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(&self.0)
+        }
+    }
+    impl std::error::Error for Error {}
+    pub type Result<T> = std::result::Result<T, Error>;
+}
+
+pub fn short(id: &str) -> &str {
+    &id[..id.len().min(12)]
+}
+
+/// The libpod spec for a chute: caps enforced by the kernel, nothing privileged.
+pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> ContainerSpec {
+    const CPU_PERIOD_US: u64 = 100_000;
+    // The kernel refuses CFS quotas under 1 ms.
+    let quota = (i64::from(m.resources.cpu_millicores) * CPU_PERIOD_US as i64 / 1000).max(1000);
+    let mut labels = BTreeMap::new();
+    labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+    labels.insert(LABEL_CHUTE.to_owned(), m.name.to_string());
+    labels.insert(LABEL_MANIFEST.to_owned(), manifest_toml.to_owned());
+    labels.insert("chuted.version".to_owned(), m.version.clone());
+    ContainerSpec {
+        name: m.name.container_name(),
+        image: m.image.clone(),
+        command: m.command.clone(),
+        env: m.env.clone(),
+        labels,
+        memory_bytes: m.resources.memory_bytes,
+        cpu_quota_us: quota,
+        cpu_period_us: CPU_PERIOD_US,
+        pids_limit: i64::from(m.resources.pids),
+        ulimits: vec![
+            ("nofile".to_owned(), cfg.ulimit_nofile, cfg.ulimit_nofile),
+            ("nproc".to_owned(), cfg.ulimit_nproc, cfg.ulimit_nproc),
+        ],
+        cap_add: cfg.cap_add.clone(),
+        no_new_privileges: true,
+        host_network: m.network.host_network,
+        ports: m
+            .network
+            .ports
+            .iter()
+            .map(|p| (p.host, p.container, p.protocol.to_string()))
+            .collect(),
+        oci_runtime: cfg.oci_runtime.clone(),
+        stop_timeout_secs: cfg.lifecycle.stop_timeout_secs,
+    }
+}
+
+struct Actor {
+    agent: Rc<Agent>,
+    name: ChuteName,
+    lc: Lifecycle,
+    view: Rc<RefCell<ChuteView>>,
+    rx: Receiver<ChuteMsg>,
+    tx: Sender<ChuteMsg>,
+    deferred: VecDeque<ChuteMsg>,
+    timers: Vec<Task<()>>,
+    starts_seen: u64,
+    /// Set when an install failed: the chute leaves no trace.
+    purge: bool,
+}
+
+impl Actor {
+    async fn run(mut self) {
+        loop {
+            let msg = match self.deferred.pop_front() {
+                Some(m) => m,
+                None => match self.rx.recv().await {
+                    Ok(m) => m,
+                    Err(_) => break,
+                },
+            };
+            match msg {
+                ChuteMsg::Request { op, reply } => {
+                    let result = self.handle_op(op).await;
+                    let _ = reply.try_send(result);
+                }
+                other => self.background(other).await,
+            }
+            self.publish();
+            if self.purge || self.lc.state() == ChuteState::Dead {
+                self.timers.clear();
+                // Fail anything still queued rather than leaving callers hanging.
+                for m in self.deferred.drain(..) {
+                    if let ChuteMsg::Request { reply, .. } = m {
+                        let _ = reply.try_send(Err(OpError::State {
+                            chute: self.name.to_string(),
+                            message: "was removed".into(),
+                        }));
+                    }
+                }
+                self.agent.forget(&self.name);
+                break;
+            }
+            self.agent.save_snapshot();
+        }
+    }
+
+    fn publish(&self) {
+        let mut v = self.view.borrow_mut();
+        v.state = self.lc.state();
+        v.restarts = v.restarts.max(self.lc.restarts());
+        if let Some(code) = self.lc.last_exit_code() {
+            v.last_exit_code = Some(code);
+        }
+    }
+
+    fn container_id(&self) -> Option<String> {
+        self.view.borrow().container_id.clone()
+    }
+
+    fn podman_err(&self, source: PodmanError) -> OpError {
+        OpError::Podman {
+            chute: self.name.to_string(),
+            source,
+        }
+    }
+
+    fn state_err(&self, e: impl std::fmt::Display) -> OpError {
+        OpError::State {
+            chute: self.name.to_string(),
+            message: e.to_string(),
+        }
+    }
+
+    async fn background(&mut self, msg: ChuteMsg) {
+        match msg {
+            ChuteMsg::Event(ev) => {
+                if self.container_id().as_deref() != Some(ev.container_id.as_str()) {
+                    return;
+                }
+                match ev.action.as_str() {
+                    "start" => {
+                        self.starts_seen += 1;
+                        self.refresh_runtime_info().await;
+                        self.feed(Input::ContainerStarted).await;
+                    }
+                    "died" => {
+                        let exit_code = ev.exit_code.unwrap_or(-1);
+                        debug!(chute = %self.name, exit_code, "container died");
+                        self.view.borrow_mut().pid = 0;
+                        self.feed(Input::ContainerExited { exit_code }).await;
+                    }
+                    _ => {}
+                }
+            }
+            ChuteMsg::Timer(token) => self.feed(Input::TimerFired { token }).await,
+            ChuteMsg::Resync => self.resync().await,
+            ChuteMsg::Request { .. } => unreachable_request(),
+        }
+    }
+
+    /// Compares what we believe with what Podman says, for events we may have missed.
+    async fn resync(&mut self) {
+        let Some(id) = self.container_id() else { return };
+        match self.agent.podman.inspect(&id).await {
+            Ok(info) => {
+                let state = self.lc.state();
+                if info.running && matches!(state, ChuteState::Running | ChuteState::Restarting | ChuteState::Installing) {
+                    if state == ChuteState::Restarting {
+                        self.starts_seen += 1;
+                        self.feed(Input::ContainerStarted).await;
+                    }
+                    self.refresh_runtime_info().await;
+                } else if !info.running && matches!(state, ChuteState::Running) {
+                    self.view.borrow_mut().pid = 0;
+                    self.feed(Input::ContainerExited { exit_code: info.exit_code }).await;
+                }
+            }
+            Err(e) => debug!(chute = %self.name, error = %e, "resync inspect failed"),
+        }
+    }
+
+    async fn refresh_runtime_info(&mut self) {
+        let Some(id) = self.container_id() else { return };
+        if let Ok(info) = self.agent.podman.inspect(&id).await {
+            let cgroup = if info.pid > 0 { CgroupPaths::for_pid(info.pid).ok() } else { None };
+            let mut v = self.view.borrow_mut();
+            v.pid = info.pid;
+            v.sandbox_key = info.sandbox_key.clone();
+            v.cgroup = cgroup;
+        }
+    }
+
+    async fn feed(&mut self, input: Input) {
+        let mut inputs = VecDeque::from([input]);
+        // A failed start feeds an exit back in; the backoff timer bounds that loop, this
+        // guard only protects against a logic error turning it into a hot one.
+        let mut budget = 16;
+        while let Some(input) = inputs.pop_front() {
+            budget -= 1;
+            if budget == 0 {
+                warn!(chute = %self.name, "lifecycle input budget exhausted");
+                break;
+            }
+            let actions = self.lc.handle(input, self.agent.now_ms());
+            for action in actions {
+                if let Some(next) = self.execute(action).await {
+                    inputs.push_back(next);
+                }
+            }
+            self.publish();
+        }
+    }
+
+    async fn execute(&mut self, action: chutes::Action) -> Option<Input> {
+        use chutes::Action;
+        let podman = self.agent.podman.clone();
+        match action {
+            Action::StartContainer => {
+                if let Err(e) = self.start_container().await {
+                    warn!(chute = %self.name, error = %e, "start failed");
+                    self.view.borrow_mut().last_error = Some(e.to_string());
+                    return Some(Input::ContainerExited { exit_code: 127 });
+                }
+            }
+            Action::StopContainer { timeout_secs } => {
+                if let Some(id) = self.container_id() {
+                    if let Err(e) = podman.stop(&id, timeout_secs).await {
+                        warn!(chute = %self.name, error = %e, "stop failed");
+                        self.view.borrow_mut().last_error = Some(e.to_string());
+                    }
+                }
+            }
+            Action::RestartContainer { timeout_secs } => {
+                if let Some(id) = self.container_id() {
+                    if let Err(e) = podman.restart(&id, timeout_secs).await {
+                        warn!(chute = %self.name, error = %e, "restart failed");
+                        self.view.borrow_mut().last_error = Some(e.to_string());
+                    }
+                }
+            }
+            Action::RemoveContainer => {
+                if let Some(id) = self.container_id() {
+                    if let Err(e) = podman.remove(&id, true).await {
+                        warn!(chute = %self.name, error = %e, "remove failed");
+                    }
+                }
+                let mut v = self.view.borrow_mut();
+                v.container_id = None;
+                v.pid = 0;
+                v.cgroup = None;
+            }
+            Action::ReleaseReservation => {
+                self.agent.ledger.borrow_mut().release(&self.name);
+                self.view.borrow_mut().reservation_held = false;
+            }
+            Action::PurgeConfig => {}
+            Action::SetTimer { token, after_ms } => {
+                self.timers.clear();
+                let tx = self.tx.clone();
+                self.timers.push(self.agent.spawn(async move {
+                    Timer::after(Duration::from_millis(after_ms)).await;
+                    let _ = tx.send(ChuteMsg::Timer(token)).await;
+                }));
+            }
+            Action::CancelTimers => self.timers.clear(),
+        }
+        None
+    }
+
+    /// Starts the chute's container, creating it again if it vanished.
+    async fn start_container(&mut self) -> Result<(), OpError> {
+        let podman = self.agent.podman.clone();
+        let id = match self.container_id() {
+            Some(id) => match podman.inspect(&id).await {
+                Ok(_) => id,
+                Err(PodmanError::NotFound { .. }) => self.create_container().await?,
+                Err(e) => return Err(self.podman_err(e)),
+            },
+            None => self.create_container().await?,
+        };
+        podman.start(&id).await.map_err(|e| self.podman_err(e))
+    }
+
+    async fn create_container(&mut self) -> Result<String, OpError> {
+        let (spec, name) = {
+            let v = self.view.borrow();
+            (container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml), v.manifest.name.container_name())
+        };
+        // A container with our name but not our id is a leftover of an interrupted
+        // operation of ours (same name, our labels): replace it.
+        if let Ok(info) = self.agent.podman.inspect(&name).await {
+            if info.labels.get(LABEL_CHUTE).map(String::as_str) == Some(self.name.as_str()) {
+                let _ = self.agent.podman.remove(&info.id, true).await;
+            }
+        }
+        let id = self.agent.podman.create(&spec).await.map_err(|e| self.podman_err(e))?;
+        self.view.borrow_mut().container_id = Some(id.clone());
+        Ok(id)
+    }
+
+    /// Runs the actor's loop (events, timers) until `done` holds, deferring requests.
+    async fn wait_for(
+        &mut self,
+        wanted: &'static str,
+        done: impl Fn(&Self) -> bool,
+    ) -> Result<(), OpError> {
+        let mut resynced = false;
+        let mut deadline = Instant::now() + EVENT_WAIT + Duration::from_secs(u64::from(self.agent.cfg.lifecycle.stop_timeout_secs));
+        while !done(self) {
+            let rx = self.rx.clone();
+            let msg = smol::future::or(async { rx.recv().await.ok() }, async {
+                Timer::at(deadline).await;
+                None
+            })
+            .await;
+            match msg {
+                Some(ChuteMsg::Request { op, reply }) => {
+                    self.deferred.push_back(ChuteMsg::Request { op, reply });
+                }
+                Some(other) => self.background(other).await,
+                None if !resynced => {
+                    resynced = true;
+                    self.resync().await;
+                    deadline = Instant::now() + EVENT_WAIT;
+                }
+                None => {
+                    let detail = self
+                        .view
+                        .borrow()
+                        .last_error
+                        .as_ref()
+                        .map(|e| format!(": {e}"))
+                        .unwrap_or_default();
+                    return Err(OpError::Timeout {
+                        chute: self.name.to_string(),
+                        wanted,
+                        now: self.lc.state(),
+                        detail,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ok_value(&self) -> Value {
+        let v = self.view.borrow();
+        json!({
+            "name": self.name.as_str(),
+            "state": self.lc.state(),
+            "container_id": v.container_id,
+            "restarts": v.restarts.max(self.lc.restarts()),
+        })
+    }
+
+    async fn handle_op(&mut self, op: ChuteOp) -> Result<Value, OpError> {
+        match op {
+            ChuteOp::Install { dir, progress } => self.install(dir.as_deref(), &progress).await,
+            ChuteOp::Update { manifest, manifest_toml, dir, progress } => {
+                self.update(*manifest, manifest_toml, dir.as_deref(), &progress).await
+            }
+            ChuteOp::Start => {
+                self.lc.check(&Input::StartRequested).map_err(|e| self.state_err(e))?;
+                if !self.view.borrow().reservation_held {
+                    let want = self.view.borrow().manifest.reservation();
+                    self.agent.ledger.borrow_mut().admit(self.name.clone(), want)?;
+                    self.view.borrow_mut().reservation_held = true;
+                }
+                self.view.borrow_mut().last_error = None;
+                let before = self.starts_seen;
+                self.feed(Input::StartRequested).await;
+                self.wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running).await?;
+                Ok(self.ok_value())
+            }
+            ChuteOp::Stop => {
+                self.lc.check(&Input::StopRequested).map_err(|e| self.state_err(e))?;
+                self.feed(Input::StopRequested).await;
+                self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped).await?;
+                Ok(self.ok_value())
+            }
+            ChuteOp::Restart => {
+                self.lc.check(&Input::RestartRequested).map_err(|e| self.state_err(e))?;
+                let before = self.starts_seen;
+                self.feed(Input::RestartRequested).await;
+                self.wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running).await?;
+                Ok(self.ok_value())
+            }
+            ChuteOp::Remove => {
+                self.feed(Input::RemoveRequested).await;
+                if self.view.borrow().reservation_held {
+                    self.agent.ledger.borrow_mut().release(&self.name);
+                    self.view.borrow_mut().reservation_held = false;
+                }
+                Ok(json!({ "name": self.name.as_str(), "state": ChuteState::Dead }))
+            }
+        }
+    }
+
+    async fn install(&mut self, dir: Option<&Path>, progress: &Sender<String>) -> Result<Value, OpError> {
+        let result = self.install_inner(dir, progress).await;
+        if let Err(e) = &result {
+            // Leave nothing behind: no container, no reservation, no record.
+            if let Some(id) = self.container_id() {
+                let _ = self.agent.podman.remove(&id, true).await;
+            }
+            self.agent.ledger.borrow_mut().release(&self.name);
+            self.view.borrow_mut().reservation_held = false;
+            self.lc.handle(Input::InstallFailed { reason: e.to_string() }, self.agent.now_ms());
+            self.purge = true;
+        }
+        result
+    }
+
+    async fn install_inner(&mut self, dir: Option<&Path>, progress: &Sender<String>) -> Result<Value, OpError> {
+        let manifest = self.view.borrow().manifest.clone();
+        ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+        let _ = progress.try_send(format!("creating container {}", manifest.name.container_name()));
+        let id = self.create_container().await?;
+        let _ = progress.try_send(format!("starting container {}", short(&id)));
+        let before = self.starts_seen;
+        self.agent.podman.start(&id).await.map_err(|e| self.podman_err(e))?;
+        self.feed(Input::Installed).await;
+        self.refresh_runtime_info().await;
+        // The start event normally arrives within milliseconds; wait for it so the
+        // caller sees a chute whose process really runs.
+        let _ = self.wait_for("running", |a| a.starts_seen > before).await;
+        if self.lc.state() != ChuteState::Running {
+            return Err(self.state_err(format!(
+                "exited right after starting (exit code {:?}); see `chuted logs {}`",
+                self.lc.last_exit_code(),
+                self.name
+            )));
+        }
+        info!(chute = %self.name, container = %short(&id), "installed");
+        Ok(self.ok_value())
+    }
+
+    /// Replaces the chute's container with one built from `manifest`. Growth is checked
+    /// before anything is touched; if the new container cannot start, the old version
+    /// comes back with its old reservation.
+    async fn update(
+        &mut self,
+        manifest: Manifest,
+        manifest_toml: String,
+        dir: Option<&Path>,
+        progress: &Sender<String>,
+    ) -> Result<Value, OpError> {
+        if self.view.borrow().manifest_toml == manifest_toml {
+            let mut v = self.ok_value();
+            v["unchanged"] = json!(true);
+            return Ok(v);
+        }
+        if matches!(self.lc.state(), ChuteState::Installing | ChuteState::Dead) {
+            return Err(OpError::Busy { chute: self.name.to_string() });
+        }
+        let want = manifest.reservation();
+        let held = self.view.borrow().reservation_held;
+        if held {
+            self.agent.ledger.borrow().check_resize(&self.name, &want)?;
+        } else {
+            self.agent.ledger.borrow().check_admit(&self.name, &want)?;
+        }
+        ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+
+        let old_manifest = self.view.borrow().manifest.clone();
+        let old_toml = self.view.borrow().manifest_toml.clone();
+        let old_held = held;
+        let was_running = matches!(self.lc.state(), ChuteState::Running | ChuteState::Restarting);
+        let old_reservation = if held {
+            Some(self.agent.ledger.borrow_mut().resize(&self.name, want)?)
+        } else {
+            self.agent.ledger.borrow_mut().admit(self.name.clone(), want)?;
+            None
+        };
+        self.view.borrow_mut().reservation_held = true;
+
+        let _ = progress.try_send("stopping the running version".into());
+        if was_running {
+            self.feed(Input::StopRequested).await;
+            let _ = self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped).await;
+        }
+        if let Some(id) = self.container_id() {
+            let _ = self.agent.podman.remove(&id, true).await;
+        }
+        {
+            let mut v = self.view.borrow_mut();
+            v.container_id = None;
+            v.manifest = manifest.clone();
+            v.manifest_toml = manifest_toml;
+            v.last_error = None;
+        }
+        self.lc.set_policy(manifest.restart);
+        let _ = progress.try_send(format!("starting version {}", manifest.version));
+        let before = self.starts_seen;
+        self.feed(Input::StartRequested).await;
+        let started = self
+            .wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running)
+            .await;
+        if let Err(e) = started {
+            let message = e.to_string();
+            warn!(chute = %self.name, error = %message, "update failed; restoring previous version");
+            self.feed(Input::StopRequested).await;
+            if let Some(id) = self.container_id() {
+                let _ = self.agent.podman.remove(&id, true).await;
+            }
+            {
+                let mut v = self.view.borrow_mut();
+                v.container_id = None;
+                v.manifest = old_manifest.clone();
+                v.manifest_toml = old_toml;
+            }
+            self.lc.set_policy(old_manifest.restart);
+            let mut ledger = self.agent.ledger.borrow_mut();
+            match old_reservation {
+                Some(old) => {
+                    ledger.release(&self.name);
+                    ledger.force_insert(self.name.clone(), old);
+                }
+                None => {
+                    ledger.release(&self.name);
+                }
+            }
+            drop(ledger);
+            self.view.borrow_mut().reservation_held = old_held;
+            if was_running {
+                let before = self.starts_seen;
+                self.feed(Input::StartRequested).await;
+                let _ = self.wait_for("running", |a| a.starts_seen > before).await;
+            }
+            return Err(OpError::UpdateRolledBack { chute: self.name.to_string(), message });
+        }
+        info!(chute = %self.name, version = %manifest.version, "updated");
+        let mut v = self.ok_value();
+        v["updated"] = json!(true);
+        Ok(v)
+    }
+}
+
+fn unreachable_request() {
+    // Requests are dispatched by `run`/`wait_for` before reaching `background`.
+    debug!("request reached background handler");
+}
+
+/// Makes the manifest's image available: from an archive beside chute.toml (verified by
+/// its sha256 before loading), else the local store, else a pull.
+pub async fn ensure_image(
+    podman: &Podman,
+    manifest: &Manifest,
+    dir: Option<&Path>,
+    progress: &Sender<String>,
+) -> Result<(), OpError> {
+    let chute = manifest.name.to_string();
+    let image_err = |message: String| OpError::Image { chute: chute.clone(), message };
+    if let Some(dir) = dir {
+        let archive = dir.join(IMAGE_ARCHIVE);
+        if archive.exists() {
+            let digest_file = dir.join(IMAGE_DIGEST);
+            let expected = std::fs::read_to_string(&digest_file).map_err(|e| {
+                image_err(format!(
+                    "{} has no digest: cannot read {} ({e}); create it with `sha256sum {IMAGE_ARCHIVE} > {IMAGE_DIGEST}`",
+                    archive.display(),
+                    digest_file.display()
+                ))
+            })?;
+            let expected = expected.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let _ = progress.try_send(format!("verifying {}", archive.display()));
+            let path = archive.clone();
+            let actual = smol::unblock(move || sha256_file(&path))
+                .await
+                .map_err(|e| image_err(format!("cannot read {}: {e}", archive.display())))?;
+            if actual != expected {
+                return Err(image_err(format!(
+                    "{} has sha256 {actual} but {} says {expected}; refusing to load it",
+                    archive.display(),
+                    digest_file.display()
+                )));
+            }
+            let _ = progress.try_send(format!("loading {} (sha256 {})", archive.display(), &actual[..12]));
+            let names = podman
+                .image_load(&archive)
+                .await
+                .map_err(|e| image_err(format!("loading {}: {e}", archive.display())))?;
+            if !podman.image_exists(&manifest.image).await.unwrap_or(false) {
+                return Err(image_err(format!(
+                    "{} holds {} but chute.toml asks for image {:?}",
+                    archive.display(),
+                    names.join(", "),
+                    manifest.image
+                )));
+            }
+            return Ok(());
+        }
+    }
+    match podman.image_exists(&manifest.image).await {
+        Ok(true) => return Ok(()),
+        Ok(false) => {}
+        Err(e) => return Err(OpError::Podman { chute, source: e }),
+    }
+    let _ = progress.try_send(format!("pulling {}", manifest.image));
+    podman.image_pull(&manifest.image).await.map_err(|e| {
+        image_err(format!(
+            "{:?} is not in the local store and could not be pulled ({e}); build it locally or put {IMAGE_ARCHIVE} and {IMAGE_DIGEST} beside chute.toml",
+            manifest.image
+        ))
+    })
+}
+
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Routes Podman's event stream to the chute tasks, reconnecting with capped backoff.
+/// After every (re)connect each chute resyncs, covering events lost in the gap.
+pub async fn route_events(agent: Rc<Agent>) {
+    use futures_lite::StreamExt;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match agent.podman.events(MANAGED_FILTER).await {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(250);
+                let txs: Vec<_> = agent.chutes.borrow().values().map(|h| h.tx.clone()).collect();
+                for tx in txs {
+                    let _ = tx.send(ChuteMsg::Resync).await;
+                }
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(ev) => {
+                            let Some(name) = ev.labels.get(LABEL_CHUTE).and_then(|n| ChuteName::parse(n).ok()) else {
+                                continue;
+                            };
+                            let tx = agent.chutes.borrow().get(&name).map(|h| h.tx.clone());
+                            if let Some(tx) = tx {
+                                let _ = tx.send(ChuteMsg::Event(ev)).await;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "podman event stream broke; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot subscribe to podman events"),
+        }
+        Timer::after(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Samples every running chute's cgroup counters once per interval.
+pub async fn sample_usage(agent: Rc<Agent>) {
+    let interval = agent.cfg.sample_interval;
+    let mut warned_at: Option<Instant> = None;
+    loop {
+        Timer::after(interval).await;
+        let now = agent.now_ms();
+        for view in agent.views() {
+            let mut v = view.borrow_mut();
+            let Some(cg) = v.cgroup.as_ref() else { continue };
+            match cg.usage() {
+                Ok(u) => {
+                    let cpu_percent = match &v.usage {
+                        Some(prev) if now > prev.sampled_at_ms && u.cpu_usage_ns >= prev.cpu_usage_ns => {
+                            (u.cpu_usage_ns - prev.cpu_usage_ns) as f64 / ((now - prev.sampled_at_ms) as f64 * 1e6) * 100.0
+                        }
+                        _ => 0.0,
+                    };
+                    v.usage = Some(UsageSample {
+                        cpu_usage_ns: u.cpu_usage_ns,
+                        cpu_percent,
+                        memory_bytes: u.memory_bytes,
+                        pids: u.pids,
+                        sampled_at_ms: now,
+                    });
+                }
+                Err(e) => {
+                    // A container that just died loses its cgroup; say so once a minute at most.
+                    if warned_at.is_none_or(|t| t.elapsed() > Duration::from_secs(60)) {
+                        debug!(chute = %v.manifest.name, error = %e, "usage sample failed");
+                        warned_at = Some(Instant::now());
+                    }
+                    if v.pid == 0 {
+                        v.cgroup = None;
+                    }
+                }
+            }
+        }
+    }
+}
