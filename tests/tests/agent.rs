@@ -297,7 +297,7 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     let stray = unique("stray");
     w.track_container(&stray);
     podman_ok(&[
-        "run", "-d", "--name", &stray, "--label", "chuted.managed=true", "--label", &format!("chuted.chute={stray}"),
+        "run", "-d", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--name", &stray, "--label", "chuted.managed=true", "--label", &format!("chuted.chute={stray}"),
         IMAGE, "sleep", "3600",
     ]);
     // A snapshot exists (empty) so this is not a rebuild-from-labels start.
