@@ -21,9 +21,11 @@ PS=$W/podman.sock; AS=$W/admin.sock
 TAG=b$$
 NAMES=()
 cleanup() {
+  # The agent first: alive, it would (rightly) restart the chutes we remove under it.
+  [ -n "${AGENT:-}" ] && kill "$AGENT" 2>/dev/null || true
+  wait "${AGENT:-0}" 2>/dev/null || true
   for n in "${NAMES[@]}"; do podman rm -f -t 0 "chute-$n" >/dev/null 2>&1 || true; done
   podman rm -f -t 0 "ref-$TAG" >/dev/null 2>&1 || true
-  [ -n "${AGENT:-}" ] && kill "$AGENT" 2>/dev/null || true
   [ -n "${PODMAN:-}" ] && kill "$PODMAN" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$W"
@@ -59,7 +61,7 @@ echo "agent RSS with 0 chutes: $(rss) KiB"
 
 # --- latency: chuted vs podman CLI, same image, same caps, same command -------------
 n=lat$TAG; NAMES+=("$n"); d=$(mkchute "$n")
-t0=$(now); C deploy "$d" >/dev/null; t1=$(now); DEPLOY_AGENT=$(( (t1-t0)/1000000 ))
+t0=$(now); C deploy "$d" >/dev/null 2>&1; t1=$(now); DEPLOY_AGENT=$(( (t1-t0)/1000000 ))
 t0=$(now); podman run -d --name "ref-$TAG" --memory 8m --memory-swap 8m --cpu-quota 5000 --cpu-period 100000 --pids-limit 16 \
   --cap-drop ALL --security-opt no-new-privileges localhost/chuted-hello-web:1 sh -c 'trap "exit 0" TERM; while :; do sleep 0.1; done' >/dev/null; t1=$(now)
 DEPLOY_PODMAN=$(( (t1-t0)/1000000 ))
@@ -84,7 +86,7 @@ deploy_upto() {
   local target=$1
   while [ "${#NAMES[@]}" -lt "$target" ]; do
     local n=c${#NAMES[@]}$TAG; NAMES+=("$n")
-    C deploy "$(mkchute "$n")" >/dev/null
+    C deploy "$(mkchute "$n")" >/dev/null 2>&1
   done
 }
 deploy_upto 10; sleep 2; echo "agent RSS with 10 chutes: $(rss) KiB"

@@ -60,6 +60,7 @@ struct RawConfig {
     ulimit_nofile: Option<u64>,
     ulimit_nproc: Option<u64>,
     cap_add: Option<Vec<String>>,
+    instance: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -89,6 +90,9 @@ pub struct AgentConfig {
     pub ulimit_nofile: u64,
     pub ulimit_nproc: u64,
     pub cap_add: Vec<String>,
+    /// Which agent on this host owns a container (label `chuted.instance`). One agent per
+    /// host is the norm; distinct instances let several (tests, staging) share a Podman.
+    pub instance: String,
 }
 
 /// Facts about the host used to derive default pools.
@@ -132,8 +136,10 @@ pub fn default_pools(host: HostFacts) -> Pools {
 impl AgentConfig {
     /// Defaults for this host, no file.
     pub fn defaults(host: HostFacts) -> Self {
-        let mut lifecycle = LifecycleConfig::default();
-        lifecycle.backoff = BackoffConfig::default();
+        let lifecycle = LifecycleConfig {
+            backoff: BackoffConfig::default(),
+            ..LifecycleConfig::default()
+        };
         AgentConfig {
             pools: default_pools(host),
             allow_host_network: false,
@@ -146,6 +152,7 @@ impl AgentConfig {
             ulimit_nofile: 1024,
             ulimit_nproc: 1024,
             cap_add: DEFAULT_CAPS.iter().map(|s| s.to_string()).collect(),
+            instance: "default".to_owned(),
         }
     }
 
@@ -182,7 +189,11 @@ impl AgentConfig {
             }
             if let Some(m) = p.memory {
                 cfg.pools.memory_bytes = chutes::parse_bytes(&m).map_err(|e| {
-                    invalid("pools.memory", format!("{m:?}"), &format!("{e} (e.g. \"512MiB\")"))
+                    invalid(
+                        "pools.memory",
+                        format!("{m:?}"),
+                        &format!("{e} (e.g. \"512MiB\")"),
+                    )
                 })?;
             }
             if let Some(n) = p.pids {
@@ -193,12 +204,20 @@ impl AgentConfig {
             }
             if let Some(r) = p.bandwidth_down {
                 cfg.pools.bandwidth_down_bps = chutes::parse_rate_bps(&r).map_err(|e| {
-                    invalid("pools.bandwidth_down", format!("{r:?}"), &format!("{e} (e.g. \"100mbit\")"))
+                    invalid(
+                        "pools.bandwidth_down",
+                        format!("{r:?}"),
+                        &format!("{e} (e.g. \"100mbit\")"),
+                    )
                 })?;
             }
             if let Some(r) = p.bandwidth_up {
                 cfg.pools.bandwidth_up_bps = chutes::parse_rate_bps(&r).map_err(|e| {
-                    invalid("pools.bandwidth_up", format!("{r:?}"), &format!("{e} (e.g. \"20mbit\")"))
+                    invalid(
+                        "pools.bandwidth_up",
+                        format!("{r:?}"),
+                        &format!("{e} (e.g. \"20mbit\")"),
+                    )
                 })?;
             }
         }
@@ -206,8 +225,16 @@ impl AgentConfig {
             cfg.allow_host_network = v;
         }
         if let Some(rt) = raw.oci_runtime {
-            if rt.is_empty() || !rt.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-                return Err(invalid("oci_runtime", format!("{rt:?}"), "a runtime name such as \"runc\" or \"crun\""));
+            if rt.is_empty()
+                || !rt
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(invalid(
+                    "oci_runtime",
+                    format!("{rt:?}"),
+                    "a runtime name such as \"runc\" or \"crun\"",
+                ));
             }
             cfg.oci_runtime = Some(rt);
         }
@@ -225,7 +252,11 @@ impl AgentConfig {
         }
         if let Some(k) = raw.owner_key {
             if k.len() != 64 || !k.chars().all(|c| c.is_ascii_hexdigit()) {
-                return Err(invalid("owner_key", format!("{k:?}"), "64 hex digits (an Ed25519 public key)"));
+                return Err(invalid(
+                    "owner_key",
+                    format!("{k:?}"),
+                    "64 hex digits (an Ed25519 public key)",
+                ));
             }
             cfg.owner_key = Some(k.to_ascii_lowercase());
         }
@@ -246,7 +277,11 @@ impl AgentConfig {
         }
         if let Some(ms) = raw.backoff_initial_ms {
             if ms == 0 {
-                return Err(invalid("backoff_initial_ms", ms.to_string(), "an integer >= 1"));
+                return Err(invalid(
+                    "backoff_initial_ms",
+                    ms.to_string(),
+                    "an integer >= 1",
+                ));
             }
             cfg.lifecycle.backoff.initial_ms = ms;
         }
@@ -269,17 +304,49 @@ impl AgentConfig {
         if let Some(n) = raw.ulimit_nproc {
             cfg.ulimit_nproc = n.max(16);
         }
+        if let Some(i) = raw.instance {
+            if i.is_empty()
+                || i.len() > 40
+                || !i
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            {
+                return Err(invalid(
+                    "instance",
+                    format!("{i:?}"),
+                    "1..=40 characters of a-z, 0-9 and '-'",
+                ));
+            }
+            cfg.instance = i;
+        }
         if let Some(caps) = raw.cap_add {
             for c in &caps {
                 let bare = c.trim_start_matches("CAP_");
                 if bare.is_empty() || !bare.chars().all(|ch| ch.is_ascii_uppercase() || ch == '_') {
-                    return Err(invalid("cap_add", format!("{c:?}"), "capability names such as \"NET_BIND_SERVICE\""));
+                    return Err(invalid(
+                        "cap_add",
+                        format!("{c:?}"),
+                        "capability names such as \"NET_BIND_SERVICE\"",
+                    ));
                 }
-                if matches!(bare, "SYS_ADMIN" | "NET_ADMIN" | "SYS_MODULE" | "SYS_RAWIO" | "SYS_PTRACE" | "DAC_READ_SEARCH" | "SYS_BOOT" | "MAC_ADMIN") {
+                if matches!(
+                    bare,
+                    "SYS_ADMIN"
+                        | "NET_ADMIN"
+                        | "SYS_MODULE"
+                        | "SYS_RAWIO"
+                        | "SYS_PTRACE"
+                        | "DAC_READ_SEARCH"
+                        | "SYS_BOOT"
+                        | "MAC_ADMIN"
+                ) {
                     return Err(invalid("cap_add", format!("{c:?}"), "not a capability that reaches the host (SYS_ADMIN, NET_ADMIN, SYS_MODULE, SYS_RAWIO, SYS_PTRACE, ... are refused)"));
                 }
             }
-            cfg.cap_add = caps.into_iter().map(|c| c.trim_start_matches("CAP_").to_owned()).collect();
+            cfg.cap_add = caps
+                .into_iter()
+                .map(|c| c.trim_start_matches("CAP_").to_owned())
+                .collect();
         }
         Ok(cfg)
     }
@@ -319,13 +386,20 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_key_and_what_is_allowed() {
-        let e = parse("[pools]\nmemory = \"lots\"\n").unwrap_err().to_string();
-        assert!(e.contains("pools.memory") && e.contains("lots") && e.contains("512MiB"), "{e}");
+        let e = parse("[pools]\nmemory = \"lots\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("pools.memory") && e.contains("lots") && e.contains("512MiB"),
+            "{e}"
+        );
         let e = parse("[pools]\ncpu = -1\n").unwrap_err().to_string();
         assert!(e.contains("pools.cpu") && e.contains("> 0"), "{e}");
         let e = parse("memroy = 1\n").unwrap_err().to_string();
         assert!(e.contains("memroy"), "{e}");
-        let e = parse("cap_add = [\"SYS_ADMIN\"]\n").unwrap_err().to_string();
+        let e = parse("cap_add = [\"SYS_ADMIN\"]\n")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cap_add") && e.contains("SYS_ADMIN"), "{e}");
         let e = parse("owner_key = \"abc\"\n").unwrap_err().to_string();
         assert!(e.contains("64 hex"), "{e}");
@@ -333,7 +407,10 @@ mod tests {
 
     #[test]
     fn memtotal_is_read_from_meminfo() {
-        assert_eq!(parse_memtotal("MemTotal:       16384 kB\nMemFree: 1 kB\n"), Some(16384 * 1024));
+        assert_eq!(
+            parse_memtotal("MemTotal:       16384 kB\nMemFree: 1 kB\n"),
+            Some(16384 * 1024)
+        );
         assert_eq!(parse_memtotal("garbage"), None);
     }
 }

@@ -1,8 +1,8 @@
 //! The `chuted` agent library: everything the binary wires together.
-pub mod cgroup;
-pub mod podman;
 pub mod admin;
+pub mod cgroup;
 pub mod config;
+pub mod podman;
 pub mod server;
 pub mod snapshot;
 pub mod supervisor;

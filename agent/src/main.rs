@@ -232,7 +232,10 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             let list: Vec<ChuteSummary> = serde_json::from_value(v)?;
-            println!("{:<24} {:<11} {:>8}  {:<12}  VERSION", "NAME", "STATE", "RESTARTS", "CONTAINER");
+            println!(
+                "{:<24} {:<11} {:>8}  {:<12}  VERSION",
+                "NAME", "STATE", "RESTARTS", "CONTAINER"
+            );
             for c in list {
                 println!(
                     "{:<24} {:<11} {:>8}  {:<12}  {}",
@@ -296,8 +299,14 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
                 chutes::format_cpu(u64::from(m.resources.cpu_millicores)),
                 chutes::format_bytes(m.resources.memory_bytes),
                 m.resources.pids,
-                m.network.bandwidth_down_bps.map(chutes::format_rate).unwrap_or_else(|| "unshaped".into()),
-                m.network.bandwidth_up_bps.map(chutes::format_rate).unwrap_or_else(|| "unshaped".into()),
+                m.network
+                    .bandwidth_down_bps
+                    .map(chutes::format_rate)
+                    .unwrap_or_else(|| "unshaped".into()),
+                m.network
+                    .bandwidth_up_bps
+                    .map(chutes::format_rate)
+                    .unwrap_or_else(|| "unshaped".into()),
                 m.restart
             );
             Ok(ExitCode::SUCCESS)
@@ -352,10 +361,12 @@ fn call(admin: &Path, req: &Request) -> Result<serde_json::Value> {
 }
 
 fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
-    let level: tracing::Level = r
-        .log_level
-        .parse()
-        .map_err(|_| anyhow::anyhow!("--log-level {:?}: expected error, warn, info, debug or trace", r.log_level))?;
+    let level: tracing::Level = r.log_level.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "--log-level {:?}: expected error, warn, info, debug or trace",
+            r.log_level
+        )
+    })?;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)

@@ -7,9 +7,11 @@
 //! covers only what chuted needs: images (exists, inspect, load, pull), the container
 //! lifecycle, listing, events and logs.
 //!
-//! It deliberately does not: pool connections (one per request, see [`http`]), retry, or
-//! impose timeouts — the caller owns those policies. It never creates a privileged
-//! container: every container drops all capabilities and adds back an explicit list.
+//! It deliberately does not pool connections (one per request; see the `http`
+//! submodule), retry, or impose timeouts — the caller owns those policies. It never
+//! creates a privileged container: every container drops all capabilities and adds back
+//! an explicit list. Measured cost: ~330 KB of x86_64 release binary (opt-level z, LTO)
+//! for this client and `cgroup` together, on top of smol and serde_json.
 
 mod http;
 mod stream;
@@ -314,7 +316,7 @@ impl Podman {
     /// `timeout_secs`. Already stopped is success.
     pub async fn stop(&self, id: &str, timeout_secs: u32) -> Result<(), PodmanError> {
         // libpod reads lowercase `timeout`; `Timeout` (podman-api's spelling) is ignored.
-        let path = format!("/containers/{}/stop?Timeout={timeout_secs}", enc_path(id));
+        let path = format!("/containers/{}/stop?timeout={timeout_secs}", enc_path(id));
         self.action("stop", id, &path, &[StatusCode::NOT_MODIFIED])
             .await
     }
@@ -386,7 +388,12 @@ impl Podman {
     pub async fn list(&self, label: &str) -> Result<Vec<ContainerSummary>, PodmanError> {
         let op = "list containers";
         let filters = label_filters(label, false);
-        let path = format!("/containers/json?all=true&filters={}", enc_query(&filters));
+        // sync=true: without it libpod answers from its database, which still says
+        // "running" for a container whose process was killed moments ago.
+        let path = format!(
+            "/containers/json?all=true&sync=true&filters={}",
+            enc_query(&filters)
+        );
         let body = self
             .simple(op, &format!("labelled {label}"), Method::GET, &path)
             .await?;
@@ -973,6 +980,154 @@ mod tests {
             enc_query(&label_filters("chuted.managed=true", false)),
             "%7B%22label%22%3A%5B%22chuted.managed%3Dtrue%22%5D%7D"
         );
+    }
+
+    /// A one-shot fake libpod: answers the first request on `socket` with `response`
+    /// (written in `piece`-byte writes to exercise reassembly) and returns the request
+    /// head. Stops writing once the client hangs up.
+    fn fake_server_in(
+        socket: &Path,
+        response: Vec<u8>,
+        piece: usize,
+    ) -> std::thread::JoinHandle<String> {
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().expect("accept");
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                conn.read_exact(&mut byte).expect("read request");
+                head.push(byte[0]);
+            }
+            for piece in response.chunks(piece) {
+                if conn.write_all(piece).is_err() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            String::from_utf8_lossy(&head).into_owned()
+        })
+    }
+
+    fn fake_server(socket: &Path, response: Vec<u8>) -> std::thread::JoinHandle<String> {
+        fake_server_in(socket, response, 7)
+    }
+
+    fn chunked(body: &[u8]) -> Vec<u8> {
+        let mut out =
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        for part in body.chunks(13) {
+            out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            out.extend_from_slice(part);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    #[test]
+    fn event_stream_survives_a_bad_line_and_splits_across_chunks() {
+        use futures_lite::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("fake.sock");
+        let body = concat!(
+            r#"{"Type":"container","Action":"start","Actor":{"ID":"c1","Attributes":{"name":"a"}},"timeNano":5}"#,
+            "\n\nnot json\n",
+            r#"{"Type":"image","Action":"pull","Actor":{"ID":"i"}}"#,
+            "\n",
+            r#"{"Type":"container","Action":"died","Actor":{"ID":"c1","Attributes":{"containerExitCode":"1"}},"timeNano":6}"#,
+        );
+        let server = fake_server(&socket, chunked(body.as_bytes()));
+        let podman = Podman::new(&socket);
+        let got: Vec<_> = smol::block_on(async {
+            podman
+                .events("chuted.managed=true")
+                .await
+                .expect("events")
+                .collect()
+                .await
+        });
+        let head = server.join().expect("server");
+        assert!(
+            head.starts_with("GET /v4.3.1/libpod/events?stream=true&filters=%7B%22label%22%3A%5B%22chuted.managed%3Dtrue%22%5D%2C%22type%22%3A%5B%22container%22%5D%7D HTTP/1.1"),
+            "{head}"
+        );
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0].as_ref().expect("start").action, "start");
+        assert!(matches!(got[1], Err(PodmanError::Decode { .. })));
+        let died = got[2].as_ref().expect("died");
+        assert_eq!((died.action.as_str(), died.exit_code), ("died", Some(1)));
+    }
+
+    #[test]
+    fn over_long_event_line_ends_the_stream() {
+        use futures_lite::StreamExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("fake.sock");
+        let body = vec![b'x'; MAX_LINE + 100];
+        let server = fake_server_in(&socket, chunked(&body), 4096);
+        let podman = Podman::new(&socket);
+        let got: Vec<_> =
+            smol::block_on(async { podman.events("a=b").await.expect("events").collect().await });
+        server.join().expect("server");
+        assert_eq!(got.len(), 1);
+        assert!(matches!(got[0], Err(PodmanError::Decode { .. })));
+    }
+
+    #[test]
+    fn stop_and_restart_send_the_timeout_libpod_reads() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("fake.sock");
+        let no_content = b"HTTP/1.1 204 No Content\r\n\r\n".to_vec();
+        let podman = Podman::new(&socket);
+        let server = fake_server(&socket, no_content.clone());
+        smol::block_on(podman.stop("chute-a", 7)).expect("stop");
+        let head = server.join().expect("server");
+        assert!(
+            head.starts_with("POST /v4.3.1/libpod/containers/chute-a/stop?timeout=7 HTTP/1.1"),
+            "{head}"
+        );
+        std::fs::remove_file(&socket).expect("rm socket");
+        let server = fake_server(&socket, no_content);
+        smol::block_on(podman.restart("chute-a", 3)).expect("restart");
+        let head = server.join().expect("server");
+        assert!(
+            head.starts_with("POST /v4.3.1/libpod/containers/chute-a/restart?t=3 HTTP/1.1"),
+            "{head}"
+        );
+    }
+
+    #[test]
+    fn api_errors_carry_libpod_message_and_status() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let socket = dir.path().join("fake.sock");
+        let body = br#"{"cause":"boom","message":"cannot start: boom","response":500}"#;
+        let mut resp = format!(
+            "HTTP/1.1 500 Internal Server Error\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        resp.extend_from_slice(body);
+        let server = fake_server(&socket, resp);
+        let err = smol::block_on(Podman::new(&socket).start("chute-a")).expect_err("500");
+        server.join().expect("server");
+        match err {
+            PodmanError::Api {
+                op,
+                target,
+                status,
+                message,
+            } => {
+                assert_eq!(
+                    (op, target.as_str(), status),
+                    ("start", "container chute-a", 500)
+                );
+                assert_eq!(message, "cannot start: boom");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -55,12 +55,13 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
         match listener.accept().await {
             Ok((stream, _)) => {
                 let agent2 = agent.clone();
-                agent.spawn(async move {
-                    if let Err(e) = handle(agent2, stream).await {
-                        debug!(error = %e, "admin connection ended");
-                    }
-                })
-                .detach();
+                agent
+                    .spawn(async move {
+                        if let Err(e) = handle(agent2, stream).await {
+                            debug!(error = %e, "admin connection ended");
+                        }
+                    })
+                    .detach();
             }
             Err(e) => {
                 warn!(error = %e, "admin accept failed");
@@ -92,7 +93,11 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
-            return write_reply(&mut writer, &Reply::Error(format!("malformed request: {e}"))).await;
+            return write_reply(
+                &mut writer,
+                &Reply::Error(format!("malformed request: {e}")),
+            )
+            .await;
         }
     };
     let result = match req {
@@ -121,7 +126,11 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
                 Err(e) => return write_reply(&mut writer, &Reply::Error(e.to_string())).await,
             };
             let Some(id) = id else {
-                return write_reply(&mut writer, &Reply::Error(format!("chute `{name}` has no container"))).await;
+                return write_reply(
+                    &mut writer,
+                    &Reply::Error(format!("chute `{name}` has no container")),
+                )
+                .await;
             };
             match agent.podman.logs(&id, follow, tail).await {
                 Ok(mut stream) => {
@@ -130,7 +139,8 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
                         let chunk = match chunk {
                             Ok(c) => c,
                             Err(e) => {
-                                return write_reply(&mut writer, &Reply::Error(e.to_string())).await;
+                                return write_reply(&mut writer, &Reply::Error(e.to_string()))
+                                    .await;
                             }
                         };
                         let source = format!("{:?}", chunk.stream).to_ascii_lowercase();
@@ -140,16 +150,33 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
                             let text = String::from_utf8_lossy(&partial[..pos]).into_owned();
                             partial = rest;
                             // A closed client ends a follow.
-                            write_reply(&mut writer, &Reply::Log { stream: source.clone(), line: text }).await?;
+                            write_reply(
+                                &mut writer,
+                                &Reply::Log {
+                                    stream: source.clone(),
+                                    line: text,
+                                },
+                            )
+                            .await?;
                         }
                     }
                     if !partial.is_empty() {
                         let text = String::from_utf8_lossy(&partial).into_owned();
-                        write_reply(&mut writer, &Reply::Log { stream: "stdout".into(), line: text }).await?;
+                        write_reply(
+                            &mut writer,
+                            &Reply::Log {
+                                stream: "stdout".into(),
+                                line: text,
+                            },
+                        )
+                        .await?;
                     }
                     Ok(json!(null))
                 }
-                Err(e) => Err(crate::supervisor::OpError::Podman { chute: name, source: e }),
+                Err(e) => Err(crate::supervisor::OpError::Podman {
+                    chute: name,
+                    source: e,
+                }),
             }
         }
     };

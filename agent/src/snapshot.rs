@@ -85,7 +85,8 @@ pub fn crc32(data: &[u8]) -> u32 {
 }
 
 pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
-    let payload = postcard::to_allocvec(snapshot).expect("serializing plain data into a Vec cannot fail");
+    let payload =
+        postcard::to_allocvec(snapshot).expect("serializing plain data into a Vec cannot fail");
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&VERSION.to_le_bytes());
@@ -180,7 +181,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
 
 pub fn save(state_dir: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
     let path = state_dir.join(FILE_NAME);
-    write_atomic(&path, &encode(snapshot), 0o600).map_err(|source| SnapshotError::Io { path, source })
+    write_atomic(&path, &encode(snapshot), 0o600)
+        .map_err(|source| SnapshotError::Io { path, source })
 }
 
 /// `Ok(None)` when there is no snapshot yet (first start).
@@ -232,7 +234,10 @@ mod tests {
         save(&dir, &sample()).unwrap();
         assert_eq!(load(&dir).unwrap(), Some(sample()));
         use std::os::unix::fs::PermissionsExt;
-        let mode = fs::metadata(dir.join(FILE_NAME)).unwrap().permissions().mode();
+        let mode = fs::metadata(dir.join(FILE_NAME))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         fs::remove_dir_all(&dir).unwrap();
     }
@@ -242,13 +247,19 @@ mod tests {
         let bytes = encode(&sample());
         let p = Path::new("/x/snapshot.bin");
         for cut in 0..bytes.len() {
-            assert!(decode(&bytes[..cut], p).is_err(), "truncated at {cut} accepted");
+            assert!(
+                decode(&bytes[..cut], p).is_err(),
+                "truncated at {cut} accepted"
+            );
         }
         for i in 0..bytes.len() {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
-                assert!(decode(&b, p).is_err(), "flip at byte {i} bit {bit} accepted");
+                assert!(
+                    decode(&b, p).is_err(),
+                    "flip at byte {i} bit {bit} accepted"
+                );
             }
         }
     }
@@ -260,8 +271,14 @@ mod tests {
         b[4] = 9;
         assert!(decode(&b, p).unwrap_err().to_string().contains("version 9"));
         let b = encode(&sample());
-        assert!(decode(&b[..b.len() - 1], p).unwrap_err().to_string().contains("truncated"));
-        assert!(decode(b"garbage-garbage", p).unwrap_err().to_string().contains("magic"));
+        assert!(decode(&b[..b.len() - 1], p)
+            .unwrap_err()
+            .to_string()
+            .contains("truncated"));
+        assert!(decode(b"garbage-garbage", p)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::snapshot::{self, ChuteRecord, Snapshot};
 pub const LABEL_MANAGED: &str = "chuted.managed";
 pub const LABEL_CHUTE: &str = "chuted.chute";
 pub const LABEL_MANIFEST: &str = "chuted.manifest";
-pub const MANAGED_FILTER: &str = "chuted.managed=true";
+pub const LABEL_INSTANCE: &str = "chuted.instance";
 /// Name of an image archive beside `chute.toml`, and of the file holding its sha256.
 pub const IMAGE_ARCHIVE: &str = "image.tar";
 pub const IMAGE_DIGEST: &str = "image.tar.sha256";
@@ -86,6 +86,9 @@ pub struct ChuteView {
     pub manifest_toml: String,
     pub container_id: Option<String>,
     pub state: ChuteState,
+    /// The state a restarted agent should resume from (Stopped while a user's stop is
+    /// still in flight, so a crash then does not undo the stop).
+    pub durable_state: ChuteState,
     pub restarts: u32,
     pub reservation_held: bool,
     pub last_exit_code: Option<i32>,
@@ -102,7 +105,7 @@ impl ChuteView {
             name: self.manifest.name.to_string(),
             manifest_toml: self.manifest_toml.clone(),
             container_id: self.container_id.clone(),
-            state: self.state,
+            state: self.durable_state,
             restarts: self.restarts,
             reservation_held: self.reservation_held,
         }
@@ -184,16 +187,24 @@ impl Agent {
         self.epoch.elapsed().as_millis() as u64
     }
 
+    /// The label filter selecting this agent's containers.
+    pub fn owned_filter(&self) -> String {
+        format!("{LABEL_INSTANCE}={}", self.cfg.instance)
+    }
+
     pub fn uptime(&self) -> Duration {
         self.epoch.elapsed()
     }
 
-    pub fn spawn<T: 'static>(&self, fut: impl std::future::Future<Output = T> + 'static) -> Task<T> {
+    pub fn spawn<T: 'static>(
+        &self,
+        fut: impl std::future::Future<Output = T> + 'static,
+    ) -> Task<T> {
         self.ex.spawn(fut)
     }
 
     fn lifecycle_config(&self) -> LifecycleConfig {
-        self.cfg.lifecycle.clone()
+        self.cfg.lifecycle
     }
 
     fn known_names(&self) -> String {
@@ -230,7 +241,11 @@ impl Agent {
     }
 
     pub fn views(&self) -> Vec<Rc<RefCell<ChuteView>>> {
-        self.chutes.borrow().values().map(|h| h.view.clone()).collect()
+        self.chutes
+            .borrow()
+            .values()
+            .map(|h| h.view.clone())
+            .collect()
     }
 
     /// Writes the snapshot if anything in it changed since the last write.
@@ -254,6 +269,7 @@ impl Agent {
     }
 
     fn spawn_actor(self: &Rc<Self>, view: ChuteView, lifecycle: Lifecycle) -> Sender<ChuteMsg> {
+        let restored = view.state != ChuteState::Installing;
         let name = view.manifest.name.clone();
         let (tx, rx) = bounded(256);
         let view = Rc::new(RefCell::new(view));
@@ -275,6 +291,7 @@ impl Agent {
             timers: Vec::new(),
             starts_seen: 0,
             purge: false,
+            restored,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -342,6 +359,7 @@ impl Agent {
             manifest_toml,
             container_id: None,
             state: ChuteState::Installing,
+            durable_state: ChuteState::Installing,
             restarts: 0,
             reservation_held: true,
             last_exit_code: None,
@@ -353,7 +371,8 @@ impl Agent {
         };
         let lc = Lifecycle::new(manifest.restart, self.lifecycle_config());
         let tx = self.spawn_actor(view, lc);
-        self.ask(tx, ChuteOp::Install { dir, progress }, name.as_str()).await
+        self.ask(tx, ChuteOp::Install { dir, progress }, name.as_str())
+            .await
     }
 
     pub async fn op(self: &Rc<Self>, name: &str, op: ChuteOp) -> Result<Value, OpError> {
@@ -447,7 +466,7 @@ impl Agent {
         };
         let observed = self
             .podman
-            .list(MANAGED_FILTER)
+            .list(&self.owned_filter())
             .await
             .map_err(|e| anyhow_free::Error(format!("cannot list containers: {e}")))?;
 
@@ -456,7 +475,9 @@ impl Agent {
         let mut records = records;
         if rebuilt {
             for c in &observed {
-                if let (Some(name), Some(toml)) = (c.labels.get(LABEL_CHUTE), c.labels.get(LABEL_MANIFEST)) {
+                if let (Some(name), Some(toml)) =
+                    (c.labels.get(LABEL_CHUTE), c.labels.get(LABEL_MANIFEST))
+                {
                     if records.iter().any(|r| &r.name == name) {
                         continue;
                     }
@@ -478,7 +499,9 @@ impl Agent {
                 Ok(m) => {
                     manifests.insert(m.name.clone(), (m, r));
                 }
-                Err(e) => warn!(chute = %r.name, error = %e, "snapshot entry has an invalid manifest; skipping"),
+                Err(e) => {
+                    warn!(chute = %r.name, error = %e, "snapshot entry has an invalid manifest; skipping")
+                }
             }
         }
         let known: Vec<chutes::KnownChute> = manifests
@@ -494,13 +517,21 @@ impl Agent {
             .iter()
             .map(|c| chutes::ObservedContainer {
                 id: c.id.clone(),
-                chute: c.labels.get(LABEL_CHUTE).and_then(|n| ChuteName::parse(n).ok()),
+                chute: c
+                    .labels
+                    .get(LABEL_CHUTE)
+                    .and_then(|n| ChuteName::parse(n).ok()),
                 running: c.running,
                 exit_code: Some(c.exit_code),
             })
             .collect();
         let plan = chutes::reconcile::plan(&known, &obs);
-        info!(actions = plan.len(), chutes = known.len(), containers = obs.len(), "reconciling");
+        info!(
+            actions = plan.len(),
+            chutes = known.len(),
+            containers = obs.len(),
+            "reconciling"
+        );
         for action in plan {
             self.apply_reconcile(action, &mut manifests).await;
         }
@@ -513,69 +544,141 @@ impl Agent {
         action: ReconcileAction,
         manifests: &mut BTreeMap<ChuteName, (Manifest, ChuteRecord)>,
     ) {
-        let mk_view = |m: &Manifest, r: &ChuteRecord, state: ChuteState, held: bool, id: Option<String>| ChuteView {
-            manifest: m.clone(),
-            manifest_toml: r.manifest_toml.clone(),
-            container_id: id,
-            state,
-            restarts: r.restarts,
-            reservation_held: held,
-            last_exit_code: None,
-            last_error: None,
-            pid: 0,
-            sandbox_key: None,
-            cgroup: None,
-            usage: None,
-        };
+        let mk_view =
+            |m: &Manifest, r: &ChuteRecord, state: ChuteState, held: bool, id: Option<String>| {
+                ChuteView {
+                    manifest: m.clone(),
+                    manifest_toml: r.manifest_toml.clone(),
+                    container_id: id,
+                    state,
+                    durable_state: state,
+                    restarts: r.restarts,
+                    reservation_held: held,
+                    last_exit_code: None,
+                    last_error: None,
+                    pid: 0,
+                    sandbox_key: None,
+                    cgroup: None,
+                    usage: None,
+                }
+            };
         match action {
-            ReconcileAction::Adopt { chute, container_id } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
+            ReconcileAction::Adopt {
+                chute,
+                container_id,
+            } => {
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
                 info!(chute = %chute, container = %short(&container_id), "adopting running chute");
-                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
-                let lc = Lifecycle::restore(ChuteState::Running, r.restarts, m.restart, self.lifecycle_config());
-                let tx = self.spawn_actor(mk_view(m, r, ChuteState::Running, true, Some(container_id)), lc);
+                self.ledger
+                    .borrow_mut()
+                    .force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(
+                    ChuteState::Running,
+                    r.restarts,
+                    m.restart,
+                    self.lifecycle_config(),
+                );
+                let tx = self.spawn_actor(
+                    mk_view(m, r, ChuteState::Running, true, Some(container_id)),
+                    lc,
+                );
                 let _ = tx.send(ChuteMsg::Resync).await;
             }
-            ReconcileAction::Restart { chute, container_id, exit_code } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
+            ReconcileAction::Restart {
+                chute,
+                container_id,
+                exit_code,
+            } => {
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
                 info!(chute = %chute, ?exit_code, "chute died while the agent was down; restarting per policy {}", m.restart);
-                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
-                let lc = Lifecycle::restore(ChuteState::Stopped, r.restarts, m.restart, self.lifecycle_config());
+                self.ledger
+                    .borrow_mut()
+                    .force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(
+                    ChuteState::Stopped,
+                    r.restarts,
+                    m.restart,
+                    self.lifecycle_config(),
+                );
                 let mut view = mk_view(m, r, ChuteState::Stopped, true, Some(container_id));
                 view.last_exit_code = exit_code;
                 view.restarts = r.restarts.saturating_add(1);
                 let tx = self.spawn_actor(view, lc);
                 let (reply, _rx) = bounded(1);
-                let _ = tx.send(ChuteMsg::Request { op: ChuteOp::Start, reply }).await;
+                let _ = tx
+                    .send(ChuteMsg::Request {
+                        op: ChuteOp::Start,
+                        reply,
+                    })
+                    .await;
             }
-            ReconcileAction::Release { chute, container_id, exit_code } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
-                let state = if exit_code.unwrap_or(0) == 0 { ChuteState::Stopped } else { ChuteState::Failed };
+            ReconcileAction::Release {
+                chute,
+                container_id,
+                exit_code,
+            } => {
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
+                let state = if exit_code.unwrap_or(0) == 0 {
+                    ChuteState::Stopped
+                } else {
+                    ChuteState::Failed
+                };
                 info!(chute = %chute, ?exit_code, "chute died while the agent was down; policy {} says no restart, reservation freed", m.restart);
                 let lc = Lifecycle::restore(state, r.restarts, m.restart, self.lifecycle_config());
                 let mut view = mk_view(m, r, state, false, Some(container_id));
                 view.last_exit_code = exit_code;
                 self.spawn_actor(view, lc);
             }
-            ReconcileAction::KeepStopped { chute, container_id } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
+            ReconcileAction::KeepStopped {
+                chute,
+                container_id,
+            } => {
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
                 let held = r.reservation_held;
                 if held {
-                    self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                    self.ledger
+                        .borrow_mut()
+                        .force_insert(chute.clone(), m.reservation());
                 }
-                let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
+                let lc =
+                    Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
                 self.spawn_actor(mk_view(m, r, r.state, held, Some(container_id)), lc);
             }
             ReconcileAction::Recreate { chute } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
                 warn!(chute = %chute, "container is gone; re-creating it");
-                self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
-                let lc = Lifecycle::restore(ChuteState::Stopped, r.restarts, m.restart, self.lifecycle_config());
+                self.ledger
+                    .borrow_mut()
+                    .force_insert(chute.clone(), m.reservation());
+                let lc = Lifecycle::restore(
+                    ChuteState::Stopped,
+                    r.restarts,
+                    m.restart,
+                    self.lifecycle_config(),
+                );
                 let tx = self.spawn_actor(mk_view(m, r, ChuteState::Stopped, true, None), lc);
                 let (reply, _rx) = bounded(1);
-                let _ = tx.send(ChuteMsg::Request { op: ChuteOp::Start, reply }).await;
+                let _ = tx
+                    .send(ChuteMsg::Request {
+                        op: ChuteOp::Start,
+                        reply,
+                    })
+                    .await;
             }
-            ReconcileAction::ReportUnknown { container_id, chute } => {
+            ReconcileAction::ReportUnknown {
+                container_id,
+                chute,
+            } => {
                 warn!(container = %short(&container_id), chute = ?chute.as_ref().map(|c| c.to_string()),
                     "container carries chuted labels but is not in the snapshot; leaving it alone (remove it with `podman rm` if it is stale)");
                 self.unknown.borrow_mut().push(UnknownContainer {
@@ -586,20 +689,28 @@ impl Agent {
             ReconcileAction::Forget { chute } => {
                 debug!(chute = %chute, "forgetting chute with no container");
             }
-            ReconcileAction::FinishRemoval { chute, container_id } => {
+            ReconcileAction::FinishRemoval {
+                chute,
+                container_id,
+            } => {
                 info!(chute = %chute, container = %short(&container_id), "finishing a removal interrupted by the agent stopping");
                 if let Err(e) = self.podman.remove(&container_id, true).await {
                     warn!(chute = %chute, error = %e, "cannot remove leftover container");
                 }
             }
             ReconcileAction::RecreateStopped { chute } => {
-                let Some((m, r)) = manifests.get(&chute) else { return };
+                let Some((m, r)) = manifests.get(&chute) else {
+                    return;
+                };
                 info!(chute = %chute, "stopped chute's container is gone; it will be re-created on the next start");
                 let held = r.reservation_held;
                 if held {
-                    self.ledger.borrow_mut().force_insert(chute.clone(), m.reservation());
+                    self.ledger
+                        .borrow_mut()
+                        .force_insert(chute.clone(), m.reservation());
                 }
-                let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
+                let lc =
+                    Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
                 self.spawn_actor(mk_view(m, r, r.state, held, None), lc);
             }
         }
@@ -635,6 +746,7 @@ pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> C
     let quota = (i64::from(m.resources.cpu_millicores) * CPU_PERIOD_US as i64 / 1000).max(1000);
     let mut labels = BTreeMap::new();
     labels.insert(LABEL_MANAGED.to_owned(), "true".to_owned());
+    labels.insert(LABEL_INSTANCE.to_owned(), cfg.instance.clone());
     labels.insert(LABEL_CHUTE.to_owned(), m.name.to_string());
     labels.insert(LABEL_MANIFEST.to_owned(), manifest_toml.to_owned());
     labels.insert("chuted.version".to_owned(), m.version.clone());
@@ -678,10 +790,17 @@ struct Actor {
     starts_seen: u64,
     /// Set when an install failed: the chute leaves no trace.
     purge: bool,
+    /// Built by reconciliation: timers (backoff, zombie) must be re-armed.
+    restored: bool,
 }
 
 impl Actor {
     async fn run(mut self) {
+        if self.restored {
+            for action in self.lc.resume(self.agent.now_ms()) {
+                self.execute(action).await;
+            }
+        }
         loop {
             let msg = match self.deferred.pop_front() {
                 Some(m) => m,
@@ -719,6 +838,7 @@ impl Actor {
     fn publish(&self) {
         let mut v = self.view.borrow_mut();
         v.state = self.lc.state();
+        v.durable_state = self.lc.snapshot_state();
         v.restarts = v.restarts.max(self.lc.restarts());
         if let Some(code) = self.lc.last_exit_code() {
             v.last_exit_code = Some(code);
@@ -772,11 +892,18 @@ impl Actor {
 
     /// Compares what we believe with what Podman says, for events we may have missed.
     async fn resync(&mut self) {
-        let Some(id) = self.container_id() else { return };
+        let Some(id) = self.container_id() else {
+            return;
+        };
         match self.agent.podman.inspect(&id).await {
             Ok(info) => {
                 let state = self.lc.state();
-                if info.running && matches!(state, ChuteState::Running | ChuteState::Restarting | ChuteState::Installing) {
+                if info.running
+                    && matches!(
+                        state,
+                        ChuteState::Running | ChuteState::Restarting | ChuteState::Installing
+                    )
+                {
                     if state == ChuteState::Restarting {
                         self.starts_seen += 1;
                         self.feed(Input::ContainerStarted).await;
@@ -784,7 +911,10 @@ impl Actor {
                     self.refresh_runtime_info().await;
                 } else if !info.running && matches!(state, ChuteState::Running) {
                     self.view.borrow_mut().pid = 0;
-                    self.feed(Input::ContainerExited { exit_code: info.exit_code }).await;
+                    self.feed(Input::ContainerExited {
+                        exit_code: info.exit_code,
+                    })
+                    .await;
                 }
             }
             Err(e) => debug!(chute = %self.name, error = %e, "resync inspect failed"),
@@ -792,9 +922,15 @@ impl Actor {
     }
 
     async fn refresh_runtime_info(&mut self) {
-        let Some(id) = self.container_id() else { return };
+        let Some(id) = self.container_id() else {
+            return;
+        };
         if let Ok(info) = self.agent.podman.inspect(&id).await {
-            let cgroup = if info.pid > 0 { CgroupPaths::for_pid(info.pid).ok() } else { None };
+            let cgroup = if info.pid > 0 {
+                CgroupPaths::for_pid(info.pid).ok()
+            } else {
+                None
+            };
             let mut v = self.view.borrow_mut();
             v.pid = info.pid;
             v.sandbox_key = info.sandbox_key.clone();
@@ -896,7 +1032,10 @@ impl Actor {
     async fn create_container(&mut self) -> Result<String, OpError> {
         let (spec, name) = {
             let v = self.view.borrow();
-            (container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml), v.manifest.name.container_name())
+            (
+                container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml),
+                v.manifest.name.container_name(),
+            )
         };
         // A container with our name but not our id is a leftover of an interrupted
         // operation of ours (same name, our labels): replace it.
@@ -905,7 +1044,12 @@ impl Actor {
                 let _ = self.agent.podman.remove(&info.id, true).await;
             }
         }
-        let id = self.agent.podman.create(&spec).await.map_err(|e| self.podman_err(e))?;
+        let id = self
+            .agent
+            .podman
+            .create(&spec)
+            .await
+            .map_err(|e| self.podman_err(e))?;
         self.view.borrow_mut().container_id = Some(id.clone());
         Ok(id)
     }
@@ -917,7 +1061,9 @@ impl Actor {
         done: impl Fn(&Self) -> bool,
     ) -> Result<(), OpError> {
         let mut resynced = false;
-        let mut deadline = Instant::now() + EVENT_WAIT + Duration::from_secs(u64::from(self.agent.cfg.lifecycle.stop_timeout_secs));
+        let mut deadline = Instant::now()
+            + EVENT_WAIT
+            + Duration::from_secs(u64::from(self.agent.cfg.lifecycle.stop_timeout_secs));
         while !done(self) {
             let rx = self.rx.clone();
             let msg = smol::future::or(async { rx.recv().await.ok() }, async {
@@ -968,33 +1114,55 @@ impl Actor {
     async fn handle_op(&mut self, op: ChuteOp) -> Result<Value, OpError> {
         match op {
             ChuteOp::Install { dir, progress } => self.install(dir.as_deref(), &progress).await,
-            ChuteOp::Update { manifest, manifest_toml, dir, progress } => {
-                self.update(*manifest, manifest_toml, dir.as_deref(), &progress).await
+            ChuteOp::Update {
+                manifest,
+                manifest_toml,
+                dir,
+                progress,
+            } => {
+                self.update(*manifest, manifest_toml, dir.as_deref(), &progress)
+                    .await
             }
             ChuteOp::Start => {
-                self.lc.check(&Input::StartRequested).map_err(|e| self.state_err(e))?;
+                self.lc
+                    .check(&Input::StartRequested)
+                    .map_err(|e| self.state_err(e))?;
                 if !self.view.borrow().reservation_held {
                     let want = self.view.borrow().manifest.reservation();
-                    self.agent.ledger.borrow_mut().admit(self.name.clone(), want)?;
+                    self.agent
+                        .ledger
+                        .borrow_mut()
+                        .admit(self.name.clone(), want)?;
                     self.view.borrow_mut().reservation_held = true;
                 }
                 self.view.borrow_mut().last_error = None;
                 let before = self.starts_seen;
                 self.feed(Input::StartRequested).await;
-                self.wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running).await?;
+                self.wait_for("running", |a| {
+                    a.starts_seen > before && a.lc.state() == ChuteState::Running
+                })
+                .await?;
                 Ok(self.ok_value())
             }
             ChuteOp::Stop => {
-                self.lc.check(&Input::StopRequested).map_err(|e| self.state_err(e))?;
+                self.lc
+                    .check(&Input::StopRequested)
+                    .map_err(|e| self.state_err(e))?;
                 self.feed(Input::StopRequested).await;
-                self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped).await?;
+                self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
+                    .await?;
                 Ok(self.ok_value())
             }
             ChuteOp::Restart => {
-                self.lc.check(&Input::RestartRequested).map_err(|e| self.state_err(e))?;
+                self.lc
+                    .check(&Input::RestartRequested)
+                    .map_err(|e| self.state_err(e))?;
                 let before = self.starts_seen;
                 self.feed(Input::RestartRequested).await;
-                self.wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running).await?;
+                self.wait_for("running", |a| {
+                    a.starts_seen > before && a.lc.state() == ChuteState::Running
+                })
+                .await?;
                 Ok(self.ok_value())
             }
             ChuteOp::Remove => {
@@ -1008,7 +1176,11 @@ impl Actor {
         }
     }
 
-    async fn install(&mut self, dir: Option<&Path>, progress: &Sender<String>) -> Result<Value, OpError> {
+    async fn install(
+        &mut self,
+        dir: Option<&Path>,
+        progress: &Sender<String>,
+    ) -> Result<Value, OpError> {
         let result = self.install_inner(dir, progress).await;
         if let Err(e) = &result {
             // Leave nothing behind: no container, no reservation, no record.
@@ -1017,20 +1189,36 @@ impl Actor {
             }
             self.agent.ledger.borrow_mut().release(&self.name);
             self.view.borrow_mut().reservation_held = false;
-            self.lc.handle(Input::InstallFailed { reason: e.to_string() }, self.agent.now_ms());
+            self.lc.handle(
+                Input::InstallFailed {
+                    reason: e.to_string(),
+                },
+                self.agent.now_ms(),
+            );
             self.purge = true;
         }
         result
     }
 
-    async fn install_inner(&mut self, dir: Option<&Path>, progress: &Sender<String>) -> Result<Value, OpError> {
+    async fn install_inner(
+        &mut self,
+        dir: Option<&Path>,
+        progress: &Sender<String>,
+    ) -> Result<Value, OpError> {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
-        let _ = progress.try_send(format!("creating container {}", manifest.name.container_name()));
+        let _ = progress.try_send(format!(
+            "creating container {}",
+            manifest.name.container_name()
+        ));
         let id = self.create_container().await?;
         let _ = progress.try_send(format!("starting container {}", short(&id)));
         let before = self.starts_seen;
-        self.agent.podman.start(&id).await.map_err(|e| self.podman_err(e))?;
+        self.agent
+            .podman
+            .start(&id)
+            .await
+            .map_err(|e| self.podman_err(e))?;
         self.feed(Input::Installed).await;
         self.refresh_runtime_info().await;
         // The start event normally arrives within milliseconds; wait for it so the
@@ -1063,7 +1251,9 @@ impl Actor {
             return Ok(v);
         }
         if matches!(self.lc.state(), ChuteState::Installing | ChuteState::Dead) {
-            return Err(OpError::Busy { chute: self.name.to_string() });
+            return Err(OpError::Busy {
+                chute: self.name.to_string(),
+            });
         }
         let want = manifest.reservation();
         let held = self.view.borrow().reservation_held;
@@ -1077,11 +1267,17 @@ impl Actor {
         let old_manifest = self.view.borrow().manifest.clone();
         let old_toml = self.view.borrow().manifest_toml.clone();
         let old_held = held;
-        let was_running = matches!(self.lc.state(), ChuteState::Running | ChuteState::Restarting);
+        let was_running = matches!(
+            self.lc.state(),
+            ChuteState::Running | ChuteState::Restarting
+        );
         let old_reservation = if held {
             Some(self.agent.ledger.borrow_mut().resize(&self.name, want)?)
         } else {
-            self.agent.ledger.borrow_mut().admit(self.name.clone(), want)?;
+            self.agent
+                .ledger
+                .borrow_mut()
+                .admit(self.name.clone(), want)?;
             None
         };
         self.view.borrow_mut().reservation_held = true;
@@ -1089,7 +1285,9 @@ impl Actor {
         let _ = progress.try_send("stopping the running version".into());
         if was_running {
             self.feed(Input::StopRequested).await;
-            let _ = self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped).await;
+            let _ = self
+                .wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
+                .await;
         }
         if let Some(id) = self.container_id() {
             let _ = self.agent.podman.remove(&id, true).await;
@@ -1106,7 +1304,9 @@ impl Actor {
         let before = self.starts_seen;
         self.feed(Input::StartRequested).await;
         let started = self
-            .wait_for("running", |a| a.starts_seen > before && a.lc.state() == ChuteState::Running)
+            .wait_for("running", |a| {
+                a.starts_seen > before && a.lc.state() == ChuteState::Running
+            })
             .await;
         if let Err(e) = started {
             let message = e.to_string();
@@ -1122,24 +1322,23 @@ impl Actor {
                 v.manifest_toml = old_toml;
             }
             self.lc.set_policy(old_manifest.restart);
-            let mut ledger = self.agent.ledger.borrow_mut();
-            match old_reservation {
-                Some(old) => {
-                    ledger.release(&self.name);
+            {
+                let mut ledger = self.agent.ledger.borrow_mut();
+                ledger.release(&self.name);
+                if let Some(old) = old_reservation {
                     ledger.force_insert(self.name.clone(), old);
                 }
-                None => {
-                    ledger.release(&self.name);
-                }
             }
-            drop(ledger);
             self.view.borrow_mut().reservation_held = old_held;
             if was_running {
                 let before = self.starts_seen;
                 self.feed(Input::StartRequested).await;
                 let _ = self.wait_for("running", |a| a.starts_seen > before).await;
             }
-            return Err(OpError::UpdateRolledBack { chute: self.name.to_string(), message });
+            return Err(OpError::UpdateRolledBack {
+                chute: self.name.to_string(),
+                message,
+            });
         }
         info!(chute = %self.name, version = %manifest.version, "updated");
         let mut v = self.ok_value();
@@ -1162,7 +1361,10 @@ pub async fn ensure_image(
     progress: &Sender<String>,
 ) -> Result<(), OpError> {
     let chute = manifest.name.to_string();
-    let image_err = |message: String| OpError::Image { chute: chute.clone(), message };
+    let image_err = |message: String| OpError::Image {
+        chute: chute.clone(),
+        message,
+    };
     if let Some(dir) = dir {
         let archive = dir.join(IMAGE_ARCHIVE);
         if archive.exists() {
@@ -1174,7 +1376,11 @@ pub async fn ensure_image(
                     digest_file.display()
                 ))
             })?;
-            let expected = expected.split_whitespace().next().unwrap_or("").to_ascii_lowercase();
+            let expected = expected
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_lowercase();
             let _ = progress.try_send(format!("verifying {}", archive.display()));
             let path = archive.clone();
             let actual = smol::unblock(move || sha256_file(&path))
@@ -1187,7 +1393,11 @@ pub async fn ensure_image(
                     digest_file.display()
                 )));
             }
-            let _ = progress.try_send(format!("loading {} (sha256 {})", archive.display(), &actual[..12]));
+            let _ = progress.try_send(format!(
+                "loading {} (sha256 {})",
+                archive.display(),
+                &actual[..12]
+            ));
             let names = podman
                 .image_load(&archive)
                 .await
@@ -1239,17 +1449,26 @@ pub async fn route_events(agent: Rc<Agent>) {
     use futures_lite::StreamExt;
     let mut backoff = Duration::from_millis(250);
     loop {
-        match agent.podman.events(MANAGED_FILTER).await {
+        match agent.podman.events(&agent.owned_filter()).await {
             Ok(mut stream) => {
                 backoff = Duration::from_millis(250);
-                let txs: Vec<_> = agent.chutes.borrow().values().map(|h| h.tx.clone()).collect();
+                let txs: Vec<_> = agent
+                    .chutes
+                    .borrow()
+                    .values()
+                    .map(|h| h.tx.clone())
+                    .collect();
                 for tx in txs {
                     let _ = tx.send(ChuteMsg::Resync).await;
                 }
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(ev) => {
-                            let Some(name) = ev.labels.get(LABEL_CHUTE).and_then(|n| ChuteName::parse(n).ok()) else {
+                            let Some(name) = ev
+                                .labels
+                                .get(LABEL_CHUTE)
+                                .and_then(|n| ChuteName::parse(n).ok())
+                            else {
                                 continue;
                             };
                             let tx = agent.chutes.borrow().get(&name).map(|h| h.tx.clone());
@@ -1264,7 +1483,9 @@ pub async fn route_events(agent: Rc<Agent>) {
                     }
                 }
             }
-            Err(e) => warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot subscribe to podman events"),
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot subscribe to podman events")
+            }
         }
         Timer::after(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -1280,12 +1501,18 @@ pub async fn sample_usage(agent: Rc<Agent>) {
         let now = agent.now_ms();
         for view in agent.views() {
             let mut v = view.borrow_mut();
-            let Some(cg) = v.cgroup.as_ref() else { continue };
+            let Some(cg) = v.cgroup.as_ref() else {
+                continue;
+            };
             match cg.usage() {
                 Ok(u) => {
                     let cpu_percent = match &v.usage {
-                        Some(prev) if now > prev.sampled_at_ms && u.cpu_usage_ns >= prev.cpu_usage_ns => {
-                            (u.cpu_usage_ns - prev.cpu_usage_ns) as f64 / ((now - prev.sampled_at_ms) as f64 * 1e6) * 100.0
+                        Some(prev)
+                            if now > prev.sampled_at_ms && u.cpu_usage_ns >= prev.cpu_usage_ns =>
+                        {
+                            (u.cpu_usage_ns - prev.cpu_usage_ns) as f64
+                                / ((now - prev.sampled_at_ms) as f64 * 1e6)
+                                * 100.0
                         }
                         _ => 0.0,
                     };

@@ -13,6 +13,25 @@
 //!   Podman events, fired timers) in, [`Action`]s out, with restart policy and backoff.
 //! * [`reconcile`]: what to do with each chute when the agent starts again ([`plan`]).
 //!
+//! ```
+//! use chutes::{Action, Amounts, Input, Ledger, Lifecycle, LifecycleConfig, Manifest};
+//!
+//! let m = Manifest::from_toml_str(
+//!     "name = \"web\"\nversion = \"1\"\nimage = \"localhost/web:1\"\n\
+//!      [resources]\ncpu = 0.5\nmemory = \"64MiB\"\n",
+//! )?;
+//! let mut ledger = Ledger::new(Amounts { cpu_millicores: 2000, memory_bytes: 256 << 20,
+//!     pids: 4096, bandwidth_down_bps: 0, bandwidth_up_bps: 0 });
+//! ledger.admit(m.name.clone(), m.reservation())?;
+//!
+//! let mut life = Lifecycle::new(m.restart, LifecycleConfig::default());
+//! assert!(life.handle(Input::Installed, 0).is_empty());
+//! // The container crashes: on-failure restarts it after the initial backoff.
+//! let actions = life.handle(Input::ContainerExited { exit_code: 1 }, 500);
+//! assert!(matches!(actions[..], [Action::SetTimer { after_ms: 1_000, .. }]));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
 //! What it deliberately is not: there is no I/O here, no clock, no Podman, no files and no
 //! logging. Time comes in as `now_ms: u64`; timers are requested as actions and fed back
 //! as inputs. Every data type is `Serialize + Deserialize + Clone + Debug + PartialEq` so

@@ -106,7 +106,10 @@ impl Default for LifecycleConfig {
 pub enum Input {
     /// The agent created and started the container: the deploy finished.
     Installed,
-    /// The deploy failed (the agent releases the reservation itself).
+    /// The deploy failed (the agent releases the reservation itself). The chute stays
+    /// `Failed` until removed or its zombie timer fires; that removal emits
+    /// `ReleaseReservation` again, which is harmless (`Ledger::release` of a chute holding
+    /// nothing returns `None`).
     InstallFailed {
         /// Why, for the operator.
         reason: String,
@@ -309,6 +312,17 @@ impl Lifecycle {
     /// Current state.
     pub fn state(&self) -> ChuteState {
         self.state
+    }
+
+    /// The state to record for reconciliation ([`crate::KnownChute::state`]): like
+    /// [`Lifecycle::state`], but a chute whose stop was requested and not yet seen to
+    /// finish counts as `Stopped`, so an agent crash in between does not undo the stop.
+    pub fn snapshot_state(&self) -> ChuteState {
+        if self.state == ChuteState::Running && self.expect == Expect::StopExit {
+            ChuteState::Stopped
+        } else {
+            self.state
+        }
     }
 
     /// Restarts ever made, automatic and requested.
@@ -769,6 +783,11 @@ mod tests {
         let mut l = running(RestartPolicy::Always);
         assert_eq!(l.handle(I::StopRequested, 1), vec![STOP]);
         assert_eq!(l.state(), S::Running, "until the container has exited");
+        assert_eq!(
+            l.snapshot_state(),
+            S::Stopped,
+            "a crash now must not undo the stop"
+        );
         let a = l.handle(I::ContainerExited { exit_code: 137 }, 2);
         assert_eq!(l.state(), S::Stopped);
         timer(&a, DAY);

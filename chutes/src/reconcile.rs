@@ -19,7 +19,7 @@ pub struct KnownChute {
     pub name: ChuteName,
     /// Its container's id, if one had been created.
     pub container_id: Option<String>,
-    /// Its state in the snapshot.
+    /// Its state in the snapshot (record [`crate::Lifecycle::snapshot_state`]).
     pub state: ChuteState,
     /// Its restart policy.
     pub policy: RestartPolicy,

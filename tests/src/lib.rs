@@ -25,7 +25,10 @@ pub fn unique(prefix: &str) -> String {
 }
 
 pub fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_owned()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
 }
 
 /// The chuted binary under test: $CHUTED_BIN, else target/{debug,release}/chuted.
@@ -58,7 +61,10 @@ pub fn ensure_image() {
 }
 
 pub fn podman(args: &[&str]) -> Output {
-    Command::new("podman").args(args).output().expect("run podman")
+    Command::new("podman")
+        .args(args)
+        .output()
+        .expect("run podman")
 }
 
 pub fn podman_ok(args: &[&str]) -> String {
@@ -74,7 +80,10 @@ pub fn podman_ok(args: &[&str]) -> String {
 pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -82,6 +91,8 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// One test's world: a Podman API service, an agent, and the chutes it deployed.
 pub struct World {
     pub dir: PathBuf,
+    /// The agent's `instance` label value.
+    pub instance: String,
     pub podman_socket: PathBuf,
     pub admin_socket: PathBuf,
     pub state_dir: PathBuf,
@@ -107,8 +118,11 @@ impl World {
             .spawn()
             .expect("start podman system service");
         let config_path = dir.join("agent.toml");
-        std::fs::write(&config_path, config).unwrap();
+        // Each test's agent owns only its own containers, though all share one Podman store.
+        let instance = unique("e2e-");
+        std::fs::write(&config_path, format!("instance = \"{instance}\"\n{config}")).unwrap();
         let w = World {
+            instance,
             admin_socket: dir.join("admin.sock"),
             state_dir: dir.join("state"),
             config: config_path,
@@ -118,7 +132,9 @@ impl World {
             containers: Vec::new(),
             dir,
         };
-        wait_until("podman socket", Duration::from_secs(10), || w.podman_socket.exists());
+        wait_until("podman socket", Duration::from_secs(10), || {
+            w.podman_socket.exists()
+        });
         w
     }
 
@@ -152,7 +168,10 @@ impl World {
                 break;
             }
             if let Some(st) = self.agent.as_mut().unwrap().try_wait().unwrap() {
-                panic!("agent exited with {st} during start; log:\n{}", self.agent_log());
+                panic!(
+                    "agent exited with {st} during start; log:\n{}",
+                    self.agent_log()
+                );
             }
             assert!(
                 start.elapsed() < Duration::from_secs(30),
@@ -272,7 +291,12 @@ impl World {
     }
 
     pub fn started_at(&self, name: &str) -> String {
-        podman_ok(&["inspect", "-f", "{{.State.StartedAt}}", &format!("chute-{name}")])
+        podman_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.StartedAt}}",
+            &format!("chute-{name}"),
+        ])
     }
 
     pub fn status(&self) -> Value {
@@ -306,7 +330,11 @@ pub fn cgroup_file(pid: u32, controller: &str, file: &str) -> String {
     let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
     for line in cg.lines() {
         let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (parts.next().unwrap(), parts.next().unwrap(), parts.next().unwrap());
+        let (_, ctrls, path) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
         if ctrls.split(',').any(|c| c == controller) {
             let p = format!("/sys/fs/cgroup/{ctrls}{path}/{file}");
             let alt = format!("/sys/fs/cgroup/{controller}{path}/{file}");

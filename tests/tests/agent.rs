@@ -20,11 +20,17 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     let v = w.deploy(&dir);
     assert_eq!(v["state"], "running", "{v}");
     let pid = w.container_pid(&name);
-    assert_eq!(cgroup_file(pid, "memory", "memory.limit_in_bytes"), (64u64 << 20).to_string());
+    assert_eq!(
+        cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
     // No swap beyond the cap: memory+swap limit equals the memory limit (when the kernel
     // accounts swap at all).
     if std::path::Path::new("/sys/fs/cgroup/memory/memory.memsw.limit_in_bytes").exists() {
-        assert_eq!(cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes"), (64u64 << 20).to_string());
+        assert_eq!(
+            cgroup_file(pid, "memory", "memory.memsw.limit_in_bytes"),
+            (64u64 << 20).to_string()
+        );
     }
     assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_quota_us"), "50000");
     assert_eq!(cgroup_file(pid, "cpu", "cpu.cfs_period_us"), "100000");
@@ -38,15 +44,39 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     const CAP_NET_RAW: u64 = 1 << 13;
     const CAP_SYS_ADMIN: u64 = 1 << 21;
     const CAP_MKNOD: u64 = 1 << 27;
-    assert_eq!(caps & (CAP_NET_ADMIN | CAP_NET_RAW | CAP_SYS_ADMIN | CAP_MKNOD), 0, "{capeff}");
+    assert_eq!(
+        caps & (CAP_NET_ADMIN | CAP_NET_RAW | CAP_SYS_ADMIN | CAP_MKNOD),
+        0,
+        "{capeff}"
+    );
     let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
-    let nofile = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
-    assert!(nofile.split_whitespace().filter(|t| *t == "1024").count() == 2, "{nofile}");
+    let nofile = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert!(
+        nofile.split_whitespace().filter(|t| *t == "1024").count() == 2,
+        "{nofile}"
+    );
 
     let c = format!("chute-{name}");
-    assert_eq!(podman_ok(&["inspect", "-f", "{{.HostConfig.Privileged}}", &c]), "false");
-    assert_eq!(podman_ok(&["inspect", "-f", "{{index .Config.Labels \"chuted.chute\"}}", &c]), name);
-    assert_ne!(podman_ok(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &c]), "host");
+    assert_eq!(
+        podman_ok(&["inspect", "-f", "{{.HostConfig.Privileged}}", &c]),
+        "false"
+    );
+    assert_eq!(
+        podman_ok(&[
+            "inspect",
+            "-f",
+            "{{index .Config.Labels \"chuted.chute\"}}",
+            &c
+        ]),
+        name
+    );
+    assert_ne!(
+        podman_ok(&["inspect", "-f", "{{.HostConfig.NetworkMode}}", &c]),
+        "host"
+    );
 
     // The agent reports the same limits it enforces.
     let lim = &w.inspect(&name)["cgroup_limits"];
@@ -64,8 +94,21 @@ fn an_over_committed_deploy_is_refused_and_creates_nothing() {
     let b = unique("toobig");
     let dir = w.chute_dir(&b, SLEEPER, &res("0.5", "128MiB", 64));
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
-    assert!(err.contains(&b) && err.contains("memory") && err.contains("128 MiB") && err.contains("72 MiB"), "{err}");
-    let ps = podman_ok(&["ps", "-a", "--filter", &format!("name=^chute-{b}$"), "--format", "{{.ID}}"]);
+    assert!(
+        err.contains(&b)
+            && err.contains("memory")
+            && err.contains("128 MiB")
+            && err.contains("72 MiB"),
+        "{err}"
+    );
+    let ps = podman_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("name=^chute-{b}$"),
+        "--format",
+        "{{.ID}}",
+    ]);
     assert!(ps.is_empty(), "a container was created: {ps}");
     let list = w.json(&["list"]);
     assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
@@ -80,10 +123,16 @@ fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
     let name = unique("bad");
     let dir = w.chute_dir(&name, SLEEPER, "[resources]\nmemory = \"64 potatoes\"\n");
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
-    assert!(err.contains("resources.memory") && err.contains("potatoes"), "{err}");
+    assert!(
+        err.contains("resources.memory") && err.contains("potatoes"),
+        "{err}"
+    );
     let dir = w.chute_dir(&name, SLEEPER, "[restart]\npolicy = \"sometimes\"\n");
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
-    assert!(err.contains("restart.policy") && err.contains("on-failure"), "{err}");
+    assert!(
+        err.contains("restart.policy") && err.contains("on-failure"),
+        "{err}"
+    );
     // validate works without an agent, same messages.
     let err = w.cli_err(&["validate", dir.to_str().unwrap()]);
     assert!(err.contains("restart.policy"), "{err}");
@@ -91,8 +140,18 @@ fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
     // Host network is refused unless the agent allows it.
     let dir = w.chute_dir(&name, SLEEPER, "[network]\nhost_network = true\n");
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
-    assert!(err.contains("host network") && err.contains("allow_host_network"), "{err}");
-    let ps = podman_ok(&["ps", "-a", "--filter", &format!("name=^chute-{name}$"), "--format", "{{.ID}}"]);
+    assert!(
+        err.contains("host network") && err.contains("allow_host_network"),
+        "{err}"
+    );
+    let ps = podman_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("name=^chute-{name}$"),
+        "--format",
+        "{{.ID}}",
+    ]);
     assert!(ps.is_empty());
 }
 
@@ -101,7 +160,11 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
     let name = unique("crashy");
-    let dir = w.chute_dir(&name, SLEEPER, &(res("0.25", "32MiB", 32) + "[restart]\npolicy = \"on-failure\"\n"));
+    let dir = w.chute_dir(
+        &name,
+        SLEEPER,
+        &(res("0.25", "32MiB", 32) + "[restart]\npolicy = \"on-failure\"\n"),
+    );
     let first = w.deploy(&dir);
     let id = first["container_id"].as_str().unwrap().to_owned();
     let used_before = w.status()["pools"]["used"].clone();
@@ -110,17 +173,26 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
     for round in 1..=2u64 {
         let pid = w.container_pid(&name);
         let killed = Instant::now();
-        std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
         wait_until("restart", Duration::from_secs(20), || {
             let v = w.inspect(&name);
-            v["state"] == "running" && v["restarts"].as_u64().unwrap() >= round && v["pid"].as_u64().unwrap_or(0) != u64::from(pid)
+            v["state"] == "running"
+                && v["restarts"].as_u64().unwrap() >= round
+                && v["pid"].as_u64().unwrap_or(0) != u64::from(pid)
         });
         gaps.push(killed.elapsed());
         // While restarting, the reservation never left the ledger.
         assert_eq!(w.status()["pools"]["used"], used_before);
     }
     let v = w.inspect(&name);
-    assert_eq!(v["container_id"].as_str().unwrap(), id, "restart must reuse the container");
+    assert_eq!(
+        v["container_id"].as_str().unwrap(),
+        id,
+        "restart must reuse the container"
+    );
     assert_eq!(v["last_exit_code"], 137);
     // backoff_initial_ms = 300: the first restart waits >= 300 ms, the second >= 600 ms.
     assert!(gaps[0] >= Duration::from_millis(300), "{gaps:?}");
@@ -132,11 +204,19 @@ fn a_clean_exit_under_on_failure_stays_stopped_and_never_policy_marks_failure() 
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
     let ok = unique("once");
-    let dir = w.chute_dir(&ok, r#"["sh", "-c", "sleep 1; exit 0"]"#, "[restart]\npolicy = \"on-failure\"\n");
+    let dir = w.chute_dir(
+        &ok,
+        r#"["sh", "-c", "sleep 1; exit 0"]"#,
+        "[restart]\npolicy = \"on-failure\"\n",
+    );
     w.deploy(&dir);
     w.wait_state(&ok, "stopped", Duration::from_secs(15));
     let bad = unique("never");
-    let dir = w.chute_dir(&bad, r#"["sh", "-c", "sleep 1; exit 3"]"#, "[restart]\npolicy = \"never\"\n");
+    let dir = w.chute_dir(
+        &bad,
+        r#"["sh", "-c", "sleep 1; exit 3"]"#,
+        "[restart]\npolicy = \"never\"\n",
+    );
     w.deploy(&dir);
     w.wait_state(&bad, "failed", Duration::from_secs(15));
     assert_eq!(w.inspect(&bad)["last_exit_code"], 3);
@@ -148,11 +228,18 @@ fn stop_start_restart_remove_through_the_cli() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
     let name = unique("ops");
-    let dir = w.chute_dir(&name, r#"["sh", "-c", "echo hello-from-chute; exec sleep 3600"]"#, &res("0.25", "32MiB", 32));
+    let dir = w.chute_dir(
+        &name,
+        r#"["sh", "-c", "echo hello-from-chute; exec sleep 3600"]"#,
+        &res("0.25", "32MiB", 32),
+    );
     let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
     w.cli(&["stop", &name]);
     assert_eq!(w.state(&name), "stopped");
-    assert_eq!(podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]), "false");
+    assert_eq!(
+        podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]),
+        "false"
+    );
     // A stopped chute keeps its reservation.
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
     let err = w.cli_err(&["stop", &name]);
@@ -185,7 +272,10 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     let started = w.started_at(&name);
     std::fs::write(
         dir.join("chute.toml"),
-        format!("name = \"{name}\"\nversion = \"2\"\nimage = \"{IMAGE}\"\ncommand = {SLEEPER}\n{}", res("0.5", "256MiB", 64)),
+        format!(
+            "name = \"{name}\"\nversion = \"2\"\nimage = \"{IMAGE}\"\ncommand = {SLEEPER}\n{}",
+            res("0.5", "256MiB", 64)
+        ),
     )
     .unwrap();
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
@@ -197,7 +287,10 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     // Shrink: accepted, reservation drops.
     std::fs::write(
         dir.join("chute.toml"),
-        format!("name = \"{name}\"\nversion = \"3\"\nimage = \"{IMAGE}\"\ncommand = {SLEEPER}\n{}", res("0.25", "32MiB", 32)),
+        format!(
+            "name = \"{name}\"\nversion = \"3\"\nimage = \"{IMAGE}\"\ncommand = {SLEEPER}\n{}",
+            res("0.25", "32MiB", 32)
+        ),
     )
     .unwrap();
     let v = w.deploy(&dir);
@@ -205,7 +298,10 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     assert_eq!(w.inspect(&name)["version"], "3");
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
     let pid = w.container_pid(&name);
-    assert_eq!(cgroup_file(pid, "memory", "memory.limit_in_bytes"), (32u64 << 20).to_string());
+    assert_eq!(
+        cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+        (32u64 << 20).to_string()
+    );
 }
 
 #[test]
@@ -226,8 +322,13 @@ fn a_killed_agent_comes_back_and_adopts_its_running_chute_without_restarting_it(
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
     // And it is still supervised: a crash after adoption is restarted.
     let pid = w.container_pid(&name);
-    std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
-    wait_until("restart after adoption", Duration::from_secs(20), || w.inspect(&name)["restarts"] == 1 && w.state(&name) == "running");
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("restart after adoption", Duration::from_secs(20), || {
+        w.inspect(&name)["restarts"] == 1 && w.state(&name) == "running"
+    });
 }
 
 #[test]
@@ -235,19 +336,40 @@ fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
     let again = unique("again");
-    let dir = w.chute_dir(&again, SLEEPER, &(res("0.25", "32MiB", 32) + "[restart]\npolicy = \"on-failure\"\n"));
+    let dir = w.chute_dir(
+        &again,
+        SLEEPER,
+        &(res("0.25", "32MiB", 32) + "[restart]\npolicy = \"on-failure\"\n"),
+    );
     w.deploy(&dir);
     let gone = unique("gone");
-    let dir = w.chute_dir(&gone, SLEEPER, &(res("0.25", "48MiB", 32) + "[restart]\npolicy = \"never\"\n"));
+    let dir = w.chute_dir(
+        &gone,
+        SLEEPER,
+        &(res("0.25", "48MiB", 32) + "[restart]\npolicy = \"never\"\n"),
+    );
     w.deploy(&dir);
     w.kill_agent();
     for n in [&again, &gone] {
         let pid = w.container_pid(n);
-        std::process::Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+        std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
     }
     wait_until("both exited", Duration::from_secs(10), || {
-        podman_ok(&["inspect", "-f", "{{.State.Running}}", &format!("chute-{again}")]) == "false"
-            && podman_ok(&["inspect", "-f", "{{.State.Running}}", &format!("chute-{gone}")]) == "false"
+        podman_ok(&[
+            "inspect",
+            "-f",
+            "{{.State.Running}}",
+            &format!("chute-{again}"),
+        ]) == "false"
+            && podman_ok(&[
+                "inspect",
+                "-f",
+                "{{.State.Running}}",
+                &format!("chute-{gone}"),
+            ]) == "false"
     });
     w.start_agent();
     w.wait_state(&again, "running", Duration::from_secs(15));
@@ -255,7 +377,11 @@ fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
     let v = w.inspect(&gone);
     assert_eq!(v["state"], "failed", "{v}");
     assert_eq!(v["reservation_held"], false);
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20, "never-policy chute's reservation must be freed");
+    assert_eq!(
+        w.status()["pools"]["used"]["memory_bytes"],
+        32u64 << 20,
+        "never-policy chute's reservation must be freed"
+    );
     // Starting it again re-admits it.
     w.cli(&["start", &gone]);
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 80u64 << 20);
@@ -278,11 +404,18 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
     let v = w.inspect(&name);
     assert_eq!(v["container_id"].as_str().unwrap(), id);
     assert_eq!(v["state"], "running");
-    assert!(w.agent_log().contains("snapshot unusable"), "corruption must be reported");
+    assert!(
+        w.agent_log().contains("snapshot unusable"),
+        "corruption must be reported"
+    );
     let aside = std::fs::read_dir(&w.state_dir)
         .unwrap()
         .filter_map(|e| e.ok())
-        .any(|e| e.file_name().to_string_lossy().starts_with("snapshot.bin.corrupt-"));
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("snapshot.bin.corrupt-")
+        });
     assert!(aside, "the corrupt snapshot is kept for a post-mortem");
     // Garbage instead of truncation, too.
     w.kill_agent();
@@ -297,8 +430,23 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     let stray = unique("stray");
     w.track_container(&stray);
     podman_ok(&[
-        "run", "-d", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", "--name", &stray, "--label", "chuted.managed=true", "--label", &format!("chuted.chute={stray}"),
-        IMAGE, "sleep", "3600",
+        "run",
+        "-d",
+        "--ulimit",
+        "nofile=1024:1024",
+        "--ulimit",
+        "nproc=1024:1024",
+        "--name",
+        &stray,
+        "--label",
+        "chuted.managed=true",
+        "--label",
+        &format!("chuted.chute={stray}"),
+        "--label",
+        &format!("chuted.instance={}", w.instance),
+        IMAGE,
+        "sleep",
+        "3600",
     ]);
     // A snapshot exists (empty) so this is not a rebuild-from-labels start.
     w.start_agent();
@@ -307,7 +455,10 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     let st = w.status();
     let unknown = st["unknown_containers"].as_array().unwrap();
     assert!(unknown.iter().any(|u| u["chute"] == stray.as_str()), "{st}");
-    assert_eq!(podman_ok(&["inspect", "-f", "{{.State.Running}}", &stray]), "true");
+    assert_eq!(
+        podman_ok(&["inspect", "-f", "{{.State.Running}}", &stray]),
+        "true"
+    );
 }
 
 #[test]
@@ -323,7 +474,11 @@ fn an_image_archive_is_loaded_only_when_its_digest_matches() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let good = std::fs::read_to_string(dir.join("image.tar.sha256")).unwrap();
-    std::fs::write(dir.join("image.tar.sha256"), format!("{}  image.tar\n", "0".repeat(64))).unwrap();
+    std::fs::write(
+        dir.join("image.tar.sha256"),
+        format!("{}  image.tar\n", "0".repeat(64)),
+    )
+    .unwrap();
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(err.contains("sha256") && err.contains("refusing"), "{err}");
     assert!(w.json(&["list"]).as_array().unwrap().is_empty());

@@ -89,8 +89,10 @@ impl Lines {
 
 /// Container events from `GET /libpod/events?stream=true`, filtered by label.
 ///
-/// Ends when Podman closes the stream (e.g. the service restarted) or after the first
-/// error; the caller reconnects and reconciles, since events may have been missed.
+/// A line that does not decode yields one `Decode` error and the stream goes on. The
+/// stream ends when Podman closes it (e.g. the service restarted), after a transport
+/// error, or after a line longer than [`MAX_LINE`]; the caller then reconnects and
+/// reconciles, since events may have been missed.
 pub struct EventStream {
     pub(crate) lines: Lines,
 }
