@@ -271,7 +271,9 @@ impl Agent {
     fn spawn_actor(self: &Rc<Self>, view: ChuteView, lifecycle: Lifecycle) -> Sender<ChuteMsg> {
         let restored = view.state != ChuteState::Installing;
         let name = view.manifest.name.clone();
-        let (tx, rx) = bounded(256);
+        // Small on purpose: each slot is preallocated, and a chute sees a handful of events
+        // per start; a 256-slot queue per chute was most of the agent's RSS at 100 chutes.
+        let (tx, rx) = bounded(16);
         let view = Rc::new(RefCell::new(view));
         self.chutes.borrow_mut().insert(
             name.clone(),
@@ -292,6 +294,7 @@ impl Agent {
             starts_seen: 0,
             purge: false,
             restored,
+            refresh_pending: false,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -792,6 +795,8 @@ struct Actor {
     purge: bool,
     /// Built by reconciliation: timers (backoff, zombie) must be re-armed.
     restored: bool,
+    /// The container (re)started; its pid and cgroup paths are to be read.
+    refresh_pending: bool,
 }
 
 impl Actor {
@@ -809,16 +814,27 @@ impl Actor {
                     Err(_) => break,
                 },
             };
+            let mut reply_to = None;
             match msg {
                 ChuteMsg::Request { op, reply } => {
-                    let result = self.handle_op(op).await;
-                    let _ = reply.try_send(result);
+                    reply_to = Some((reply, self.handle_op(op).await));
                 }
                 other => self.background(other).await,
             }
             self.publish();
-            if self.purge || self.lc.state() == ChuteState::Dead {
+            let finished = self.purge || self.lc.state() == ChuteState::Dead;
+            // Durable before acknowledged: a caller told "deployed" must find the chute
+            // again even if the agent is killed the next instant.
+            if finished {
                 self.timers.clear();
+                self.agent.forget(&self.name);
+            } else {
+                self.agent.save_snapshot();
+            }
+            if let Some((reply, result)) = reply_to {
+                let _ = reply.try_send(result);
+            }
+            if finished {
                 // Fail anything still queued rather than leaving callers hanging.
                 for m in self.deferred.drain(..) {
                     if let ChuteMsg::Request { reply, .. } = m {
@@ -828,10 +844,12 @@ impl Actor {
                         }));
                     }
                 }
-                self.agent.forget(&self.name);
                 break;
             }
-            self.agent.save_snapshot();
+            if self.refresh_pending {
+                self.refresh_pending = false;
+                self.refresh_runtime_info().await;
+            }
         }
     }
 
@@ -872,7 +890,9 @@ impl Actor {
                 match ev.action.as_str() {
                     "start" => {
                         self.starts_seen += 1;
-                        self.refresh_runtime_info().await;
+                        // Pid and cgroup paths are read after the reply is sent, so the
+                        // inspect they need does not add to start latency.
+                        self.refresh_pending = true;
                         self.feed(Input::ContainerStarted).await;
                     }
                     "died" => {
@@ -1019,14 +1039,17 @@ impl Actor {
     async fn start_container(&mut self) -> Result<(), OpError> {
         let podman = self.agent.podman.clone();
         let id = match self.container_id() {
-            Some(id) => match podman.inspect(&id).await {
-                Ok(_) => id,
-                Err(PodmanError::NotFound { .. }) => self.create_container().await?,
-                Err(e) => return Err(self.podman_err(e)),
-            },
+            Some(id) => id,
             None => self.create_container().await?,
         };
-        podman.start(&id).await.map_err(|e| self.podman_err(e))
+        match podman.start(&id).await {
+            // Gone while we were not looking (removed by hand): build it again.
+            Err(PodmanError::NotFound { .. }) => {
+                let id = self.create_container().await?;
+                podman.start(&id).await.map_err(|e| self.podman_err(e))
+            }
+            other => other.map_err(|e| self.podman_err(e)),
+        }
     }
 
     async fn create_container(&mut self) -> Result<String, OpError> {
@@ -1303,11 +1326,19 @@ impl Actor {
         let _ = progress.try_send(format!("starting version {}", manifest.version));
         let before = self.starts_seen;
         self.feed(Input::StartRequested).await;
-        let started = self
+        let mut started = self
             .wait_for("running", |a| {
-                a.starts_seen > before && a.lc.state() == ChuteState::Running
+                (a.starts_seen > before && a.lc.state() == ChuteState::Running)
+                    // Podman refusing the start (no such executable, bad image config)
+                    // fails the same way on every try: waiting out a backoff series
+                    // would only delay the rollback.
+                    || a.view.borrow().last_error.is_some()
             })
             .await;
+        if started.is_ok() && self.lc.state() != ChuteState::Running {
+            let why = self.view.borrow().last_error.clone().unwrap_or_default();
+            started = Err(self.state_err(format!("version {} could not start: {why}", manifest.version)));
+        }
         if let Err(e) = started {
             let message = e.to_string();
             warn!(chute = %self.name, error = %message, "update failed; restoring previous version");
