@@ -18,6 +18,8 @@ use crate::supervisor::{Agent, ChuteOp};
 pub enum AdminSocketError {
     #[error("admin socket {path}: another agent is already listening there")]
     InUse { path: std::path::PathBuf },
+    #[error("admin socket {path}: the path exists and is not a socket; refusing to replace it (pass another --admin-socket PATH)")]
+    NotASocket { path: std::path::PathBuf },
     #[error("admin socket {path}: {source}")]
     Io {
         path: std::path::PathBuf,
@@ -35,7 +37,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
     }
-    if path.exists() {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        // Only a socket can be a stale admin socket; anything else at this path (a typo
+        // naming a real file) is not ours to delete.
+        if !std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) {
+            return Err(AdminSocketError::NotASocket {
+                path: path.to_owned(),
+            });
+        }
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(AdminSocketError::InUse {
                 path: path.to_owned(),
@@ -114,7 +123,7 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
             r
         }
         Request::List => Ok(json!(agent.list())),
-        Request::Inspect { name } => agent.inspect(&name),
+        Request::Inspect { name } => agent.inspect_live(&name).await,
         Request::Start { name } => agent.op(&name, ChuteOp::Start).await,
         Request::Stop { name } => agent.op(&name, ChuteOp::Stop).await,
         Request::Restart { name } => agent.op(&name, ChuteOp::Restart).await,

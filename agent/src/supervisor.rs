@@ -97,6 +97,41 @@ pub struct ChuteView {
     pub sandbox_key: Option<String>,
     pub cgroup: Option<CgroupPaths>,
     pub usage: Option<UsageSample>,
+    /// Where the chute's bandwidth shaping lives, once applied.
+    pub shaping: Option<tc_shaper::ChuteShaping>,
+    pub net: Option<NetSample>,
+}
+
+/// Per-direction counters of the chute's shaping classes (L2 bytes).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct NetSample {
+    pub down_bytes: u64,
+    pub down_packets: u64,
+    pub down_drops: u64,
+    pub down_rate_bps: u64,
+    pub up_bytes: u64,
+    pub up_packets: u64,
+    pub up_drops: u64,
+    pub up_rate_bps: u64,
+}
+
+impl NetSample {
+    pub fn from_stats(s: &tc_shaper::ShapingStats) -> Self {
+        let mut n = NetSample::default();
+        if let Some(d) = &s.down {
+            n.down_bytes = d.bytes;
+            n.down_packets = d.packets;
+            n.down_drops = d.drops;
+            n.down_rate_bps = d.rate_bps;
+        }
+        if let Some(u) = &s.up {
+            n.up_bytes = u.bytes;
+            n.up_packets = u.packets;
+            n.up_drops = u.drops;
+            n.up_rate_bps = u.rate_bps;
+        }
+        n
+    }
 }
 
 impl ChuteView {
@@ -371,6 +406,8 @@ impl Agent {
             sandbox_key: None,
             cgroup: None,
             usage: None,
+            shaping: None,
+            net: None,
         };
         let lc = Lifecycle::new(manifest.restart, self.lifecycle_config());
         let tx = self.spawn_actor(view, lc);
@@ -398,6 +435,24 @@ impl Agent {
                 }
             })
             .collect()
+    }
+
+    /// `inspect` plus the live counters of the chute's shaping classes.
+    pub async fn inspect_live(&self, name: &str) -> Result<Value, OpError> {
+        let mut v = self.inspect(name)?;
+        let netns = self.view(name)?.borrow().sandbox_key.clone();
+        let shaped = self.view(name)?.borrow().shaping.clone();
+        if let (Some(netns), Some(shaping)) = (netns, shaped) {
+            v["shaping"] = json!({
+                "host_interface": shaping.host_ifname,
+                "chute_interface": shaping.chute_ifname,
+            });
+            match tc_shaper::chute_stats(Path::new(&netns)).await {
+                Ok(stats) => v["net"] = json!(NetSample::from_stats(&stats)),
+                Err(e) => v["net_error"] = json!(e.to_string()),
+            }
+        }
+        Ok(v)
     }
 
     pub fn inspect(&self, name: &str) -> Result<Value, OpError> {
@@ -431,6 +486,7 @@ impl Agent {
             "last_exit_code": v.last_exit_code,
             "last_error": v.last_error,
             "usage": v.usage,
+            "net": v.net,
             "cgroup_limits": v.cgroup.as_ref().and_then(|c| c.limits().ok()).map(|l| json!({
                 "memory_max": l.memory_max,
                 "memory_swap_max": l.memory_swap_max,
@@ -563,6 +619,8 @@ impl Agent {
                     sandbox_key: None,
                     cgroup: None,
                     usage: None,
+                    shaping: None,
+                    net: None,
                 }
             };
         match action {
@@ -889,10 +947,17 @@ impl Actor {
                 }
                 match ev.action.as_str() {
                     "start" => {
+                        if self.wants_shaping() {
+                            // Shaped before it is reported running: a fresh start means a
+                            // fresh network namespace and veth, with no qdiscs on them.
+                            self.refresh_runtime_info().await;
+                            self.shape_or_kill().await;
+                        } else {
+                            // Pid and cgroup paths are read after the reply is sent, so
+                            // the inspect they need does not add to start latency.
+                            self.refresh_pending = true;
+                        }
                         self.starts_seen += 1;
-                        // Pid and cgroup paths are read after the reply is sent, so the
-                        // inspect they need does not add to start latency.
-                        self.refresh_pending = true;
                         self.feed(Input::ContainerStarted).await;
                     }
                     "died" => {
@@ -924,11 +989,16 @@ impl Actor {
                         ChuteState::Running | ChuteState::Restarting | ChuteState::Installing
                     )
                 {
+                    self.refresh_runtime_info().await;
+                    // Adopted or missed-event chutes: shaping is idempotent, so an
+                    // existing tree is adopted and a missing one is built.
+                    if self.wants_shaping() {
+                        self.shape_or_kill().await;
+                    }
                     if state == ChuteState::Restarting {
                         self.starts_seen += 1;
                         self.feed(Input::ContainerStarted).await;
                     }
-                    self.refresh_runtime_info().await;
                 } else if !info.running && matches!(state, ChuteState::Running) {
                     self.view.borrow_mut().pid = 0;
                     self.feed(Input::ContainerExited {
@@ -938,6 +1008,47 @@ impl Actor {
                 }
             }
             Err(e) => debug!(chute = %self.name, error = %e, "resync inspect failed"),
+        }
+    }
+
+    fn rates(&self) -> tc_shaper::ChuteRates {
+        let v = self.view.borrow();
+        tc_shaper::ChuteRates {
+            down_bps: v.manifest.network.bandwidth_down_bps,
+            up_bps: v.manifest.network.bandwidth_up_bps,
+        }
+    }
+
+    fn wants_shaping(&self) -> bool {
+        let r = self.rates();
+        r.down_bps.is_some() || r.up_bps.is_some()
+    }
+
+    /// Applies the manifest's rates to the running container's veth.
+    async fn apply_shaping(&mut self) -> Result<(), String> {
+        let rates = self.rates();
+        let Some(netns) = self.view.borrow().sandbox_key.clone() else {
+            return Err("the container has no network namespace to shape".into());
+        };
+        match tc_shaper::shape_chute(Path::new(&netns), rates).await {
+            Ok(shaping) => {
+                debug!(chute = %self.name, host_if = %shaping.host_ifname, "shaped");
+                self.view.borrow_mut().shaping = Some(shaping);
+                Ok(())
+            }
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// A chute that cannot be shaped must not run unshaped: kill it and let its restart
+    /// policy (with backoff) try again.
+    async fn shape_or_kill(&mut self) {
+        if let Err(e) = self.apply_shaping().await {
+            warn!(chute = %self.name, error = %e, "bandwidth shaping failed; stopping the chute");
+            self.view.borrow_mut().last_error = Some(format!("bandwidth shaping failed: {e}"));
+            if let Some(id) = self.container_id() {
+                let _ = self.agent.podman.kill(&id, "KILL").await;
+            }
         }
     }
 
@@ -970,6 +1081,12 @@ impl Actor {
                 break;
             }
             let actions = self.lc.handle(input, self.agent.now_ms());
+            if !actions.is_empty() {
+                // Record the decision before acting on it: a stop whose `podman stop` is
+                // under way when the agent dies must still be a stop after reconciliation.
+                self.publish();
+                self.agent.save_snapshot();
+            }
             for action in actions {
                 if let Some(next) = self.execute(action).await {
                     inputs.push_back(next);
@@ -1258,6 +1375,50 @@ impl Actor {
         Ok(self.ok_value())
     }
 
+    /// True when `new` differs from the running manifest only in bandwidth (and version),
+    /// which can be changed on the live qdiscs without touching the container.
+    fn only_rates_differ(&self, new: &Manifest) -> bool {
+        let v = self.view.borrow();
+        if self.lc.state() != ChuteState::Running || !v.reservation_held {
+            return false;
+        }
+        let mut same = new.clone();
+        same.network.bandwidth_down_bps = v.manifest.network.bandwidth_down_bps;
+        same.network.bandwidth_up_bps = v.manifest.network.bandwidth_up_bps;
+        same.version = v.manifest.version.clone();
+        same == v.manifest
+    }
+
+    /// Changes a running chute's rates in place: growth checked first, the class changed
+    /// live (no flush, no restart), the reservation resized only once the kernel took it.
+    async fn update_rates_live(
+        &mut self,
+        manifest: Manifest,
+        manifest_toml: String,
+        progress: &Sender<String>,
+    ) -> Result<Value, OpError> {
+        let want = manifest.reservation();
+        self.agent.ledger.borrow().check_resize(&self.name, &want)?;
+        let _ = progress.try_send("changing bandwidth on the live chute".into());
+        let old_manifest = std::mem::replace(&mut self.view.borrow_mut().manifest, manifest.clone());
+        if let Err(e) = self.apply_shaping().await {
+            self.view.borrow_mut().manifest = old_manifest;
+            // Put the old rates back; the tc layer already removed what it half-built.
+            let _ = self.apply_shaping().await;
+            return Err(OpError::State {
+                chute: self.name.to_string(),
+                message: format!("cannot change bandwidth: {e}; previous rates kept"),
+            });
+        }
+        self.agent.ledger.borrow_mut().resize(&self.name, want)?;
+        self.view.borrow_mut().manifest_toml = manifest_toml;
+        info!(chute = %self.name, version = %manifest.version, "bandwidth changed live");
+        let mut v = self.ok_value();
+        v["updated"] = json!(true);
+        v["live"] = json!(true);
+        Ok(v)
+    }
+
     /// Replaces the chute's container with one built from `manifest`. Growth is checked
     /// before anything is touched; if the new container cannot start, the old version
     /// comes back with its old reservation.
@@ -1277,6 +1438,9 @@ impl Actor {
             return Err(OpError::Busy {
                 chute: self.name.to_string(),
             });
+        }
+        if self.only_rates_differ(&manifest) {
+            return self.update_rates_live(manifest, manifest_toml, progress).await;
         }
         let want = manifest.reservation();
         let held = self.view.borrow().reservation_held;
@@ -1527,8 +1691,31 @@ pub async fn route_events(agent: Rc<Agent>) {
 pub async fn sample_usage(agent: Rc<Agent>) {
     let interval = agent.cfg.sample_interval;
     let mut warned_at: Option<Instant> = None;
+    // Reading tc counters means entering the chute's network namespace; every fifth
+    // sample is plenty for heartbeats and keeps 100 chutes cheap.
+    const NET_EVERY: u64 = 5;
+    let mut tick: u64 = 0;
     loop {
         Timer::after(interval).await;
+        tick += 1;
+        if tick % NET_EVERY == 0 {
+            let shaped: Vec<_> = agent
+                .views()
+                .into_iter()
+                .filter_map(|v| {
+                    let netns = {
+                        let b = v.borrow();
+                        b.shaping.as_ref().and(b.sandbox_key.clone())
+                    };
+                    netns.map(|n| (v, n))
+                })
+                .collect();
+            for (view, netns) in shaped {
+                if let Ok(stats) = tc_shaper::chute_stats(Path::new(&netns)).await {
+                    view.borrow_mut().net = Some(NetSample::from_stats(&stats));
+                }
+            }
+        }
         let now = agent.now_ms();
         for view in agent.views() {
             let mut v = view.borrow_mut();
