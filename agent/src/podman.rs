@@ -323,8 +323,12 @@ impl Podman {
 
     /// Restarts a container, waiting at most `timeout_secs` for it to stop.
     pub async fn restart(&self, id: &str, timeout_secs: u32) -> Result<(), PodmanError> {
-        // libpod 4.3's RestartContainer reads `t`.
-        let path = format!("/containers/{}/restart?t={timeout_secs}", enc_path(id));
+        // libpod 4.3.1 reads `timeout` here too; it ignores `t` and kills at once
+        // (measured: t=2 took 0.55 s, timeout=2 took 2.7 s with a SIGTERM-deaf chute).
+        let path = format!(
+            "/containers/{}/restart?timeout={timeout_secs}",
+            enc_path(id)
+        );
         self.action("restart", id, &path, &[]).await
     }
 
@@ -1094,7 +1098,7 @@ mod tests {
         smol::block_on(podman.restart("chute-a", 3)).expect("restart");
         let head = server.join().expect("server");
         assert!(
-            head.starts_with("POST /v4.3.1/libpod/containers/chute-a/restart?t=3 HTTP/1.1"),
+            head.starts_with("POST /v4.3.1/libpod/containers/chute-a/restart?timeout=3 HTTP/1.1"),
             "{head}"
         );
     }

@@ -1400,7 +1400,8 @@ impl Actor {
         let want = manifest.reservation();
         self.agent.ledger.borrow().check_resize(&self.name, &want)?;
         let _ = progress.try_send("changing bandwidth on the live chute".into());
-        let old_manifest = std::mem::replace(&mut self.view.borrow_mut().manifest, manifest.clone());
+        let old_manifest =
+            std::mem::replace(&mut self.view.borrow_mut().manifest, manifest.clone());
         if let Err(e) = self.apply_shaping().await {
             self.view.borrow_mut().manifest = old_manifest;
             // Put the old rates back; the tc layer already removed what it half-built.
@@ -1440,7 +1441,9 @@ impl Actor {
             });
         }
         if self.only_rates_differ(&manifest) {
-            return self.update_rates_live(manifest, manifest_toml, progress).await;
+            return self
+                .update_rates_live(manifest, manifest_toml, progress)
+                .await;
         }
         let want = manifest.reservation();
         let held = self.view.borrow().reservation_held;
@@ -1501,7 +1504,10 @@ impl Actor {
             .await;
         if started.is_ok() && self.lc.state() != ChuteState::Running {
             let why = self.view.borrow().last_error.clone().unwrap_or_default();
-            started = Err(self.state_err(format!("version {} could not start: {why}", manifest.version)));
+            started = Err(self.state_err(format!(
+                "version {} could not start: {why}",
+                manifest.version
+            )));
         }
         if let Err(e) = started {
             let message = e.to_string();
@@ -1698,7 +1704,7 @@ pub async fn sample_usage(agent: Rc<Agent>) {
     loop {
         Timer::after(interval).await;
         tick += 1;
-        if tick % NET_EVERY == 0 {
+        if tick.is_multiple_of(NET_EVERY) {
             let shaped: Vec<_> = agent
                 .views()
                 .into_iter()

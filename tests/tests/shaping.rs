@@ -18,23 +18,41 @@ const WARMUP: Duration = Duration::from_millis(800);
 const MEASURE: Duration = Duration::from_millis(3000);
 
 fn sandbox_key(name: &str) -> String {
-    podman_ok(&["inspect", "-f", "{{.NetworkSettings.SandboxKey}}", &format!("chute-{name}")])
+    podman_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.SandboxKey}}",
+        &format!("chute-{name}"),
+    ])
 }
 
 fn chute_ip(name: &str) -> Ipv4Addr {
-    podman_ok(&["inspect", "-f", "{{.NetworkSettings.IPAddress}}", &format!("chute-{name}")])
-        .parse()
-        .unwrap()
+    podman_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.IPAddress}}",
+        &format!("chute-{name}"),
+    ])
+    .parse()
+    .unwrap()
 }
 
 fn gateway_ip(name: &str) -> Ipv4Addr {
-    podman_ok(&["inspect", "-f", "{{.NetworkSettings.Gateway}}", &format!("chute-{name}")])
-        .parse()
-        .unwrap()
+    podman_ok(&[
+        "inspect",
+        "-f",
+        "{{.NetworkSettings.Gateway}}",
+        &format!("chute-{name}"),
+    ])
+    .parse()
+    .unwrap()
 }
 
 /// Runs `f` on a thread that has entered the network namespace at `netns`.
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> std::thread::JoinHandle<T> {
+fn in_netns<T: Send + 'static>(
+    netns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> std::thread::JoinHandle<T> {
     let file = std::fs::File::open(netns).unwrap();
     std::thread::spawn(move || {
         nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
@@ -65,7 +83,10 @@ fn receive(mut s: TcpStream) -> f64 {
             break;
         }
     }
-    let secs = window_start.map(|w| w.elapsed().as_secs_f64()).unwrap_or(1.0).min(MEASURE.as_secs_f64());
+    let secs = window_start
+        .map(|w| w.elapsed().as_secs_f64())
+        .unwrap_or(1.0)
+        .min(MEASURE.as_secs_f64());
     window_bytes as f64 * 8.0 / secs
 }
 
@@ -136,7 +157,10 @@ fn assert_within(what: &str, goodput_bps: f64, configured_bps: f64) {
         measured_bps / 1e6,
         goodput_bps / 1e6
     );
-    assert!((0.90..=1.10).contains(&ratio), "{what}: measured/configured = {ratio:.3}, outside ±10%");
+    assert!(
+        (0.90..=1.10).contains(&ratio),
+        "{what}: measured/configured = {ratio:.3}, outside ±10%"
+    );
 }
 
 fn manifest(name: &str, down: &str, up: &str) -> String {
@@ -174,7 +198,11 @@ fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
     assert_eq!(r["live"], true, "{r}");
     assert_eq!(w.inspect(&name)["container_id"].as_str().unwrap(), id);
     assert_eq!(w.started_at(&name), started);
-    assert_within("download after live change to 2mbit", measure_down(&name), 2e6);
+    assert_within(
+        "download after live change to 2mbit",
+        measure_down(&name),
+        2e6,
+    );
     assert_eq!(w.status()["pools"]["used"]["bandwidth_down_bps"], 2_000_000);
 
     // Re-applied after a restart (a new namespace and veth).
@@ -203,8 +231,16 @@ fn two_chutes_shaped_at_different_rates_at_once_each_get_their_own() {
     let (s2, f2) = (slow.clone(), fast.clone());
     let a = std::thread::spawn(move || measure_down(&s2));
     let b = std::thread::spawn(move || measure_down(&f2));
-    assert_within("slow chute download 4mbit (concurrent)", a.join().unwrap(), 4e6);
-    assert_within("fast chute download 16mbit (concurrent)", b.join().unwrap(), 16e6);
+    assert_within(
+        "slow chute download 4mbit (concurrent)",
+        a.join().unwrap(),
+        4e6,
+    );
+    assert_within(
+        "fast chute download 16mbit (concurrent)",
+        b.join().unwrap(),
+        16e6,
+    );
 }
 
 #[test]
@@ -216,12 +252,24 @@ fn shaping_survives_an_agent_restart_without_duplication_and_goes_with_the_chute
     let dir = w.chute_dir(&name, SLEEPER, "");
     std::fs::write(dir.join("chute.toml"), manifest(&name, "8mbit", "4mbit")).unwrap();
     w.deploy(&dir);
-    let host_if = w.inspect(&name)["shaping"]["host_interface"].as_str().unwrap().to_owned();
+    let host_if = w.inspect(&name)["shaping"]["host_interface"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     // Interface names are reused quickly; the index identifies this veth.
-    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex")).unwrap().trim().to_owned();
+    let ifindex = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))
+        .unwrap()
+        .trim()
+        .to_owned();
     let classes = |iface: &str| {
-        let o = std::process::Command::new("tc").args(["class", "show", "dev", iface]).output().unwrap();
-        String::from_utf8_lossy(&o.stdout).lines().filter(|l| l.starts_with("class htb")).count()
+        let o = std::process::Command::new("tc")
+            .args(["class", "show", "dev", iface])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with("class htb"))
+            .count()
     };
     assert_eq!(classes(&host_if), 1);
     w.kill_agent();
@@ -229,9 +277,17 @@ fn shaping_survives_an_agent_restart_without_duplication_and_goes_with_the_chute
     assert_eq!(classes(&host_if), 1, "adoption must not duplicate the tree");
     assert_within("download after agent restart", measure_down(&name), 8e6);
     w.cli(&["remove", &name]);
-    let still_there = std::fs::read_dir("/sys/class/net").unwrap().filter_map(|e| e.ok()).any(|e| {
-        std::fs::read_to_string(e.path().join("ifindex")).map(|i| i.trim() == ifindex).unwrap_or(false)
-    });
-    assert!(!still_there, "host-side veth {host_if} (ifindex {ifindex}) should be gone with the chute");
+    let still_there = std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            std::fs::read_to_string(e.path().join("ifindex"))
+                .map(|i| i.trim() == ifindex)
+                .unwrap_or(false)
+        });
+    assert!(
+        !still_there,
+        "host-side veth {host_if} (ifindex {ifindex}) should be gone with the chute"
+    );
     assert_eq!(w.status()["pools"]["used"]["bandwidth_down_bps"], 0);
 }
