@@ -40,7 +40,7 @@ cpu = 64.0
 memory = "8GiB"
 pids = 100000
 CONF
-"$BIN" --admin-socket "$AS" run --state-dir "$W/state" --podman-socket "$PS" --config "$W/agent.toml" --log-level warn 2>"$W/agent.log" & AGENT=$!
+"$BIN" --admin-socket "$AS" run --state-dir "$W/state" --podman-socket "$PS" --config "$W/agent.toml" --log-level info 2>"$W/agent.log" & AGENT=$!
 for _ in $(seq 100); do "$BIN" --admin-socket "$AS" status >/dev/null 2>&1 && break; sleep 0.1; done
 C() { "$BIN" --admin-socket "$AS" "$@"; }
 rss() { awk '/VmRSS/ {print $2}' "/proc/$AGENT/status"; }
@@ -70,7 +70,7 @@ for op in stop start restart; do A[$op]=0; P[$op]=0; done
 for _ in $(seq "$ROUNDS"); do
   for op in stop start restart; do
     [ "$op" = start ] || true
-    t0=$(now); C "$op" "$n" >/dev/null; t1=$(now); A[$op]=$(( A[$op] + (t1-t0)/1000000 ))
+    t0=$(now); C "$op" "$n" >/dev/null || { echo "chuted $op failed; agent log tail:"; tail -5 "$W/agent.log"; exit 1; }; t1=$(now); A[$op]=$(( A[$op] + (t1-t0)/1000000 ))
     t0=$(now); podman "$op" -t 5 "ref-$TAG" >/dev/null 2>&1 || podman "$op" "ref-$TAG" >/dev/null; t1=$(now); P[$op]=$(( P[$op] + (t1-t0)/1000000 ))
   done
 done

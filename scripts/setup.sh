@@ -1,7 +1,7 @@
 #!/bin/sh
 # Installs what chuted, its tests and its demo need on Debian 12 (as root). Idempotent.
 set -eu
-PKGS="podman runc conmon netavark busybox-static iproute2 iperf3 ca-certificates"
+PKGS="podman runc conmon netavark busybox-static iproute2 iperf3 ca-certificates openssl"
 missing=
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -1,7 +1,9 @@
 //! The `chuted` agent library: everything the binary wires together.
 pub mod admin;
 pub mod cgroup;
+pub mod cloud;
 pub mod config;
+pub mod identity;
 pub mod podman;
 pub mod server;
 pub mod snapshot;

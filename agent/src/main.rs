@@ -45,6 +45,9 @@ enum Cmd {
     Logs(LogsCmd),
     Status(StatusCmd),
     Validate(ValidateCmd),
+    Id(IdCmd),
+    Trust(TrustCmd),
+    Selftest(SelftestCmd),
 }
 
 /// Run the agent: reconcile with Podman, then serve the admin socket.
@@ -64,6 +67,20 @@ struct RunCmd {
     /// log level: error, warn, info (default), debug, trace
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
+    /// cloud manager to take signed commands from: ws://HOST:PORT/PATH or wss://...
+    /// (overrides the config's `cloud`)
+    #[argh(option)]
+    cloud: Option<String>,
+    /// PEM file of CA certificates for wss:// (default /etc/ssl/certs/ca-certificates.crt)
+    #[argh(option)]
+    cloud_ca: Option<PathBuf>,
+    /// realm (fleet) to join on the cloud (default "default")
+    #[argh(option, default = "String::from(\"default\")")]
+    cloud_realm: String,
+    /// ping the cloud after this many idle seconds; give up 30 s (or this, if less)
+    /// after an unanswered ping (default 60)
+    #[argh(option, default = "60")]
+    cloud_keepalive_secs: u64,
 }
 
 /// Deploy or update the chute in DIR (chute.toml, optional image.tar + image.tar.sha256).
@@ -168,6 +185,33 @@ struct RemoveTag {
     name: String,
 }
 
+/// Print this device's id and public key (creating the device key if absent).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "id")]
+struct IdCmd {
+    /// the agent's state directory
+    #[argh(option)]
+    state_dir: PathBuf,
+}
+
+/// Trust an owner's public key: commands are accepted only under grants it signed.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "trust")]
+struct TrustCmd {
+    /// the agent's state directory
+    #[argh(option)]
+    state_dir: PathBuf,
+    /// the owner's Ed25519 public key (64 hex characters)
+    #[argh(option)]
+    owner_key: String,
+}
+
+/// Check that signing and verification work on this machine (keys, a signed command
+/// through the codec, forged and replayed copies refused).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "selftest")]
+struct SelftestCmd {}
+
 fn main() -> ExitCode {
     let cli: Cli = argh::from_env();
     if cli.version {
@@ -193,6 +237,24 @@ fn main() -> ExitCode {
 fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
     match cmd {
         Cmd::Run(r) => run(r, admin),
+        Cmd::Id(c) => {
+            create_state_dir(&c.state_dir)?;
+            let key = chuted::identity::load_or_create_device_key(&c.state_dir)?;
+            println!("device_id {}", key.device_id());
+            println!("public_key {}", key.public_hex());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Trust(t) => {
+            let owner = chuted::identity::parse_owner_key(&t.owner_key)?;
+            create_state_dir(&t.state_dir)?;
+            let path = chuted::identity::trust_owner(&t.state_dir, &owner)?;
+            println!("trusting owner {owner} ({})", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Selftest(_) => {
+            println!("{}", proto::selftest()?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Deploy(d) => {
             let dir = std::fs::canonicalize(&d.dir)
                 .with_context(|| format!("chute directory {}", d.dir.display()))?;
@@ -399,6 +461,23 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
             r.state_dir.display()
         );
     }
+    let device = chuted::identity::load_or_create_device_key(&r.state_dir)?;
+    let owner = chuted::identity::owner_key(&r.state_dir, cfg.owner_key.as_deref())?;
+    let link_cfg = match r.cloud.clone().or_else(|| cfg.cloud.clone()) {
+        Some(url) => {
+            let keepalive = std::time::Duration::from_secs(r.cloud_keepalive_secs.max(1));
+            let mut lc = chuted::cloud::LinkConfig::new(url);
+            lc.realm = r.cloud_realm.clone();
+            lc.heartbeat = cfg.heartbeat;
+            lc.keepalive = keepalive;
+            lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
+            lc.ca_file = r.cloud_ca.clone();
+            // Refuse a bad URL or unreadable CA file now, not after reconciling.
+            chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
+            Some(lc)
+        }
+        None => None,
+    };
 
     let podman_socket = r
         .podman_socket
@@ -425,8 +504,25 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
         tracing::info!(admin_socket = %admin.display(), chutes = agent.list().len(), "ready");
         agent.spawn(supervisor::route_events(agent.clone())).detach();
         agent.spawn(supervisor::sample_usage(agent.clone())).detach();
+        tracing::info!(device = %device.device_id(), owner = ?owner.map(|o| o.to_hex()), "identity");
+        if let Some(lc) = link_cfg {
+            if owner.is_none() {
+                tracing::warn!("no owner key trusted: every cloud command will be refused (run `chuted trust`)");
+            }
+            let cloud = chuted::cloud::Cloud::new(agent.clone(), device, owner, lc)?;
+            agent.spawn(cloud.run()).detach();
+        }
         chuted::server::serve(agent, listener).await;
         drop(lock);
         Ok(ExitCode::SUCCESS)
     }))
+}
+
+fn create_state_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .with_context(|| format!("cannot create state dir {}", dir.display()))
 }

@@ -330,6 +330,7 @@ impl Agent {
             purge: false,
             restored,
             refresh_pending: false,
+            last_start_nanos: 0,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -855,6 +856,8 @@ struct Actor {
     restored: bool,
     /// The container (re)started; its pid and cgroup paths are to be read.
     refresh_pending: bool,
+    /// Podman's timestamp of the last `start` event handled.
+    last_start_nanos: i64,
 }
 
 impl Actor {
@@ -947,6 +950,7 @@ impl Actor {
                 }
                 match ev.action.as_str() {
                     "start" => {
+                        self.last_start_nanos = self.last_start_nanos.max(ev.time_nanos);
                         if self.wants_shaping() {
                             // Shaped before it is reported running: a fresh start means a
                             // fresh network namespace and veth, with no qdiscs on them.
@@ -959,6 +963,11 @@ impl Actor {
                         }
                         self.starts_seen += 1;
                         self.feed(Input::ContainerStarted).await;
+                    }
+                    "died" if ev.time_nanos != 0 && ev.time_nanos < self.last_start_nanos => {
+                        // Older than the start we already acted on (events can arrive late
+                        // after a stream reconnect): that run is over, this one is not.
+                        debug!(chute = %self.name, "ignoring a died event older than the last start");
                     }
                     "died" => {
                         let exit_code = ev.exit_code.unwrap_or(-1);

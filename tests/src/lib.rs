@@ -5,6 +5,8 @@
 //! Not a library for users; only the tests in `tests/tests/` use it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod peer;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -101,6 +103,8 @@ pub struct World {
     agent: Option<Child>,
     /// Container names this test may have created; removed in Drop.
     containers: Vec<String>,
+    /// Extra arguments for `chuted run` (e.g. `--cloud URL`).
+    pub run_args: Vec<String>,
 }
 
 impl World {
@@ -130,6 +134,7 @@ impl World {
             podman_service,
             agent: None,
             containers: Vec::new(),
+            run_args: Vec::new(),
             dir,
         };
         wait_until("podman socket", Duration::from_secs(10), || {
@@ -157,6 +162,7 @@ impl World {
             .arg(&self.config)
             .arg("--log-level")
             .arg("debug")
+            .args(&self.run_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -188,6 +194,33 @@ impl World {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Kills this world's Podman API service (SIGKILL: its containers live on under
+    /// conmon) and leaves it down until [`World::start_podman_service`].
+    pub fn stop_podman_service(&mut self) {
+        let _ = self.podman_service.kill();
+        let _ = self.podman_service.wait();
+    }
+
+    /// Starts a fresh Podman API service on the same socket path.
+    pub fn start_podman_service(&mut self) {
+        let _ = std::fs::remove_file(&self.podman_socket);
+        self.podman_service = Command::new("podman")
+            .args(["system", "service", "--time=0"])
+            .arg(format!("unix://{}", self.podman_socket.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("restart podman system service");
+        wait_until("podman socket", Duration::from_secs(10), || {
+            self.podman_socket.exists()
+        });
+    }
+
+    /// The running agent's process id.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
     }
 
     pub fn agent_log(&self) -> String {

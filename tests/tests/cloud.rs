@@ -1,0 +1,936 @@
+//! The agent's cloud link against a test peer built on `proto`, over a real websocket
+//! on 127.0.0.1, with a real agent and real Podman: signed commands run, bad ones are
+//! refused without changing anything, the link survives the peer going away, and
+//! replays stay refused across an agent restart.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+
+use e2e::peer::*;
+use e2e::*;
+use proto::{
+    Args, BoundedBytes, BoundedString, ChunkAck, ChuteArgs, ChuteName, ChuteState, Command,
+    DeployArgs, DeviceId, ErrorCode, Keypair, LogsArgs, Message, Outcome, Procedure, Publication,
+    Rights, SignedCommand, Subscribe, Topic, TopicKind, Unsubscribe,
+};
+
+const T: Duration = Duration::from_secs(60);
+
+struct Cloudy {
+    w: World,
+    peer: Peer,
+    s: Session,
+    dev: Developer,
+}
+
+fn setup(extra_config: &str, extra_run: &[&str]) -> Cloudy {
+    setup_with(extra_config, extra_run, |_| Peer::bind())
+}
+
+fn setup_with(
+    extra_config: &str,
+    extra_run: &[&str],
+    make_peer: impl FnOnce(&World) -> Peer,
+) -> Cloudy {
+    let mut w = World::new(&small_pools_config(&format!(
+        "heartbeat_secs = 1\nsample_secs = 1\n{extra_config}"
+    )));
+    let owner = Keypair::generate().unwrap();
+    let state = w.state_dir.to_str().unwrap().to_owned();
+    w.cli(&[
+        "trust",
+        "--state-dir",
+        &state,
+        "--owner-key",
+        &owner.public_hex(),
+    ]);
+    let id = w.cli(&["id", "--state-dir", &state]);
+    let device_id = id
+        .lines()
+        .find_map(|l| l.strip_prefix("device_id "))
+        .expect("`chuted id` prints device_id")
+        .trim()
+        .to_owned();
+    let mut peer = make_peer(&w);
+    w.run_args = vec!["--cloud".into(), peer.url()];
+    w.run_args.extend(extra_run.iter().map(|s| s.to_string()));
+    w.start_agent();
+    let s = peer.accept(T, 0);
+    assert_eq!(
+        s.device_id().to_hex(),
+        device_id,
+        "HELLO carries the key `chuted id` printed"
+    );
+    let dev = Developer::new(owner, s.device_id());
+    Cloudy { w, peer, s, dev }
+}
+
+fn name(s: &str) -> ChuteName {
+    ChuteName::new(s).unwrap()
+}
+
+fn manifest(chute: &str) -> String {
+    format!(
+        "name = \"{chute}\"\nversion = \"1\"\nimage = \"{IMAGE}\"\n\
+         command = [\"sh\", \"-c\", \"while true; do echo tick; sleep 1; done\"]\n\
+         [resources]\ncpu = 0.2\nmemory = \"32MiB\"\npids = 32\n"
+    )
+}
+
+fn deploy_args(chute: &str, image: Option<([u8; 32], u64)>) -> Args {
+    Args::Deploy(DeployArgs {
+        chute: name(chute),
+        manifest_toml: BoundedString::new(manifest(chute)).unwrap(),
+        image_sha256: image.map(|i| i.0),
+        image_size: image.map_or(0, |i| i.1),
+    })
+}
+
+fn chute_args(chute: &str) -> ChuteArgs {
+    ChuteArgs { chute: name(chute) }
+}
+
+/// What must not change when a command is refused: the agent's view and Podman's.
+fn observable(w: &World) -> (serde_json::Value, String) {
+    let list = w.json(&["list"]);
+    let ps = podman_ok(&[
+        "ps",
+        "-a",
+        "--filter",
+        &format!("label=chuted.instance={}", w.instance),
+        "--format",
+        "{{.ID}}",
+    ]);
+    // Status and start time: a restart, stop or recreation shows in one of them.
+    let detail: Vec<String> = ps
+        .lines()
+        .map(|id| {
+            podman_ok(&[
+                "inspect",
+                "-f",
+                "{{.Id}} {{.Name}} {{.State.Status}} {{.State.StartedAt}} {{.Created}}",
+                id,
+            ])
+        })
+        .collect();
+    (list, detail.join("\n"))
+}
+
+#[test]
+fn signed_deploy_runs_a_chute_and_is_reported() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+
+    let cmd = c.dev.sign(deploy_args(&chute, None));
+    let reply = c.s.call(1, &cmd, T);
+    let Reply::Result(result) = &reply else {
+        panic!("{reply:?}")
+    };
+    result
+        .verify(&c.s.hello.pubkey, &cmd.command)
+        .expect("results are signed by the device key");
+    assert_eq!(reply.ok_json()["state"], "running", "{:?}", reply.ok_json());
+    c.w.wait_state(&chute, "running", T);
+    let container = c.w.inspect(&chute)["container_id"].clone();
+
+    // The cloud resends the same command: same signed result, no second execution.
+    let again = c.s.call(2, &cmd, T);
+    let Reply::Result(again) = again else {
+        panic!("{again:?}")
+    };
+    assert_eq!(&again, result, "a resend gets the remembered result");
+    assert_eq!(c.w.inspect(&chute)["container_id"], container);
+
+    // Heartbeats report the chute with its usage.
+    let start = Instant::now();
+    loop {
+        let hb = c.s.next_heartbeat(T);
+        let mine = hb.chutes.iter().find(|u| u.name.as_str() == chute);
+        if let Some(u) = mine {
+            if u.state == ChuteState::Running && u.memory_bytes > 0 && u.pids > 0 {
+                assert!(hb.resources.memory_free < hb.resources.memory_total);
+                assert_eq!(hb.agent_version.as_str(), env!("CARGO_PKG_VERSION"));
+                let frame = proto::encode(&Message::Publish(proto::Publish {
+                    request: 1,
+                    publication: Publication::Heartbeat(hb.clone()),
+                }))
+                .unwrap();
+                println!(
+                    "real heartbeat with {} chute(s): {} bytes per frame",
+                    hb.chutes.len(),
+                    frame.len()
+                );
+                break;
+            }
+        }
+        assert!(
+            start.elapsed() < T,
+            "no heartbeat shows {chute} running with usage: {hb:?}"
+        );
+    }
+
+    let v =
+        c.s.call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
+            .ok_json();
+    assert_eq!(v["name"], chute.as_str());
+    let v = c.s.call(4, &c.dev.sign(Args::Status), T).ok_json();
+    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+
+    // Logs stream only while subscribed.
+    let logs = c.dev.sign(Args::Logs(LogsArgs {
+        chute: name(&chute),
+        tail: 3,
+        follow: true,
+    }));
+    let v = c.s.call(5, &logs, T).ok_json();
+    let sub = v["subscription"]
+        .as_u64()
+        .expect("follow gives a subscription");
+    assert!(
+        v["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["text"] == "tick"),
+        "{v}"
+    );
+    c.s.wait_for("a log batch", T, |m| {
+        matches!(m, Message::Publish(p) if matches!(&p.publication,
+            Publication::Logs(b) if b.chute.as_str() == chute && b.lines.iter().any(|l| l.text.as_str() == "tick")))
+    });
+    c.s.send(&Message::Unsubscribe(Unsubscribe {
+        request: 6,
+        subscription: sub,
+    }));
+    c.s.wait_for(
+        "UNSUBSCRIBED",
+        T,
+        |m| matches!(m, Message::Unsubscribed(u) if u.request == 6),
+    );
+    // Anything already in flight drains; after that, silence.
+    let quiet_from = Instant::now() + Duration::from_millis(1500);
+    while let Some(m) = c.s.recv(Duration::from_secs(4)) {
+        if Instant::now() > quiet_from {
+            assert!(
+                !matches!(&m, Message::Publish(p) if matches!(p.publication, Publication::Logs(_))),
+                "logs kept streaming after UNSUBSCRIBE: {m:?}"
+            );
+        }
+        if Instant::now() > quiet_from + Duration::from_secs(3) {
+            break;
+        }
+    }
+
+    // Stop and remove through the cloud too; state changes are published.
+    let stop = Args::Stop(proto::StopArgs {
+        chute: name(&chute),
+        timeout_secs: 1,
+    });
+    c.s.call(7, &c.dev.sign(stop), T).ok_json();
+    c.s.wait_for("STATE stopped", T, |m| {
+        matches!(m, Message::Publish(p) if matches!(&p.publication,
+            Publication::State(s) if s.chute.as_str() == chute && s.state == ChuteState::Stopped))
+    });
+    c.s.call(8, &c.dev.sign(Args::Remove(chute_args(&chute))), T)
+        .ok_json();
+    c.s.wait_for("STATE dead", T, |m| {
+        matches!(m, Message::Publish(p) if matches!(&p.publication,
+            Publication::State(s) if s.chute.as_str() == chute && s.state == ChuteState::Dead))
+    });
+    assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+}
+
+fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode, what: &str) {
+    s.send_raw(frame);
+    let e = s.reply(request, T);
+    let e = e.error();
+    assert_eq!(e.code, code, "{what}: {} {}", e.code, e.message);
+    assert!(!e.message.is_empty(), "{what}: the refusal explains itself");
+}
+
+#[test]
+fn bad_commands_are_refused_and_change_nothing() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    c.s.call(1, &c.dev.sign(deploy_args(&chute, None)), T)
+        .ok_json();
+    c.w.wait_state(&chute, "running", T);
+    let before = observable(&c.w);
+    let remove = Args::Remove(chute_args(&chute));
+    let now = unix_now();
+
+    // Garbage and malformed frames.
+    c.s.send_raw(vec![0xde, 0xad, 0xbe, 0xef]);
+    let m =
+        c.s.wait_for("ERROR for garbage", T, |m| matches!(m, Message::Error(_)));
+    let Message::Error(e) = m else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::UnsupportedVersion, "{}", e.message);
+    c.s.send_raw(vec![proto::VERSION, 0x77, 1, 2, 3]);
+    let m = c.s.wait_for("ERROR for an unknown type", T, |m| {
+        matches!(m, Message::Error(_))
+    });
+    let Message::Error(e) = m else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::Malformed, "{}", e.message);
+    let valid = c.dev.sign(remove.clone());
+    let frame = call_frame(11, &valid);
+    expect_refused(
+        &mut c.s,
+        11,
+        frame[..frame.len() / 2].to_vec(),
+        ErrorCode::Malformed,
+        "truncated",
+    );
+    // Unknown procedure: patch the procedure byte of a valid CALL.
+    let mut frame = call_frame(12, &valid);
+    let varint = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
+    let cmd = &valid.command;
+    let pos = 2
+        + varint(12)
+        + 8
+        + varint(cmd.request_id)
+        + varint(cmd.issued_at)
+        + varint(cmd.expires_at);
+    assert_eq!(frame[pos], Procedure::Remove.code());
+    frame[pos] = 99;
+    expect_refused(
+        &mut c.s,
+        12,
+        frame,
+        ErrorCode::NoSuchProcedure,
+        "unknown procedure",
+    );
+
+    // Forged: a signature byte flipped.
+    let mut forged = c.dev.sign(remove.clone());
+    forged.signature.0[0] ^= 1;
+    expect_refused(
+        &mut c.s,
+        13,
+        call_frame(13, &forged),
+        ErrorCode::InvalidSignature,
+        "forged",
+    );
+    // Forged: arguments changed after signing.
+    let mut edited = c.dev.sign(Args::Status);
+    edited.command.args = remove.clone();
+    expect_refused(
+        &mut c.s,
+        14,
+        call_frame(14, &edited),
+        ErrorCode::InvalidSignature,
+        "edited",
+    );
+    // Expired and not yet valid.
+    let base = c.dev.sign(remove.clone());
+    let expired = c.dev.resign(
+        &base,
+        Command {
+            issued_at: now - 400,
+            expires_at: now - 100,
+            ..base.command.clone()
+        },
+    );
+    expect_refused(
+        &mut c.s,
+        15,
+        call_frame(15, &expired),
+        ErrorCode::Expired,
+        "expired",
+    );
+    let base = c.dev.sign(remove.clone());
+    let future = c.dev.resign(
+        &base,
+        Command {
+            issued_at: now + 600,
+            expires_at: now + 700,
+            ..base.command.clone()
+        },
+    );
+    expect_refused(
+        &mut c.s,
+        16,
+        call_frame(16, &future),
+        ErrorCode::NotYetValid,
+        "future",
+    );
+    // Another device.
+    let base = c.dev.sign(remove.clone());
+    let other = c.dev.resign(
+        &base,
+        Command {
+            device_id: DeviceId([9; 8]),
+            ..base.command.clone()
+        },
+    );
+    expect_refused(
+        &mut c.s,
+        17,
+        call_frame(17, &other),
+        ErrorCode::WrongDevice,
+        "wrong device",
+    );
+    // Ungranted procedure and chute.
+    let no_remove = c.dev.sign_with(
+        remove.clone(),
+        Rights::of(&[Procedure::Start, Procedure::Stop]),
+        &[""],
+    );
+    expect_refused(
+        &mut c.s,
+        18,
+        call_frame(18, &no_remove),
+        ErrorCode::NotAuthorized,
+        "ungranted procedure",
+    );
+    let other_prefix = c.dev.sign_with(remove.clone(), Rights::all(), &["zzz-"]);
+    expect_refused(
+        &mut c.s,
+        19,
+        call_frame(19, &other_prefix),
+        ErrorCode::NotAuthorized,
+        "ungranted chute",
+    );
+    // A grant the owner never signed (the developer granted itself everything).
+    let mut self_granted = c.dev.sign(remove.clone());
+    self_granted.grant =
+        proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now).sign(&c.dev.key);
+    let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
+    expect_refused(
+        &mut c.s,
+        20,
+        call_frame(20, &self_granted),
+        ErrorCode::InvalidGrant,
+        "self-granted",
+    );
+    // A stranger's signature under the developer's grant.
+    let base = c.dev.sign(remove.clone());
+    let stranger = SignedCommand::sign(
+        base.command.clone(),
+        &Keypair::generate().unwrap(),
+        base.grant.clone(),
+    );
+    expect_refused(
+        &mut c.s,
+        21,
+        call_frame(21, &stranger),
+        ErrorCode::InvalidGrant,
+        "stranger",
+    );
+    // Replayed: a request id already used, now carrying a different command.
+    let status = c.dev.sign(Args::Status);
+    c.s.call(22, &status, T).ok_json();
+    let replay = c.dev.resign(
+        &status,
+        Command {
+            args: remove.clone(),
+            ..status.command.clone()
+        },
+    );
+    expect_refused(
+        &mut c.s,
+        23,
+        call_frame(23, &replay),
+        ErrorCode::Replayed,
+        "replayed id",
+    );
+    // Unsigned subscriptions are not a way around the `logs` right.
+    c.s.send(&Message::Subscribe(Subscribe {
+        request: 24,
+        topic: Topic {
+            device: None,
+            kind: TopicKind::Logs(Some(name(&chute))),
+        },
+    }));
+    assert_eq!(c.s.reply(24, T).error().code, ErrorCode::NotAuthorized);
+    // Signed, but the manifest names another chute than the (granted) one.
+    let mut lying = match deploy_args(&chute, None) {
+        Args::Deploy(a) => a,
+        _ => unreachable!(),
+    };
+    lying.chute = name(&format!("{chute}-x"));
+    let lying = c.dev.sign(Args::Deploy(lying));
+    match c.s.call(25, &lying, T) {
+        Reply::Result(r) => assert!(
+            matches!(
+                r.outcome,
+                Outcome::Err {
+                    code: ErrorCode::InvalidManifest,
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        ),
+        Reply::Error(e) => panic!("{e:?}"),
+    }
+    assert_eq!(
+        observable(&c.w),
+        before,
+        "refused commands changed the device"
+    );
+
+    // Protocol abuse closes the session; the agent comes back, at its backoff.
+    c.s.send_text("{\"op\": \"remove\"}");
+    c.s.wait_for(
+        "ABORT after a text frame",
+        T,
+        |m| matches!(m, Message::Abort(a) if a.code == ErrorCode::ProtocolViolation),
+    );
+    c.s.wait_closed(T);
+    let closed = Instant::now();
+    let mut s2 = c.peer.accept(T, 0);
+    let gap1 = closed.elapsed();
+    s2.send_raw(vec![0u8; proto::MAX_FRAME + 1]);
+    s2.wait_closed(T);
+    let closed = Instant::now();
+    let mut s3 = c.peer.accept(T, 0);
+    let gap2 = closed.elapsed();
+    println!("reconnect after abuse: {gap1:?}, then {gap2:?}");
+    assert!(
+        gap1 >= Duration::from_millis(400),
+        "reconnected after {gap1:?}: no backoff"
+    );
+    assert!(
+        gap2 >= Duration::from_millis(900),
+        "backoff did not grow after repeated abuse: {gap2:?}"
+    );
+    assert_eq!(
+        observable(&c.w),
+        before,
+        "protocol abuse changed the device"
+    );
+    s3.call(30, &c.dev.sign(Args::Status), T).ok_json();
+}
+
+#[test]
+fn heartbeats_resume_after_the_peer_comes_back() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    c.s.call(1, &c.dev.sign(deploy_args(&chute, None)), T)
+        .ok_json();
+    let seq = c.s.next_heartbeat(T).seq;
+    let port = c.peer.port;
+    drop(c.s);
+    drop(c.peer);
+
+    // Offline: chutes and the local CLI carry on.
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(c.w.state(&chute), "running");
+    c.w.cli(&["status"]);
+    let attempts = c.w.agent_log().matches("cloud link down").count()
+        + c.w.agent_log().matches("cloud still unreachable").count();
+    assert!(
+        attempts <= 4,
+        "{attempts} connection attempts in 3 s: not backing off"
+    );
+
+    let mut peer = Peer::bind_port(port);
+    let back = Instant::now();
+    let mut s = peer.accept(Duration::from_secs(90), 0);
+    let reconnect = back.elapsed();
+    let hb = s.next_heartbeat(T);
+    println!(
+        "reconnect after the peer returned: {} ms",
+        reconnect.as_millis()
+    );
+    assert!(
+        hb.seq > seq,
+        "heartbeat sequence continues ({} after {seq})",
+        hb.seq
+    );
+    assert!(hb
+        .chutes
+        .iter()
+        .any(|u| u.name.as_str() == chute && u.state == ChuteState::Running));
+}
+
+#[test]
+fn replays_are_refused_after_an_agent_restart() {
+    let mut c = setup("", &[]);
+    let status = c.dev.sign(Args::Status);
+    c.s.call(1, &status, T).ok_json();
+    let key = c.w.state_dir.join("device.key");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "device key mode {mode:o}");
+    let device = c.s.hello.pubkey;
+
+    c.w.kill_agent();
+    drop(c.s);
+    c.w.start_agent();
+    let mut s = c.peer.accept(T, 0);
+    assert_eq!(s.hello.pubkey, device, "the device key survives restarts");
+    let e = s.call(2, &status, T);
+    assert_eq!(
+        e.error().code,
+        ErrorCode::Replayed,
+        "{:?}",
+        e.error().message
+    );
+    s.call(3, &c.dev.sign(Args::Status), T).ok_json();
+}
+
+#[test]
+fn a_silent_peer_is_detected_and_replaced() {
+    let mut c = setup("", &["--cloud-keepalive-secs", "2"]);
+    // Stop reading: no pongs, no anything. The agent must notice within
+    // keepalive + dead_after (2 s + 2 s) plus its backoff.
+    let started = Instant::now();
+    let mut s2 = c.peer.accept(Duration::from_secs(30), 0);
+    println!("silent peer replaced after {:?}", started.elapsed());
+    s2.next_heartbeat(T);
+    drop(c.s);
+}
+
+#[test]
+fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    let tar = c.w.dir.join("image.tar");
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        tar.to_str().unwrap(),
+        IMAGE,
+    ]);
+    let data = std::fs::read(&tar).unwrap();
+    let sha: [u8; 32] = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data).into()
+    };
+    let total = data.len() as u64;
+    let chunk = |offset: usize, len: usize| {
+        Message::Chunk(proto::Chunk {
+            image_sha256: sha,
+            total_size: total,
+            offset: offset as u64,
+            data: BoundedBytes::new(data[offset..(offset + len).min(data.len())].to_vec()).unwrap(),
+        })
+    };
+    let ack_of = |m: &Message| matches!(m, Message::ChunkAck(a) if a.image_sha256 == sha);
+
+    // Chunks for an image no verified deploy asked for are refused.
+    c.s.send(&chunk(0, 1000));
+    let m = c.s.wait_for("ERROR for an unasked chunk", T, |m| {
+        matches!(m, Message::Error(_))
+    });
+    let Message::Error(e) = m else { unreachable!() };
+    assert_eq!(e.code, ErrorCode::ProtocolViolation);
+
+    let cmd = c.dev.sign(deploy_args(&chute, Some((sha, total))));
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 1,
+        command: cmd.clone(),
+    })));
+    let Message::ChunkAck(ChunkAck { next_offset: 0, .. }) = c.s.wait_for("first ack", T, ack_of)
+    else {
+        panic!("the transfer starts at 0")
+    };
+    const PIECE: usize = 128 * 1024;
+    let half = data.len() / 2;
+    let mut off = 0;
+    while off < half {
+        c.s.send(&chunk(off, PIECE));
+        c.s.wait_for("ack", T, ack_of);
+        off += PIECE;
+    }
+    // The link drops mid-transfer; on the next session the agent says where to resume.
+    drop(c.s);
+    let mut s = c.peer.accept(T, 0);
+    let Message::ChunkAck(ack) = s.wait_for("resume ack", T, ack_of) else {
+        unreachable!()
+    };
+    assert_eq!(
+        ack.next_offset as usize,
+        off.min(data.len()),
+        "resumes after the bytes it holds"
+    );
+    let mut off = ack.next_offset as usize;
+    let mut complete = false;
+    while off < data.len() {
+        s.send(&chunk(off, PIECE));
+        let Message::ChunkAck(a) = s.wait_for("ack", T, ack_of) else {
+            unreachable!()
+        };
+        complete = a.complete;
+        off = a.next_offset as usize;
+    }
+    assert!(complete, "the last ack reports the verified archive");
+    // The original request belonged to the old session: the cloud resends the CALL
+    // and gets the one result (the deploy ran once).
+    let v = s.call(2, &cmd, Duration::from_secs(120)).ok_json();
+    assert_eq!(v["state"], "running", "{v}");
+    c.w.wait_state(&chute, "running", T);
+
+    // A corrupted archive is refused at the end and deploys nothing.
+    let before = observable(&c.w);
+    let other = unique("cl-");
+    c.w.track(&other);
+    let bad = c.dev.sign(deploy_args(&other, Some((sha, total))));
+    s.send(&Message::Call(Box::new(proto::Call {
+        request: 3,
+        command: bad,
+    })));
+    s.wait_for("first ack", T, ack_of);
+    let mut corrupt = data.clone();
+    corrupt[data.len() / 3] ^= 0xff;
+    let mut off = 0;
+    let mut refused = None;
+    while off < corrupt.len() {
+        let len = PIECE.min(corrupt.len() - off);
+        s.send(&Message::Chunk(proto::Chunk {
+            image_sha256: sha,
+            total_size: total,
+            offset: off as u64,
+            data: BoundedBytes::new(corrupt[off..off + len].to_vec()).unwrap(),
+        }));
+        let m = s.wait_for("ack or error", T, |m| {
+            ack_of(m) || matches!(m, Message::Error(_))
+        });
+        if let Message::Error(e) = m {
+            refused = Some(e);
+            break;
+        }
+        off += len;
+    }
+    let e = refused.expect("a corrupted archive is refused");
+    assert_eq!(e.code, ErrorCode::DigestMismatch, "{}", e.message);
+    match s.reply(3, T) {
+        Reply::Result(r) => assert!(
+            matches!(
+                r.outcome,
+                Outcome::Err {
+                    code: ErrorCode::DigestMismatch,
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        ),
+        Reply::Error(e) => panic!("{e:?}"),
+    }
+    assert_eq!(observable(&c.w), before);
+}
+
+#[test]
+fn id_and_trust_commands() {
+    let dir = std::env::temp_dir().join(unique("chuted-id-"));
+    let run = |args: &[&str]| {
+        let o = std::process::Command::new(chuted_bin())
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let d = dir.to_str().unwrap();
+    let (ok, first, _) = run(&["id", "--state-dir", d]);
+    assert!(ok);
+    let (_, second, _) = run(&["id", "--state-dir", d]);
+    assert_eq!(first, second, "the identity is stable");
+    let mode = std::fs::metadata(dir.join("device.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let key = std::fs::read_to_string(dir.join("device.key")).unwrap();
+    assert!(
+        !first.contains(key.trim()),
+        "`chuted id` must not print the secret"
+    );
+    let (ok, _, err) = run(&["trust", "--state-dir", d, "--owner-key", "nothex"]);
+    assert!(!ok && err.contains("owner key"), "{err}");
+    let owner = Keypair::generate().unwrap().public_hex();
+    let (ok, out, _) = run(&["trust", "--state-dir", d, "--owner-key", &owner]);
+    assert!(ok && out.contains(&owner), "{out}");
+    let mode = std::fs::metadata(dir.join("owner.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let (ok, out, _) = run(&["selftest"]);
+    assert!(ok && out.contains("selftest ok"), "{out}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A private CA and a certificate for 127.0.0.1 signed by it (openssl CLI).
+fn make_certs(
+    dir: &std::path::Path,
+) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let sh = |script: &str| {
+        let st = std::process::Command::new("sh")
+            .arg("-ec")
+            .arg(script)
+            .current_dir(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("run openssl");
+        assert!(st.success(), "openssl failed: {script}");
+    };
+    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=chuted-test-ca");
+    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -out leaf.csr -subj /CN=127.0.0.1");
+    std::fs::write(
+        dir.join("leaf.ext"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    sh("openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile leaf.ext");
+    (
+        dir.join("ca.pem"),
+        dir.join("leaf.pem"),
+        dir.join("leaf.key"),
+    )
+}
+
+#[test]
+fn wss_session_with_a_private_ca() {
+    let certs = std::env::temp_dir().join(unique("chuted-tls-"));
+    std::fs::create_dir_all(&certs).unwrap();
+    let (ca, leaf, key) = make_certs(&certs);
+    let ca_arg = ca.to_str().unwrap().to_owned();
+    let mut c = setup_with("", &["--cloud-ca", &ca_arg], |_| {
+        Peer::bind_tls(&leaf, &key)
+    });
+    assert!(c.peer.url().starts_with("wss://"));
+    let v = c.s.call(1, &c.dev.sign(Args::Status), T).ok_json();
+    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+    c.s.next_heartbeat(T);
+    let _ = std::fs::remove_dir_all(&certs);
+}
+
+#[test]
+fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
+    let mut c = setup("", &[]);
+    c.s.call(1, &c.dev.sign(Args::Status), T).ok_json();
+    // The owner's admin tool (its own developer key, granted update-grant) installs a
+    // newer, empty grant for the developer.
+    let mut admin = Developer::new(c.dev.owner.clone(), c.s.device_id());
+    let now = unix_now();
+    let mut revoke = proto::testkit::grant_for(&c.dev.key, Rights::NONE, &[""], now);
+    revoke.issued_at = now - 10;
+    let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
+        grant: revoke.sign(&c.dev.owner),
+    }));
+    let v = c.s.call(2, &update, T).ok_json();
+    assert_eq!(v["installed"], true, "{v}");
+    // A grant not signed by the owner is not installed.
+    let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now + 5);
+    let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
+        grant: forged_grant.sign(&c.dev.key),
+    }));
+    match c.s.call(3, &update, T) {
+        Reply::Result(r) => assert!(
+            matches!(
+                r.outcome,
+                Outcome::Err {
+                    code: ErrorCode::InvalidGrant,
+                    ..
+                }
+            ),
+            "{:?}",
+            r.outcome
+        ),
+        Reply::Error(e) => panic!("{e:?}"),
+    }
+    // The developer's old grant (issued a day ago) no longer works.
+    let e = c.s.call(4, &c.dev.sign(Args::Status), T);
+    assert_eq!(
+        e.error().code,
+        ErrorCode::NotAuthorized,
+        "{}",
+        e.error().message
+    );
+    assert!(
+        e.error().message.contains("superseded"),
+        "{}",
+        e.error().message
+    );
+}
+
+#[test]
+fn image_transfer_resumes_after_an_agent_restart() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    let tar = c.w.dir.join("image.tar");
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        tar.to_str().unwrap(),
+        IMAGE,
+    ]);
+    let data = std::fs::read(&tar).unwrap();
+    let sha: [u8; 32] = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data).into()
+    };
+    let total = data.len() as u64;
+    let ack_of = |m: &Message| matches!(m, Message::ChunkAck(a) if a.image_sha256 == sha);
+    let send = |s: &mut Session, off: usize| -> ChunkAck {
+        let end = (off + 100_000).min(data.len());
+        s.send(&Message::Chunk(proto::Chunk {
+            image_sha256: sha,
+            total_size: total,
+            offset: off as u64,
+            data: BoundedBytes::new(data[off..end].to_vec()).unwrap(),
+        }));
+        let Message::ChunkAck(a) = s.wait_for("ack", T, ack_of) else {
+            unreachable!()
+        };
+        a
+    };
+    let first = c.dev.sign(deploy_args(&chute, Some((sha, total))));
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 1,
+        command: first,
+    })));
+    c.s.wait_for("first ack", T, ack_of);
+    let mut held = 0;
+    while held < data.len() / 2 {
+        held = send(&mut c.s, held).next_offset as usize;
+    }
+
+    // The agent dies mid-transfer. Its deploy command is spent (replay window), so the
+    // developer issues a new one for the same image: the bytes already on the device
+    // are kept and the transfer resumes after them.
+    c.w.kill_agent();
+    drop(c.s);
+    c.w.start_agent();
+    let mut s = c.peer.accept(T, 0);
+    let again = c.dev.sign(deploy_args(&chute, Some((sha, total))));
+    s.send(&Message::Call(Box::new(proto::Call {
+        request: 2,
+        command: again,
+    })));
+    let Message::ChunkAck(ack) = s.wait_for("resume ack", T, ack_of) else {
+        unreachable!()
+    };
+    assert_eq!(
+        ack.next_offset as usize, held,
+        "resumes after the bytes kept across the restart"
+    );
+    let mut off = held;
+    let mut last = ack;
+    while off < data.len() {
+        last = send(&mut s, off);
+        off = last.next_offset as usize;
+    }
+    assert!(last.complete);
+    let v = match s.reply(2, Duration::from_secs(120)) {
+        r @ Reply::Result(_) => r.ok_json(),
+        Reply::Error(e) => panic!("{e:?}"),
+    };
+    assert_eq!(v["state"], "running", "{v}");
+}
