@@ -248,6 +248,14 @@ impl Session {
             .expect("send to the agent");
     }
 
+    /// Sends a frame the agent is expected to reject by closing the connection; the
+    /// close may already land while the frame is still being written.
+    pub fn send_abusive(&mut self, frame: Vec<u8>) {
+        if self.ws.send(WsMessage::Binary(frame.into())).is_err() {
+            self.closed = true;
+        }
+    }
+
     pub fn send_text(&mut self, text: &str) {
         self.ws
             .send(WsMessage::Text(text.into()))

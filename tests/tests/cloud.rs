@@ -483,7 +483,7 @@ fn bad_commands_are_refused_and_change_nothing() {
     let closed = Instant::now();
     let mut s2 = c.peer.accept(T, 0);
     let gap1 = closed.elapsed();
-    s2.send_raw(vec![0u8; proto::MAX_FRAME + 1]);
+    s2.send_abusive(vec![0u8; proto::MAX_FRAME + 1]);
     s2.wait_closed(T);
     let closed = Instant::now();
     let mut s3 = c.peer.accept(T, 0);
