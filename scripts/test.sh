@@ -24,7 +24,7 @@ run "cargo test" cargo test --workspace --no-fail-fast -q -- --test-threads=4
 # ARM builds first: the packaging tests put the real binaries into the .ipk and run them
 # under qemu against the init script's command line.
 if [ -z "${CHUTED_SKIP_CROSS:-}" ]; then
-  run "cross build (aarch64 + armv7, static musl)" cross/build.sh all
+  run "cross build (aarch64 + armv7, static musl)" cross/build.sh --target all
   run "cross smoke (qemu-user)" cross/smoke.sh
 fi
 run "openwrt-pkg tests" openwrt-pkg/tests/run.sh
