@@ -797,6 +797,14 @@ pub mod anyhow_free {
     pub type Result<T> = std::result::Result<T, Error>;
 }
 
+/// Wall-clock time in Podman's event timestamp unit.
+fn wall_nanos() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
 pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
@@ -1110,10 +1118,23 @@ impl Actor {
         let podman = self.agent.podman.clone();
         match action {
             Action::StartContainer => {
+                // Taken before the call: any `died` of the run we are starting is later,
+                // any `died` of the previous run is earlier and must be ignored.
+                let asked_at = wall_nanos();
                 if let Err(e) = self.start_container().await {
                     warn!(chute = %self.name, error = %e, "start failed");
                     self.view.borrow_mut().last_error = Some(e.to_string());
                     return Some(Input::ContainerExited { exit_code: 127 });
+                }
+                if !self.wants_shaping() {
+                    // libpod's start returns once the OCI runtime has started the process;
+                    // its `start` event only confirms that, so do not make the caller wait
+                    // for it. (A shaped chute waits: shaping runs on the event, before the
+                    // chute may be called running.) The event, when it comes, is a no-op.
+                    self.last_start_nanos = self.last_start_nanos.max(asked_at);
+                    self.starts_seen += 1;
+                    self.refresh_pending = true;
+                    return Some(Input::ContainerStarted);
                 }
             }
             Action::StopContainer { timeout_secs } => {
