@@ -1384,6 +1384,7 @@ impl Actor {
         let id = self.create_container().await?;
         let _ = progress.try_send(format!("starting container {}", short(&id)));
         let before = self.starts_seen;
+        let asked_at = wall_nanos();
         self.agent
             .podman
             .start(&id)
@@ -1391,9 +1392,14 @@ impl Actor {
             .map_err(|e| self.podman_err(e))?;
         self.feed(Input::Installed).await;
         self.refresh_runtime_info().await;
-        // The start event normally arrives within milliseconds; wait for it so the
-        // caller sees a chute whose process really runs.
-        let _ = self.wait_for("running", |a| a.starts_seen > before).await;
+        if self.wants_shaping() {
+            // Shaping runs on the start event; the chute is not running until it is shaped.
+            let _ = self.wait_for("running", |a| a.starts_seen > before).await;
+        } else {
+            // libpod's start returned: the process runs. Its event is only a confirmation.
+            self.last_start_nanos = self.last_start_nanos.max(asked_at);
+            self.starts_seen += 1;
+        }
         if self.lc.state() != ChuteState::Running {
             return Err(self.state_err(format!(
                 "exited right after starting (exit code {:?}); see `chuted logs {}`",
