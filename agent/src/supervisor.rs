@@ -331,6 +331,7 @@ impl Agent {
             restored,
             refresh_pending: false,
             last_start_nanos: 0,
+            unconfirmed_starts: 0,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -866,6 +867,8 @@ struct Actor {
     refresh_pending: bool,
     /// Podman's timestamp of the last `start` event handled.
     last_start_nanos: i64,
+    /// Starts acted on when libpod returned, whose `start` event is still to come.
+    unconfirmed_starts: u32,
 }
 
 impl Actor {
@@ -957,6 +960,14 @@ impl Actor {
                     return;
                 }
                 match ev.action.as_str() {
+                    "start" if self.unconfirmed_starts > 0 => {
+                        // The confirmation of a start we already acted on when libpod's
+                        // start returned. Feeding it again could land after a later request
+                        // (a restart) and be mistaken for that request's start.
+                        self.unconfirmed_starts -= 1;
+                        self.last_start_nanos = self.last_start_nanos.max(ev.time_nanos);
+                        self.refresh_pending = true;
+                    }
                     "start" => {
                         self.last_start_nanos = self.last_start_nanos.max(ev.time_nanos);
                         if self.wants_shaping() {
@@ -994,6 +1005,9 @@ impl Actor {
 
     /// Compares what we believe with what Podman says, for events we may have missed.
     async fn resync(&mut self) {
+        // After a gap in the event stream, confirmations may never come; the inspect
+        // below is the truth from here on.
+        self.unconfirmed_starts = 0;
         let Some(id) = self.container_id() else {
             return;
         };
@@ -1133,6 +1147,7 @@ impl Actor {
                     // chute may be called running.) The event, when it comes, is a no-op.
                     self.last_start_nanos = self.last_start_nanos.max(asked_at);
                     self.starts_seen += 1;
+                    self.unconfirmed_starts += 1;
                     self.refresh_pending = true;
                     return Some(Input::ContainerStarted);
                 }
@@ -1399,6 +1414,7 @@ impl Actor {
             // libpod's start returned: the process runs. Its event is only a confirmation.
             self.last_start_nanos = self.last_start_nanos.max(asked_at);
             self.starts_seen += 1;
+            self.unconfirmed_starts += 1;
         }
         if self.lc.state() != ChuteState::Running {
             return Err(self.state_err(format!(
