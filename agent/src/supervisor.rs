@@ -605,26 +605,6 @@ impl Agent {
         action: ReconcileAction,
         manifests: &mut BTreeMap<ChuteName, (Manifest, ChuteRecord)>,
     ) {
-        let mk_view =
-            |m: &Manifest, r: &ChuteRecord, state: ChuteState, held: bool, id: Option<String>| {
-                ChuteView {
-                    manifest: m.clone(),
-                    manifest_toml: r.manifest_toml.clone(),
-                    container_id: id,
-                    state,
-                    durable_state: state,
-                    restarts: r.restarts,
-                    reservation_held: held,
-                    last_exit_code: None,
-                    last_error: None,
-                    pid: 0,
-                    sandbox_key: None,
-                    cgroup: None,
-                    usage: None,
-                    shaping: None,
-                    net: None,
-                }
-            };
         match action {
             ReconcileAction::Adopt {
                 chute,
@@ -644,7 +624,7 @@ impl Agent {
                     self.lifecycle_config(),
                 );
                 let tx = self.spawn_actor(
-                    mk_view(m, r, ChuteState::Running, true, Some(container_id)),
+                    restored_view(m, r, ChuteState::Running, true, Some(container_id)),
                     lc,
                 );
                 let _ = tx.send(ChuteMsg::Resync).await;
@@ -667,17 +647,11 @@ impl Agent {
                     m.restart,
                     self.lifecycle_config(),
                 );
-                let mut view = mk_view(m, r, ChuteState::Stopped, true, Some(container_id));
+                let mut view = restored_view(m, r, ChuteState::Stopped, true, Some(container_id));
                 view.last_exit_code = exit_code;
                 view.restarts = r.restarts.saturating_add(1);
                 let tx = self.spawn_actor(view, lc);
-                let (reply, _rx) = bounded(1);
-                let _ = tx
-                    .send(ChuteMsg::Request {
-                        op: ChuteOp::Start,
-                        reply,
-                    })
-                    .await;
+                start_in_background(&tx).await;
             }
             ReconcileAction::Release {
                 chute,
@@ -694,27 +668,14 @@ impl Agent {
                 };
                 info!(chute = %chute, ?exit_code, "chute died while the agent was down; policy {} says no restart, reservation freed", m.restart);
                 let lc = Lifecycle::restore(state, r.restarts, m.restart, self.lifecycle_config());
-                let mut view = mk_view(m, r, state, false, Some(container_id));
+                let mut view = restored_view(m, r, state, false, Some(container_id));
                 view.last_exit_code = exit_code;
                 self.spawn_actor(view, lc);
             }
             ReconcileAction::KeepStopped {
                 chute,
                 container_id,
-            } => {
-                let Some((m, r)) = manifests.get(&chute) else {
-                    return;
-                };
-                let held = r.reservation_held;
-                if held {
-                    self.ledger
-                        .borrow_mut()
-                        .force_insert(chute.clone(), m.reservation());
-                }
-                let lc =
-                    Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
-                self.spawn_actor(mk_view(m, r, r.state, held, Some(container_id)), lc);
-            }
+            } => self.keep_stopped(&chute, Some(container_id), manifests),
             ReconcileAction::Recreate { chute } => {
                 let Some((m, r)) = manifests.get(&chute) else {
                     return;
@@ -729,14 +690,8 @@ impl Agent {
                     m.restart,
                     self.lifecycle_config(),
                 );
-                let tx = self.spawn_actor(mk_view(m, r, ChuteState::Stopped, true, None), lc);
-                let (reply, _rx) = bounded(1);
-                let _ = tx
-                    .send(ChuteMsg::Request {
-                        op: ChuteOp::Start,
-                        reply,
-                    })
-                    .await;
+                let tx = self.spawn_actor(restored_view(m, r, ChuteState::Stopped, true, None), lc);
+                start_in_background(&tx).await;
             }
             ReconcileAction::ReportUnknown {
                 container_id,
@@ -762,19 +717,8 @@ impl Agent {
                 }
             }
             ReconcileAction::RecreateStopped { chute } => {
-                let Some((m, r)) = manifests.get(&chute) else {
-                    return;
-                };
                 info!(chute = %chute, "stopped chute's container is gone; it will be re-created on the next start");
-                let held = r.reservation_held;
-                if held {
-                    self.ledger
-                        .borrow_mut()
-                        .force_insert(chute.clone(), m.reservation());
-                }
-                let lc =
-                    Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
-                self.spawn_actor(mk_view(m, r, r.state, held, None), lc);
+                self.keep_stopped(&chute, None, manifests);
             }
         }
         let over = self.ledger.borrow().overcommitted();
@@ -782,6 +726,69 @@ impl Agent {
             warn!(?over, "adopted chutes exceed the configured pools; new deploys will be refused until space is freed");
         }
     }
+}
+
+impl Agent {
+    /// A chute the user stopped (or that failed) before the agent went down: it stays as it
+    /// was, keeping its reservation if it held one; a missing container is re-created on
+    /// the next start.
+    fn keep_stopped(
+        self: &Rc<Self>,
+        chute: &ChuteName,
+        container_id: Option<String>,
+        manifests: &BTreeMap<ChuteName, (Manifest, ChuteRecord)>,
+    ) {
+        let Some((m, r)) = manifests.get(chute) else {
+            return;
+        };
+        let held = r.reservation_held;
+        if held {
+            self.ledger
+                .borrow_mut()
+                .force_insert(chute.clone(), m.reservation());
+        }
+        let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
+        self.spawn_actor(restored_view(m, r, r.state, held, container_id), lc);
+    }
+}
+
+/// The view of a chute rebuilt from its snapshot record during reconciliation.
+fn restored_view(
+    m: &Manifest,
+    r: &ChuteRecord,
+    state: ChuteState,
+    held: bool,
+    container_id: Option<String>,
+) -> ChuteView {
+    ChuteView {
+        manifest: m.clone(),
+        manifest_toml: r.manifest_toml.clone(),
+        container_id,
+        state,
+        durable_state: state,
+        restarts: r.restarts,
+        reservation_held: held,
+        last_exit_code: None,
+        last_error: None,
+        pid: 0,
+        sandbox_key: None,
+        cgroup: None,
+        usage: None,
+        shaping: None,
+        net: None,
+    }
+}
+
+/// Asks a freshly restored chute to start; nobody waits for the answer (its task logs and
+/// records a failure).
+async fn start_in_background(tx: &Sender<ChuteMsg>) {
+    let (reply, _rx) = bounded(1);
+    let _ = tx
+        .send(ChuteMsg::Request {
+            op: ChuteOp::Start,
+            reply,
+        })
+        .await;
 }
 
 /// A minimal error type for the binary-facing reconcile entry point, so this library does
