@@ -321,17 +321,6 @@ impl Podman {
             .await
     }
 
-    /// Restarts a container, waiting at most `timeout_secs` for it to stop.
-    pub async fn restart(&self, id: &str, timeout_secs: u32) -> Result<(), PodmanError> {
-        // libpod 4.3.1 reads `timeout` here too; it ignores `t` and kills at once
-        // (measured: t=2 took 0.55 s, timeout=2 took 2.7 s with a SIGTERM-deaf chute).
-        let path = format!(
-            "/containers/{}/restart?timeout={timeout_secs}",
-            enc_path(id)
-        );
-        self.action("restart", id, &path, &[]).await
-    }
-
     /// Removes a container and its anonymous volumes; already gone is success.
     pub async fn remove(&self, id: &str, force: bool) -> Result<(), PodmanError> {
         #[derive(Deserialize)]
@@ -1091,14 +1080,6 @@ mod tests {
         let head = server.join().expect("server");
         assert!(
             head.starts_with("POST /v4.3.1/libpod/containers/chute-a/stop?timeout=7 HTTP/1.1"),
-            "{head}"
-        );
-        std::fs::remove_file(&socket).expect("rm socket");
-        let server = fake_server(&socket, no_content);
-        smol::block_on(podman.restart("chute-a", 3)).expect("restart");
-        let head = server.join().expect("server");
-        assert!(
-            head.starts_with("POST /v4.3.1/libpod/containers/chute-a/restart?timeout=3 HTTP/1.1"),
             "{head}"
         );
     }

@@ -332,6 +332,8 @@ impl Agent {
             refresh_pending: false,
             last_start_nanos: 0,
             unconfirmed_starts: 0,
+            exit_confirmed: false,
+            failed_op: None,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -641,15 +643,17 @@ impl Agent {
                 self.ledger
                     .borrow_mut()
                     .force_insert(chute.clone(), m.reservation());
+                // The start below is a restart: counted now, as the lifecycle would have.
+                let restarts = r.restarts.saturating_add(1);
                 let lc = Lifecycle::restore(
                     ChuteState::Stopped,
-                    r.restarts,
+                    restarts,
                     m.restart,
                     self.lifecycle_config(),
                 );
                 let mut view = restored_view(m, r, ChuteState::Stopped, true, Some(container_id));
                 view.last_exit_code = exit_code;
-                view.restarts = r.restarts.saturating_add(1);
+                view.restarts = restarts;
                 let tx = self.spawn_actor(view, lc);
                 start_in_background(&tx).await;
             }
@@ -876,6 +880,11 @@ struct Actor {
     last_start_nanos: i64,
     /// Starts acted on when libpod returned, whose `start` event is still to come.
     unconfirmed_starts: u32,
+    /// The current run's exit was acted on when our stop returned: a `died` event before
+    /// the next start only confirms it.
+    exit_confirmed: bool,
+    /// Why the Podman call behind the request being handled failed, for its caller.
+    failed_op: Option<OpError>,
 }
 
 impl Actor {
@@ -936,7 +945,7 @@ impl Actor {
         let mut v = self.view.borrow_mut();
         v.state = self.lc.state();
         v.durable_state = self.lc.snapshot_state();
-        v.restarts = v.restarts.max(self.lc.restarts());
+        v.restarts = self.lc.restarts();
         if let Some(code) = self.lc.last_exit_code() {
             v.last_exit_code = Some(code);
         }
@@ -976,7 +985,9 @@ impl Actor {
                         self.refresh_pending = true;
                     }
                     "start" => {
+                        // Not ours (a start by hand, or one whose return we never saw).
                         self.last_start_nanos = self.last_start_nanos.max(ev.time_nanos);
+                        self.exit_confirmed = false;
                         if self.wants_shaping() {
                             // Shaped before it is reported running: a fresh start means a
                             // fresh network namespace and veth, with no qdiscs on them.
@@ -994,6 +1005,9 @@ impl Actor {
                         // Older than the start we already acted on (events can arrive late
                         // after a stream reconnect): that run is over, this one is not.
                         debug!(chute = %self.name, "ignoring a died event older than the last start");
+                    }
+                    "died" if self.exit_confirmed => {
+                        debug!(chute = %self.name, "died event confirms the stop already acted on");
                     }
                     "died" => {
                         let exit_code = ev.exit_code.unwrap_or(-1);
@@ -1015,6 +1029,7 @@ impl Actor {
         // After a gap in the event stream, confirmations may never come; the inspect
         // below is the truth from here on.
         self.unconfirmed_starts = 0;
+        self.exit_confirmed = false;
         let Some(id) = self.container_id() else {
             return;
         };
@@ -1139,40 +1154,24 @@ impl Actor {
         let podman = self.agent.podman.clone();
         match action {
             Action::StartContainer => {
-                // Taken before the call: any `died` of the run we are starting is later,
-                // any `died` of the previous run is earlier and must be ignored.
                 let asked_at = wall_nanos();
                 if let Err(e) = self.start_container().await {
                     warn!(chute = %self.name, error = %e, "start failed");
                     self.view.borrow_mut().last_error = Some(e.to_string());
                     return Some(Input::ContainerExited { exit_code: 127 });
                 }
-                if !self.wants_shaping() {
-                    // libpod's start returns once the OCI runtime has started the process;
-                    // its `start` event only confirms that, so do not make the caller wait
-                    // for it. (A shaped chute waits: shaping runs on the event, before the
-                    // chute may be called running.) The event, when it comes, is a no-op.
-                    self.last_start_nanos = self.last_start_nanos.max(asked_at);
-                    self.starts_seen += 1;
-                    self.unconfirmed_starts += 1;
-                    self.refresh_pending = true;
-                    return Some(Input::ContainerStarted);
-                }
+                self.started_by_us(asked_at).await;
+                return Some(Input::ContainerStarted);
             }
             Action::StopContainer { timeout_secs } => {
                 if let Some(id) = self.container_id() {
                     if let Err(e) = podman.stop(&id, timeout_secs).await {
                         warn!(chute = %self.name, error = %e, "stop failed");
                         self.view.borrow_mut().last_error = Some(e.to_string());
+                        self.failed_op = Some(self.podman_err(e));
+                        return Some(Input::StopFailed);
                     }
-                }
-            }
-            Action::RestartContainer { timeout_secs } => {
-                if let Some(id) = self.container_id() {
-                    if let Err(e) = podman.restart(&id, timeout_secs).await {
-                        warn!(chute = %self.name, error = %e, "restart failed");
-                        self.view.borrow_mut().last_error = Some(e.to_string());
-                    }
+                    return self.exit_of_our_stop(&id).await;
                 }
             }
             Action::RemoveContainer => {
@@ -1202,6 +1201,48 @@ impl Actor {
             Action::CancelTimers => self.timers.clear(),
         }
         None
+    }
+
+    /// Our start returned: the process runs. Acted on now rather than on Podman's `start`
+    /// event, which only confirms it and (with the file event logger Podman uses here)
+    /// arrives up to a poll interval later; the event, when it comes, is swallowed.
+    async fn started_by_us(&mut self, asked_at: i64) {
+        // Taken before the start call: a `died` of this run is later, one of any earlier
+        // run is earlier and must be ignored.
+        self.last_start_nanos = self.last_start_nanos.max(asked_at);
+        self.exit_confirmed = false;
+        self.starts_seen += 1;
+        self.unconfirmed_starts += 1;
+        if self.wants_shaping() {
+            // Shaped before it is reported running: a fresh start means a fresh network
+            // namespace and veth, with no qdiscs on them.
+            self.refresh_runtime_info().await;
+            self.shape_or_kill().await;
+        } else {
+            // Pid and cgroup paths are read after the reply is sent, so the inspect they
+            // need does not add to start latency.
+            self.refresh_pending = true;
+        }
+    }
+
+    /// Our stop returned, so the container has exited: its exit code is read now rather
+    /// than waited for in Podman's `died` event (which then only confirms it). `None`
+    /// leaves the decision to the event, if Podman says it still runs or cannot say.
+    async fn exit_of_our_stop(&mut self, id: &str) -> Option<Input> {
+        match self.agent.podman.inspect(id).await {
+            Ok(info) if !info.running => {
+                self.exit_confirmed = true;
+                self.view.borrow_mut().pid = 0;
+                Some(Input::ContainerExited {
+                    exit_code: info.exit_code,
+                })
+            }
+            Ok(_) => None,
+            Err(e) => {
+                debug!(chute = %self.name, error = %e, "inspect after stop failed; waiting for the event");
+                None
+            }
+        }
     }
 
     /// Starts the chute's container, creating it again if it vanished.
@@ -1299,11 +1340,12 @@ impl Actor {
             "name": self.name.as_str(),
             "state": self.lc.state(),
             "container_id": v.container_id,
-            "restarts": v.restarts.max(self.lc.restarts()),
+            "restarts": self.lc.restarts(),
         })
     }
 
     async fn handle_op(&mut self, op: ChuteOp) -> Result<Value, OpError> {
+        self.failed_op = None;
         match op {
             ChuteOp::Install { dir, progress } => self.install(dir.as_deref(), &progress).await,
             ChuteOp::Update {
@@ -1341,6 +1383,9 @@ impl Actor {
                     .check(&Input::StopRequested)
                     .map_err(|e| self.state_err(e))?;
                 self.feed(Input::StopRequested).await;
+                if let Some(e) = self.failed_op.take() {
+                    return Err(e);
+                }
                 self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
                     .await?;
                 Ok(self.ok_value())
@@ -1351,6 +1396,9 @@ impl Actor {
                     .map_err(|e| self.state_err(e))?;
                 let before = self.starts_seen;
                 self.feed(Input::RestartRequested).await;
+                if let Some(e) = self.failed_op.take() {
+                    return Err(e);
+                }
                 self.wait_for("running", |a| {
                     a.starts_seen > before && a.lc.state() == ChuteState::Running
                 })
@@ -1405,24 +1453,14 @@ impl Actor {
         ));
         let id = self.create_container().await?;
         let _ = progress.try_send(format!("starting container {}", short(&id)));
-        let before = self.starts_seen;
         let asked_at = wall_nanos();
         self.agent
             .podman
             .start(&id)
             .await
             .map_err(|e| self.podman_err(e))?;
+        self.started_by_us(asked_at).await;
         self.feed(Input::Installed).await;
-        self.refresh_runtime_info().await;
-        if self.wants_shaping() {
-            // Shaping runs on the start event; the chute is not running until it is shaped.
-            let _ = self.wait_for("running", |a| a.starts_seen > before).await;
-        } else {
-            // libpod's start returned: the process runs. Its event is only a confirmation.
-            self.last_start_nanos = self.last_start_nanos.max(asked_at);
-            self.starts_seen += 1;
-            self.unconfirmed_starts += 1;
-        }
         if self.lc.state() != ChuteState::Running {
             return Err(self.state_err(format!(
                 "exited right after starting (exit code {:?}); see `chuted logs {}`",
@@ -1534,9 +1572,12 @@ impl Actor {
         let _ = progress.try_send("stopping the running version".into());
         if was_running {
             self.feed(Input::StopRequested).await;
-            let _ = self
-                .wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
-                .await;
+            // A failed stop is not waited out: the forced removal below ends the old run.
+            if self.failed_op.take().is_none() {
+                let _ = self
+                    .wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
+                    .await;
+            }
         }
         if let Some(id) = self.container_id() {
             let _ = self.agent.podman.remove(&id, true).await;

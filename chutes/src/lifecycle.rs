@@ -12,6 +12,9 @@
 //!  (any) --RemoveRequested--> Dead  (remove container, release reservation, purge config)
 //! ```
 //!
+//! A requested restart is two steps: `StopContainer`, then on that exit `StartContainer` at
+//! once (no backoff), `Restarting` in between, so each half is confirmed on its own.
+//!
 //! Invariants the agent can rely on: the reservation is released only on the way to
 //! `Dead` (never around a restart); an exit caused by our own stop or restart is never
 //! counted as a failure; a timer whose token is not the latest one requested does nothing;
@@ -122,8 +125,10 @@ pub enum Input {
     RestartRequested,
     /// A user asked to remove the chute.
     RemoveRequested,
-    /// Podman event "start" (also after our own start).
+    /// The container started: our own start returned, or Podman reported a start.
     ContainerStarted,
+    /// Our `podman stop` failed (the container is taken to be still running).
+    StopFailed,
     /// Podman event "died".
     ContainerExited {
         /// The container's exit code.
@@ -148,6 +153,7 @@ impl Input {
             Input::RemoveRequested => "remove",
             Input::ContainerStarted => "container-started",
             Input::ContainerExited { .. } => "container-exited",
+            Input::StopFailed => "stop-failed",
             Input::TimerFired { .. } => "timer-fired",
         }
     }
@@ -171,11 +177,6 @@ pub enum Action {
     StartContainer,
     /// `podman stop` with this grace period.
     StopContainer {
-        /// Seconds before SIGKILL.
-        timeout_secs: u32,
-    },
-    /// `podman restart` with this grace period (the reservation is kept throughout).
-    RestartContainer {
         /// Seconds before SIGKILL.
         timeout_secs: u32,
     },
@@ -316,12 +317,15 @@ impl Lifecycle {
 
     /// The state to record for reconciliation ([`crate::KnownChute::state`]): like
     /// [`Lifecycle::state`], but a chute whose stop was requested and not yet seen to
-    /// finish counts as `Stopped`, so an agent crash in between does not undo the stop.
+    /// finish counts as `Stopped`, so an agent crash in between does not undo the stop, and
+    /// one whose requested restart has yet to stop it counts as `Restarting`.
     pub fn snapshot_state(&self) -> ChuteState {
-        if self.state == ChuteState::Running && self.expect == Expect::StopExit {
-            ChuteState::Stopped
-        } else {
-            self.state
+        match (self.state, self.expect) {
+            (ChuteState::Running, Expect::StopExit) => ChuteState::Stopped,
+            // A requested restart whose stop is under way: if the agent dies now, the
+            // start it still owes is made on reconciliation, whatever the policy.
+            (ChuteState::Running, Expect::RestartExit) => ChuteState::Restarting,
+            (state, _) => state,
         }
     }
 
@@ -430,10 +434,13 @@ impl Lifecycle {
                     self.arm_zombie()
                 }
                 Expect::RestartExit => {
+                    // The first half of a requested restart is done; the second is ours
+                    // too, so an agent crash in between still ends in a start.
                     self.last_exit_code = Some(*exit_code);
                     self.expect = Expect::Start;
                     self.started_at_ms = None;
-                    Vec::new()
+                    self.state = S::Restarting;
+                    vec![Action::StartContainer]
                 }
                 Expect::Nothing | Expect::Start => self.exited_on_its_own(*exit_code, now),
             }),
@@ -451,11 +458,23 @@ impl Lifecycle {
                 }])
             }
             (S::Running, Input::RestartRequested) => {
+                // A stop, then (on its exit) a start: two steps the agent can each confirm,
+                // rather than one opaque `podman restart` whose halves it cannot tell apart.
                 self.expect = Expect::RestartExit;
                 self.restarts = self.restarts.saturating_add(1);
-                Ok(vec![Action::RestartContainer {
+                Ok(vec![Action::StopContainer {
                     timeout_secs: self.cfg.stop_timeout_secs,
                 }])
+            }
+            (S::Running, Input::StopFailed)
+                if matches!(self.expect, Expect::StopExit | Expect::RestartExit) =>
+            {
+                // Still running as far as anyone knows; the next exit is a real one again.
+                if self.expect == Expect::RestartExit {
+                    self.restarts = self.restarts.saturating_sub(1);
+                }
+                self.expect = Expect::Nothing;
+                Ok(Vec::new())
             }
 
             (S::Restarting, Input::ContainerStarted) => {
@@ -869,18 +888,56 @@ mod tests {
     #[test]
     fn restart_request_is_not_a_failure() {
         let mut l = running(RestartPolicy::OnFailure);
-        assert_eq!(
-            l.handle(I::RestartRequested, 1),
-            vec![A::RestartContainer { timeout_secs: 10 }]
-        );
+        assert_eq!(l.handle(I::RestartRequested, 1), vec![STOP]);
         assert_eq!(l.restarts(), 1);
-        assert_eq!(l.handle(I::ContainerExited { exit_code: 143 }, 2), vec![]);
+        assert_eq!(l.state(), S::Running, "until the container has exited");
+        assert_eq!(
+            l.snapshot_state(),
+            S::Restarting,
+            "a crash now still owes a start"
+        );
+        assert_eq!(
+            l.handle(I::ContainerExited { exit_code: 143 }, 2),
+            vec![A::StartContainer]
+        );
+        assert_eq!(l.state(), S::Restarting);
+        assert_eq!(l.last_exit_code(), Some(143));
+        l.handle(I::ContainerStarted, 3);
         assert_eq!(l.state(), S::Running);
-        assert_eq!(l.handle(I::ContainerStarted, 3), vec![]);
         assert_eq!(l.consecutive_failures(), 0);
         // The next exit is a real one again.
         timer(&l.handle(I::ContainerExited { exit_code: 1 }, 4), 1_000);
         assert_eq!(l.state(), S::Restarting);
+    }
+
+    #[test]
+    fn failed_start_of_a_requested_restart_follows_the_policy() {
+        let mut l = running(RestartPolicy::Never);
+        l.handle(I::RestartRequested, 1);
+        l.handle(I::ContainerExited { exit_code: 143 }, 2);
+        // The start half failed (the agent feeds the failure back as an exit).
+        timer(&l.handle(I::ContainerExited { exit_code: 127 }, 3), DAY);
+        assert_eq!(l.state(), S::Failed);
+        assert_eq!(l.last_exit_code(), Some(127));
+    }
+
+    #[test]
+    fn failed_stop_leaves_the_chute_running_and_the_next_exit_a_real_one() {
+        for request in [I::StopRequested, I::RestartRequested] {
+            let mut l = running(RestartPolicy::OnFailure);
+            assert_eq!(l.handle(request.clone(), 1), vec![STOP]);
+            assert_eq!(l.handle(I::StopFailed, 2), vec![]);
+            assert_eq!(l.state(), S::Running, "after a failed {request:?}");
+            assert_eq!(l.restarts(), 0, "a failed restart is no restart");
+            assert_eq!(l.snapshot_state(), S::Running);
+            // Not mistaken for the exit of the stop that failed.
+            timer(&l.handle(I::ContainerExited { exit_code: 1 }, 3), 1_000);
+            assert_eq!(l.state(), S::Restarting);
+            // Meaningless when no stop is under way.
+            unchanged(&mut l, I::StopFailed);
+        }
+        let mut l = running(RestartPolicy::OnFailure);
+        unchanged(&mut l, I::StopFailed);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Edges of the agent's promises (issue 2) that `agent.rs` does not cover: zombie
 //! timeout, failed updates, no-op redeploys, `always` with capped backoff, stop timeouts,
 //! the admin socket's guards, agent crashes during backoff, removal in every state, a
-//! restarted Podman service, and usage sampling.
+//! restarted Podman service, failed stops, and usage sampling.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead, BufReader, Write};
@@ -379,13 +379,19 @@ fn a_stop_of_a_chute_ignoring_sigterm_honours_the_stop_timeout() {
 }
 
 /// A restart gives the chute the same grace period as a stop: SIGTERM, then SIGKILL only
-/// after stop_timeout_secs (a polite chute gets to shut down cleanly). It counts once.
+/// after stop_timeout_secs (a polite chute gets to shut down cleanly). It counts once, and
+/// Podman's late events for it (the old run's `died`, the new run's `start`) are not taken
+/// for a crash of the new run.
 #[test]
 fn a_restart_gives_the_chute_its_stop_timeout_too() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
     let name = unique("graceful");
-    let dir = w.chute_dir(&name, STUBBORN, &res("0.25", "32MiB", 32));
+    let dir = w.chute_dir(
+        &name,
+        STUBBORN,
+        &(res("0.25", "32MiB", 32) + &policy("never")),
+    );
     w.deploy(&dir);
     let t = Instant::now();
     w.cli(&["restart", &name]);
@@ -393,12 +399,65 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
     let v = w.inspect(&name);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["restarts"], 1, "{v}");
-    // libpod 4.3.1 reads `timeout=` on .../restart; `t=` is ignored and means SIGKILL at once.
+    assert_eq!(
+        v["last_exit_code"], 137,
+        "the stop half ended in SIGKILL: {v}"
+    );
     assert!(
         took >= Duration::from_secs(2),
         "restart took {took:?}: the chute was SIGKILLed without its 2 s grace period \
-         (Podman::restart must send `?timeout=`, not `?t=`)"
+         (Podman::stop must send `?timeout=`)"
     );
+    let pid = w.container_pid(&name);
+    // The events arrive up to a poll interval late; under `never` a died mistaken for
+    // the new run's would leave the chute failed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let v = w.inspect(&name);
+    assert_eq!(
+        v["state"], "running",
+        "a late event was taken for a crash: {v}"
+    );
+    assert_eq!(v["restarts"], 1, "{v}");
+    assert_eq!(w.container_pid(&name), pid);
+}
+
+/// A stop or restart Podman cannot carry out (its service is down) is reported to the
+/// caller at once, and the chute stays running under its policy: its next exit is a crash
+/// (under `never`: failed), not the exit of the stop that failed (which would leave it
+/// stopped, or restarted).
+#[test]
+fn a_stop_podman_cannot_carry_out_is_reported_and_the_policy_still_holds() {
+    for op in ["stop", "restart"] {
+        let mut w = World::new(&small_pools_config(""));
+        w.start_agent();
+        let name = unique("nostop");
+        let dir = w.chute_dir(
+            &name,
+            POLITE,
+            &(res("0.25", "32MiB", 32) + &policy("never")),
+        );
+        w.deploy(&dir);
+        w.stop_podman_service();
+        let t = Instant::now();
+        let err = w.cli_err(&[op, &name]);
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "{op} took {:?} to fail",
+            t.elapsed()
+        );
+        assert!(err.contains(&name), "{op}: {err}");
+        let v = w.inspect(&name);
+        assert_eq!(v["state"], "running", "after a failed {op}: {err}");
+        assert_eq!(v["restarts"], 0, "a failed {op} is no restart: {v}");
+        w.start_podman_service();
+        kill(w.container_pid(&name), "-KILL");
+        wait_until(
+            &format!("the crash after a failed {op} taken as a crash"),
+            Duration::from_secs(30),
+            || w.state(&name) == "failed",
+        );
+        assert_eq!(w.inspect(&name)["last_exit_code"], 137);
+    }
 }
 
 fn raw_request(socket: &Path, bytes: &[u8], shutdown_write: bool) -> String {
