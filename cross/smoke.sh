@@ -16,18 +16,8 @@ EXAMPLE=$ROOT/examples/hello-web
 ARCHES=${*:-aarch64 armv7}
 VERSION=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$ROOT/Cargo.toml")
 
-PASS=0
-FAIL=0
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/chuted-smoke.$$.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT INT TERM
-
-ok() { PASS=$((PASS + 1)); printf 'ok    %s\n' "$*"; }
-bad() {
-    FAIL=$((FAIL + 1))
-    printf 'FAIL  %s\n' "$1"
-    shift
-    for f in "$@"; do [ -s "$f" ] && sed 's/^/      | /' "$f" | head -n 20; done
-}
+. "$ROOT/scripts/lib/check.sh"
+checks_begin chuted-smoke
 
 # run ARCH ARGS...: runs the binary under qemu; stdout in $TMP/out, stderr in $TMP/err,
 # exit status in RC. A timeout keeps a hung emulated binary from wedging CI.
@@ -137,5 +127,4 @@ for arch in $ARCHES; do
     fi
 done
 
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+checks_end

@@ -61,6 +61,7 @@ struct RawConfig {
     ulimit_nproc: Option<u64>,
     cap_add: Option<Vec<String>>,
     instance: Option<String>,
+    cgroup_parent: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -93,6 +94,31 @@ pub struct AgentConfig {
     /// Which agent on this host owns a container (label `chuted.instance`). One agent per
     /// host is the norm; distinct instances let several (tests, staging) share a Podman.
     pub instance: String,
+    /// Where chutes' cgroups go (libpod `cgroup_parent`): a path under the cgroup root for
+    /// Podman's cgroupfs manager, a `.slice` for systemd's. `None`: Podman's default.
+    /// The OpenWrt init sets it (`CHUTED_CGROUP_PARENT`) so chutes sit beside the agent.
+    pub cgroup_parent: Option<String>,
+}
+
+/// What [`check_cgroup_parent`] accepts, for error messages.
+pub const CGROUP_PARENT_ALLOWED: &str = "an absolute cgroup path such as \"/chuted/chutes\" \
+    (letters, digits, '.', '_', '-'; no \"..\") or a systemd slice such as \"chuted.slice\"";
+
+/// Checks a `cgroup_parent` before it reaches Podman, which would otherwise fail every
+/// container create with a less helpful message (or, for `..`, escape the subtree).
+pub fn check_cgroup_parent(value: &str) -> bool {
+    let name_ok = |s: &str| {
+        !s.is_empty()
+            && s != "."
+            && s != ".."
+            && s.len() <= 255
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    };
+    match value.strip_prefix('/') {
+        Some(path) => path.split('/').all(name_ok),
+        None => value.len() > ".slice".len() && value.ends_with(".slice") && name_ok(value),
+    }
 }
 
 /// Facts about the host used to derive default pools.
@@ -153,6 +179,7 @@ impl AgentConfig {
             ulimit_nproc: 1024,
             cap_add: DEFAULT_CAPS.iter().map(|s| s.to_string()).collect(),
             instance: "default".to_owned(),
+            cgroup_parent: None,
         }
     }
 
@@ -319,6 +346,16 @@ impl AgentConfig {
             }
             cfg.instance = i;
         }
+        if let Some(cg) = raw.cgroup_parent {
+            if !check_cgroup_parent(&cg) {
+                return Err(invalid(
+                    "cgroup_parent",
+                    format!("{cg:?}"),
+                    CGROUP_PARENT_ALLOWED,
+                ));
+            }
+            cfg.cgroup_parent = Some(cg);
+        }
         if let Some(caps) = raw.cap_add {
             for c in &caps {
                 let bare = c.trim_start_matches("CAP_");
@@ -403,6 +440,39 @@ mod tests {
         assert!(e.contains("cap_add") && e.contains("SYS_ADMIN"), "{e}");
         let e = parse("owner_key = \"abc\"\n").unwrap_err().to_string();
         assert!(e.contains("64 hex"), "{e}");
+    }
+
+    #[test]
+    fn cgroup_parent_is_a_plain_path_or_a_slice() {
+        assert_eq!(parse("").unwrap().cgroup_parent, None);
+        for ok in ["/chuted/chutes", "/chuted", "chuted.slice", "/a_b-c.d"] {
+            assert_eq!(
+                parse(&format!("cgroup_parent = {ok:?}\n"))
+                    .unwrap()
+                    .cgroup_parent
+                    .as_deref(),
+                Some(ok)
+            );
+        }
+        for bad in [
+            "",
+            "/",
+            "chuted",
+            "/chuted/../..",
+            "/chuted//x",
+            "/a b",
+            "/x/",
+            ".slice",
+            "a/b.slice",
+        ] {
+            let e = parse(&format!("cgroup_parent = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("cgroup_parent") && e.contains("/chuted/chutes"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]

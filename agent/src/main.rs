@@ -436,10 +436,22 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
         .init();
 
     let host = HostFacts::detect();
-    let cfg = match &r.config {
+    let mut cfg = match &r.config {
         Some(p) => AgentConfig::load(p, host)?,
         None => AgentConfig::defaults(host),
     };
+    // Set by the OpenWrt init, which made that cgroup beside the agent's own; it wins over
+    // the file so a package's config cannot put chutes outside the subtree procd manages.
+    if let Some(cg) = std::env::var_os("CHUTED_CGROUP_PARENT").filter(|v| !v.is_empty()) {
+        let cg = cg.to_string_lossy().into_owned();
+        if !chuted::config::check_cgroup_parent(&cg) {
+            bail!(
+                "CHUTED_CGROUP_PARENT={cg:?}: expected {}",
+                chuted::config::CGROUP_PARENT_ALLOWED
+            );
+        }
+        cfg.cgroup_parent = Some(cg);
+    }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()

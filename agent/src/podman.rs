@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 
 use http::{Exchange, ReqBody};
 use stream::Lines;
-pub use stream::{EventStream, LogChunk, LogSource, LogStream, MAX_LINE, MAX_LOG_FRAME};
+pub use stream::{EventStream, LogChunk, LogLines, LogSource, LogStream, MAX_LINE, MAX_LOG_FRAME};
 
 /// API prefix: Podman 4.3.1 serves libpod API v4.3.1.
 const API: &str = "/v4.3.1/libpod";
@@ -105,6 +105,8 @@ pub struct ContainerSpec {
     /// e.g. `runc`; `None` uses Podman's default.
     pub oci_runtime: Option<String>,
     pub stop_timeout_secs: u32,
+    /// libpod `cgroup_parent`; `None` uses Podman's default.
+    pub cgroup_parent: Option<String>,
 }
 
 /// The parts of `podman inspect` chuted uses.
@@ -614,6 +616,8 @@ struct SpecGenerator<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     oci_runtime: Option<&'a str>,
     stop_timeout: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cgroup_parent: Option<&'a str>,
 }
 
 #[derive(Serialize)]
@@ -709,6 +713,7 @@ impl<'a> From<&'a ContainerSpec> for SpecGenerator<'a> {
                 .collect(),
             oci_runtime: s.oci_runtime.as_deref(),
             stop_timeout: s.stop_timeout_secs,
+            cgroup_parent: s.cgroup_parent.as_deref(),
         }
     }
 }
@@ -901,6 +906,7 @@ mod tests {
             ports: vec![(8080, 80, "tcp".into())],
             oci_runtime: Some("runc".into()),
             stop_timeout_secs: 7,
+            cgroup_parent: Some("/chuted/chutes".into()),
             ..Default::default()
         };
         let v = serde_json::to_value(SpecGenerator::from(&spec)).expect("serialisable");
@@ -916,6 +922,7 @@ mod tests {
         assert_eq!(v["portmappings"][0]["host_port"], 8080);
         assert_eq!(v["oci_runtime"], "runc");
         assert_eq!(v["stop_timeout"], 7);
+        assert_eq!(v["cgroup_parent"], "/chuted/chutes");
         assert!(v.get("privileged").is_none());
         assert!(
             v.get("command").is_none(),
@@ -956,6 +963,32 @@ mod tests {
         assert_eq!(stream::parse_log_frame(&buf[used..]), Ok(None));
         let huge = [1, 0, 0, 0, 0xff, 0xff, 0xff, 0xff];
         assert!(stream::parse_log_frame(&huge).is_err());
+    }
+
+    #[test]
+    fn log_lines_keep_stdout_and_stderr_apart_and_cut_long_lines() {
+        let chunk = |stream, data: &[u8]| LogChunk {
+            stream,
+            data: data.to_vec(),
+        };
+        let mut lines = LogLines::new(4);
+        let mut got = Vec::new();
+        let mut out = |s: LogSource, l: &str| got.push(format!("{}:{l}", s.name()));
+        // A partial stdout line, then a whole stderr one, then the rest of stdout's.
+        lines.feed(&chunk(LogSource::Stdout, b"ab"), &mut out);
+        lines.feed(&chunk(LogSource::Stderr, b"e1\nxyz"), &mut out);
+        lines.feed(&chunk(LogSource::Stdout, b"c\n123456"), &mut out);
+        lines.finish(&mut out);
+        assert_eq!(
+            got,
+            [
+                "stderr:e1",
+                "stdout:abc",
+                "stdout:1234",
+                "stdout:56",
+                "stderr:xyz"
+            ]
+        );
     }
 
     #[test]

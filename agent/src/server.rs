@@ -12,6 +12,7 @@ use smol::net::unix::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::admin::{Reply, Request, MAX_REQUEST};
+use crate::podman::{LogLines, MAX_LINE};
 use crate::supervisor::{Agent, ChuteOp};
 
 #[derive(Debug, thiserror::Error)]
@@ -143,42 +144,35 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
             };
             match agent.podman.logs(&id, follow, tail).await {
                 Ok(mut stream) => {
-                    let mut partial: Vec<u8> = Vec::new();
-                    while let Some(chunk) = stream.next().await {
-                        let chunk = match chunk {
-                            Ok(c) => c,
-                            Err(e) => {
+                    let mut split = LogLines::new(MAX_LINE);
+                    let mut ready = Vec::new();
+                    let mut ended = false;
+                    while !ended {
+                        match stream.next().await {
+                            Some(Ok(chunk)) => split.feed(&chunk, |source, line| {
+                                ready.push(Reply::Log {
+                                    stream: source.name().into(),
+                                    line: line.to_owned(),
+                                })
+                            }),
+                            Some(Err(e)) => {
                                 return write_reply(&mut writer, &Reply::Error(e.to_string()))
                                     .await;
                             }
-                        };
-                        let source = format!("{:?}", chunk.stream).to_ascii_lowercase();
-                        partial.extend_from_slice(&chunk.data);
-                        while let Some(pos) = partial.iter().position(|&b| b == b'\n') {
-                            let rest = partial.split_off(pos + 1);
-                            let text = String::from_utf8_lossy(&partial[..pos]).into_owned();
-                            partial = rest;
-                            // A closed client ends a follow.
-                            write_reply(
-                                &mut writer,
-                                &Reply::Log {
-                                    stream: source.clone(),
-                                    line: text,
-                                },
-                            )
-                            .await?;
+                            None => {
+                                ended = true;
+                                split.finish(|source, line| {
+                                    ready.push(Reply::Log {
+                                        stream: source.name().into(),
+                                        line: line.to_owned(),
+                                    })
+                                });
+                            }
                         }
-                    }
-                    if !partial.is_empty() {
-                        let text = String::from_utf8_lossy(&partial).into_owned();
-                        write_reply(
-                            &mut writer,
-                            &Reply::Log {
-                                stream: "stdout".into(),
-                                line: text,
-                            },
-                        )
-                        .await?;
+                        for reply in ready.drain(..) {
+                            // A closed client ends a follow.
+                            write_reply(&mut writer, &reply).await?;
+                        }
                     }
                     Ok(json!(null))
                 }

@@ -165,14 +165,20 @@ pub enum ChuteOp {
 }
 
 pub enum ChuteMsg {
-    Request {
-        op: ChuteOp,
-        reply: Sender<Result<Value, OpError>>,
-    },
+    /// Answered by `handle_op`; deferred while another request is in progress.
+    Request { op: ChuteOp, reply: Reply },
+    /// Handled at once, even in the middle of a request (which may be waiting for it).
+    Happened(Happening),
+}
+
+/// Something that happened to a chute, as opposed to something asked of it.
+pub enum Happening {
     Event(ContainerEvent),
     Timer(u64),
     Resync,
 }
+
+type Reply = Sender<Result<Value, OpError>>;
 
 struct ChuteHandle {
     tx: Sender<ChuteMsg>,
@@ -629,7 +635,7 @@ impl Agent {
                     restored_view(m, r, ChuteState::Running, true, Some(container_id)),
                     lc,
                 );
-                let _ = tx.send(ChuteMsg::Resync).await;
+                let _ = tx.send(ChuteMsg::Happened(Happening::Resync)).await;
             }
             ReconcileAction::Restart {
                 chute,
@@ -857,6 +863,7 @@ pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> C
             .collect(),
         oci_runtime: cfg.oci_runtime.clone(),
         stop_timeout_secs: cfg.lifecycle.stop_timeout_secs,
+        cgroup_parent: cfg.cgroup_parent.clone(),
     }
 }
 
@@ -867,7 +874,8 @@ struct Actor {
     view: Rc<RefCell<ChuteView>>,
     rx: Receiver<ChuteMsg>,
     tx: Sender<ChuteMsg>,
-    deferred: VecDeque<ChuteMsg>,
+    /// Requests that arrived while another was in progress, in order.
+    deferred: VecDeque<(ChuteOp, Reply)>,
     timers: Vec<Task<()>>,
     starts_seen: u64,
     /// Set when an install failed: the chute leaves no trace.
@@ -896,7 +904,7 @@ impl Actor {
         }
         loop {
             let msg = match self.deferred.pop_front() {
-                Some(m) => m,
+                Some((op, reply)) => ChuteMsg::Request { op, reply },
                 None => match self.rx.recv().await {
                     Ok(m) => m,
                     Err(_) => break,
@@ -907,7 +915,7 @@ impl Actor {
                 ChuteMsg::Request { op, reply } => {
                     reply_to = Some((reply, self.handle_op(op).await));
                 }
-                other => self.background(other).await,
+                ChuteMsg::Happened(h) => self.background(h).await,
             }
             self.publish();
             let finished = self.purge || self.lc.state() == ChuteState::Dead;
@@ -924,13 +932,11 @@ impl Actor {
             }
             if finished {
                 // Fail anything still queued rather than leaving callers hanging.
-                for m in self.deferred.drain(..) {
-                    if let ChuteMsg::Request { reply, .. } = m {
-                        let _ = reply.try_send(Err(OpError::State {
-                            chute: self.name.to_string(),
-                            message: "was removed".into(),
-                        }));
-                    }
+                for (_, reply) in self.deferred.drain(..) {
+                    let _ = reply.try_send(Err(OpError::State {
+                        chute: self.name.to_string(),
+                        message: "was removed".into(),
+                    }));
                 }
                 break;
             }
@@ -969,9 +975,9 @@ impl Actor {
         }
     }
 
-    async fn background(&mut self, msg: ChuteMsg) {
-        match msg {
-            ChuteMsg::Event(ev) => {
+    async fn background(&mut self, happening: Happening) {
+        match happening {
+            Happening::Event(ev) => {
                 if self.container_id().as_deref() != Some(ev.container_id.as_str()) {
                     return;
                 }
@@ -1018,9 +1024,8 @@ impl Actor {
                     _ => {}
                 }
             }
-            ChuteMsg::Timer(token) => self.feed(Input::TimerFired { token }).await,
-            ChuteMsg::Resync => self.resync().await,
-            ChuteMsg::Request { .. } => unreachable_request(),
+            Happening::Timer(token) => self.feed(Input::TimerFired { token }).await,
+            Happening::Resync => self.resync().await,
         }
     }
 
@@ -1195,7 +1200,7 @@ impl Actor {
                 let tx = self.tx.clone();
                 self.timers.push(self.agent.spawn(async move {
                     Timer::after(Duration::from_millis(after_ms)).await;
-                    let _ = tx.send(ChuteMsg::Timer(token)).await;
+                    let _ = tx.send(ChuteMsg::Happened(Happening::Timer(token))).await;
                 }));
             }
             Action::CancelTimers => self.timers.clear(),
@@ -1305,10 +1310,8 @@ impl Actor {
             })
             .await;
             match msg {
-                Some(ChuteMsg::Request { op, reply }) => {
-                    self.deferred.push_back(ChuteMsg::Request { op, reply });
-                }
-                Some(other) => self.background(other).await,
+                Some(ChuteMsg::Request { op, reply }) => self.deferred.push_back((op, reply)),
+                Some(ChuteMsg::Happened(h)) => self.background(h).await,
                 None if !resynced => {
                     resynced = true;
                     self.resync().await;
@@ -1648,11 +1651,6 @@ impl Actor {
     }
 }
 
-fn unreachable_request() {
-    // Requests are dispatched by `run`/`wait_for` before reaching `background`.
-    debug!("request reached background handler");
-}
-
 /// Makes the manifest's image available: from an archive beside chute.toml (verified by
 /// its sha256 before loading), else the local store, else a pull.
 pub async fn ensure_image(
@@ -1760,7 +1758,7 @@ pub async fn route_events(agent: Rc<Agent>) {
                     .map(|h| h.tx.clone())
                     .collect();
                 for tx in txs {
-                    let _ = tx.send(ChuteMsg::Resync).await;
+                    let _ = tx.send(ChuteMsg::Happened(Happening::Resync)).await;
                 }
                 while let Some(ev) = stream.next().await {
                     match ev {
@@ -1774,7 +1772,7 @@ pub async fn route_events(agent: Rc<Agent>) {
                             };
                             let tx = agent.chutes.borrow().get(&name).map(|h| h.tx.clone());
                             if let Some(tx) = tx {
-                                let _ = tx.send(ChuteMsg::Event(ev)).await;
+                                let _ = tx.send(ChuteMsg::Happened(Happening::Event(ev))).await;
                             }
                         }
                         Err(e) => {

@@ -167,6 +167,7 @@ fn base_spec(image: &TestImage, label: &str, command: &[&str]) -> (ContainerSpec
         ports: vec![],
         oci_runtime: Some("runc".to_owned()),
         stop_timeout_secs: 2,
+        cgroup_parent: None,
     };
     (spec, ContainerGuard(name))
 }

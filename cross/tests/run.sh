@@ -11,23 +11,8 @@ set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 CROSS=$(cd "$HERE/.." && pwd)
 ROOT=$(cd "$CROSS/.." && pwd)
-PASS=0
-FAIL=0
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/chuted-cross-test.$$.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT INT TERM
-
-ok() { PASS=$((PASS + 1)); printf 'ok    %s\n' "$1"; }
-bad() {
-    FAIL=$((FAIL + 1))
-    printf 'FAIL  %s\n' "$1"
-    shift
-    for f in "$@"; do [ -s "$f" ] && sed 's/^/      | /' "$f" | tail -n 30; done
-}
-check() {
-    _name=$1
-    shift
-    if "$@" >"$TMP/out" 2>&1; then ok "$_name"; else bad "$_name" "$TMP/out"; fi
-}
+. "$ROOT/scripts/lib/check.sh"
+checks_begin chuted-cross-test
 
 for f in build.sh smoke.sh size-report.sh; do
     check "sh -n $f" sh -n "$CROSS/$f"
@@ -92,5 +77,4 @@ else
     bad "smoke.sh without binaries (exit $rc)" "$TMP/out"
 fi
 
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+checks_end

@@ -17,28 +17,8 @@ MAKEFILE=$PKGROOT/chuted/Makefile
 UNIT=$PKGROOT/systemd/chuted.service
 VERSION=$(sed -n '/^\[workspace.package\]/,/^\[/s/^version *= *"\(.*\)"/\1/p' "$ROOT/Cargo.toml")
 
-PASS=0
-FAIL=0
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/chuted-pkg-test.$$.XXXXXX")
-trap 'rm -rf "$TMP"' EXIT INT TERM
-
-ok() { PASS=$((PASS + 1)); printf 'ok    %s\n' "$1"; }
-bad() {
-    FAIL=$((FAIL + 1))
-    printf 'FAIL  %s\n' "$1"
-    shift
-    for f in "$@"; do [ -s "$f" ] && sed "s/^/      | /" "$f" | tail -n 40; done
-}
-# check NAME COMMAND...: passes when COMMAND succeeds.
-check() {
-    _name=$1
-    shift
-    if "$@" >"$TMP/check.out" 2>&1; then ok "$_name"; else bad "$_name" "$TMP/check.out"; fi
-}
-# same NAME EXPECTED_FILE ACTUAL_FILE
-same() {
-    if diff -u "$2" "$3" >"$TMP/diff" 2>&1; then ok "$1"; else bad "$1" "$TMP/diff"; fi
-}
+. "$ROOT/scripts/lib/check.sh"
+checks_begin chuted-pkg-test
 
 # --- shell syntax -------------------------------------------------------------------------
 SHELLS="sh"
@@ -394,5 +374,4 @@ else
     echo "note  systemd-analyze not installed: unit verification not run"
 fi
 
-echo "$PASS passed, $FAIL failed"
-[ "$FAIL" = 0 ]
+checks_end

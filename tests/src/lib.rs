@@ -105,6 +105,10 @@ pub struct World {
     containers: Vec<String>,
     /// Extra arguments for `chuted run` (e.g. `--cloud URL`).
     pub run_args: Vec<String>,
+    /// Extra environment for `chuted run`.
+    pub agent_env: Vec<(String, String)>,
+    /// Top-level cgroups this test had Podman create (a `cgroup_parent`); removed in Drop.
+    cgroup_trees: Vec<String>,
 }
 
 impl World {
@@ -135,6 +139,8 @@ impl World {
             agent: None,
             containers: Vec::new(),
             run_args: Vec::new(),
+            agent_env: Vec::new(),
+            cgroup_trees: Vec::new(),
             dir,
         };
         wait_until("podman socket", Duration::from_secs(10), || {
@@ -163,6 +169,7 @@ impl World {
             .arg("--log-level")
             .arg("debug")
             .args(&self.run_args)
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -343,6 +350,9 @@ impl Drop for World {
         for c in &self.containers {
             let _ = podman(&["rm", "-f", "-t", "0", c]);
         }
+        for top in &self.cgroup_trees {
+            remove_cgroup_tree(top);
+        }
         let _ = self.podman_service.kill();
         let _ = self.podman_service.wait();
         if !std::thread::panicking() {
@@ -351,6 +361,68 @@ impl Drop for World {
             eprintln!("test dir kept for post-mortem: {}", self.dir.display());
         }
     }
+}
+
+impl World {
+    /// Marks `/top` (a cgroup this test's `cgroup_parent` made Podman create) for removal
+    /// in every hierarchy once the test's containers are gone.
+    pub fn track_cgroup_tree(&mut self, top: &str) {
+        self.cgroup_trees.push(top.to_owned());
+    }
+}
+
+/// Removes the cgroup `/top` and everything under it, in the v2 hierarchy and in every
+/// v1 one. Empty cgroups only: Podman may take a moment to clean up a container's own.
+pub fn remove_cgroup_tree(top: &str) {
+    fn rmdir_tree(dir: &Path) -> bool {
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    rmdir_tree(&e.path());
+                }
+            }
+        }
+        std::fs::remove_dir(dir).is_ok() || !dir.exists()
+    }
+    let mut roots = vec![PathBuf::from("/sys/fs/cgroup")];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        roots.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for _ in 0..50 {
+        let mut all_gone = true;
+        for root in &roots {
+            let dir = root.join(top.trim_start_matches('/'));
+            if dir.exists() && !rmdir_tree(&dir) {
+                all_gone = false;
+            }
+        }
+        if all_gone {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("cgroup {top} could not be removed everywhere");
+}
+
+/// The cgroup path of a process for `controller` (v1), or its v2 path.
+pub fn cgroup_path(pid: u32, controller: &str) -> String {
+    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    let mut v2 = None;
+    for line in cg.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, ctrls, path) = (
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+            parts.next().unwrap(),
+        );
+        if ctrls.split(',').any(|c| c == controller) {
+            return path.to_owned();
+        }
+        if ctrls.is_empty() {
+            v2 = Some(path.to_owned());
+        }
+    }
+    v2.unwrap_or_else(|| panic!("no {controller} cgroup for pid {pid}"))
 }
 
 pub fn tail(s: &str, n: usize) -> String {

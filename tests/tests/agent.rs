@@ -84,6 +84,64 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     assert_eq!(lim["pids_max"], 64, "{lim}");
 }
 
+/// Chutes go under the agent's `cgroup_parent` (OpenWrt's init passes it in
+/// `CHUTED_CGROUP_PARENT`, which wins over the config file) with their caps intact there;
+/// a bad value stops the agent at start with what is allowed.
+#[test]
+fn chutes_land_under_the_configured_cgroup_parent() {
+    let file_top = unique("chuted-e2e-cgfile");
+    let env_top = unique("chuted-e2e-cgenv");
+    let mut w = World::new(&small_pools_config(&format!(
+        "cgroup_parent = \"/{file_top}\""
+    )));
+    w.track_cgroup_tree(&file_top);
+    w.track_cgroup_tree(&env_top);
+
+    let out = std::process::Command::new(chuted_bin())
+        .args(["--admin-socket"])
+        .arg(&w.admin_socket)
+        .args(["run", "--state-dir"])
+        .arg(&w.state_dir)
+        .arg("--podman-socket")
+        .arg(&w.podman_socket)
+        .arg("--config")
+        .arg(&w.config)
+        .env("CHUTED_CGROUP_PARENT", "/../escape")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("CHUTED_CGROUP_PARENT") && err.contains("/chuted/chutes"),
+        "{err}"
+    );
+
+    let parent = format!("/{env_top}/chutes");
+    w.agent_env
+        .push(("CHUTED_CGROUP_PARENT".into(), parent.clone()));
+    w.start_agent();
+    let name = unique("cgparent");
+    let dir = w.chute_dir(&name, SLEEPER, &res("0.5", "64MiB", 64));
+    assert_eq!(w.deploy(&dir)["state"], "running");
+    let pid = w.container_pid(&name);
+    for controller in ["memory", "pids", "cpu"] {
+        let path = cgroup_path(pid, controller);
+        assert!(
+            path.starts_with(&format!("{parent}/")),
+            "{controller} cgroup {path} is not under {parent}"
+        );
+    }
+    assert_eq!(
+        cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(cgroup_file(pid, "pids", "pids.max"), "64");
+    // The agent reads usage and limits from where the chute really is.
+    let lim = &w.inspect(&name)["cgroup_limits"];
+    assert_eq!(lim["memory_max"], 64u64 << 20, "{lim}");
+    w.cli(&["remove", &name]);
+}
+
 #[test]
 fn an_over_committed_deploy_is_refused_and_creates_nothing() {
     let mut w = World::new(&small_pools_config(""));

@@ -585,42 +585,97 @@ fn a_silent_peer_is_detected_and_replaced() {
     drop(c.s);
 }
 
+/// An image archive as the cloud sends it: the bytes, their digest, CHUNK frames.
+struct Archive {
+    data: Vec<u8>,
+    sha: [u8; 32],
+}
+
+impl Archive {
+    /// The test image, saved by Podman.
+    fn of_test_image(w: &World) -> Archive {
+        let tar = w.dir.join("image.tar");
+        podman_ok(&[
+            "save",
+            "--format",
+            "docker-archive",
+            "-o",
+            tar.to_str().unwrap(),
+            IMAGE,
+        ]);
+        let data = std::fs::read(&tar).unwrap();
+        let sha = {
+            use sha2::Digest;
+            sha2::Sha256::digest(&data).into()
+        };
+        Archive { data, sha }
+    }
+
+    fn total(&self) -> u64 {
+        self.data.len() as u64
+    }
+
+    /// The same digest over bytes with one of them flipped.
+    fn corrupted(&self) -> Archive {
+        let mut data = self.data.clone();
+        data[self.data.len() / 3] ^= 0xff;
+        Archive {
+            data,
+            sha: self.sha,
+        }
+    }
+
+    fn is_ack(&self, m: &Message) -> bool {
+        matches!(m, Message::ChunkAck(a) if a.image_sha256 == self.sha)
+    }
+
+    /// Sends `len` bytes from `offset`; the agent's answer, an ack or an ERROR.
+    fn send(&self, s: &mut Session, offset: usize, len: usize) -> Message {
+        let end = (offset + len).min(self.data.len());
+        s.send(&Message::Chunk(proto::Chunk {
+            image_sha256: self.sha,
+            total_size: self.total(),
+            offset: offset as u64,
+            data: BoundedBytes::new(self.data[offset..end].to_vec()).unwrap(),
+        }));
+        s.wait_for("ack or error", T, |m| {
+            self.is_ack(m) || matches!(m, Message::Error(_))
+        })
+    }
+
+    /// Sends a chunk that must be acknowledged.
+    fn ack(&self, s: &mut Session, offset: usize, len: usize) -> ChunkAck {
+        match self.send(s, offset, len) {
+            Message::ChunkAck(a) => a,
+            other => panic!("chunk at {offset} refused: {other:?}"),
+        }
+    }
+
+    /// Sends the rest from `offset` on; the last ack.
+    fn finish(&self, s: &mut Session, mut offset: usize, piece: usize) -> ChunkAck {
+        loop {
+            let a = self.ack(s, offset, piece);
+            offset = a.next_offset as usize;
+            if offset >= self.data.len() {
+                return a;
+            }
+        }
+    }
+}
+
 #[test]
 fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
     let mut c = setup("", &[]);
     let chute = unique("cl-");
     c.w.track(&chute);
-    let tar = c.w.dir.join("image.tar");
-    podman_ok(&[
-        "save",
-        "--format",
-        "docker-archive",
-        "-o",
-        tar.to_str().unwrap(),
-        IMAGE,
-    ]);
-    let data = std::fs::read(&tar).unwrap();
-    let sha: [u8; 32] = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&data).into()
-    };
-    let total = data.len() as u64;
-    let chunk = |offset: usize, len: usize| {
-        Message::Chunk(proto::Chunk {
-            image_sha256: sha,
-            total_size: total,
-            offset: offset as u64,
-            data: BoundedBytes::new(data[offset..(offset + len).min(data.len())].to_vec()).unwrap(),
-        })
-    };
-    let ack_of = |m: &Message| matches!(m, Message::ChunkAck(a) if a.image_sha256 == sha);
+    let archive = Archive::of_test_image(&c.w);
+    let (sha, total) = (archive.sha, archive.total());
+    let ack_of = |m: &Message| archive.is_ack(m);
 
     // Chunks for an image no verified deploy asked for are refused.
-    c.s.send(&chunk(0, 1000));
-    let m = c.s.wait_for("ERROR for an unasked chunk", T, |m| {
-        matches!(m, Message::Error(_))
-    });
-    let Message::Error(e) = m else { unreachable!() };
+    let Message::Error(e) = archive.send(&mut c.s, 0, 1000) else {
+        panic!("an unasked chunk was acknowledged")
+    };
     assert_eq!(e.code, ErrorCode::ProtocolViolation);
 
     let cmd = c.dev.sign(deploy_args(&chute, Some((sha, total))));
@@ -633,12 +688,9 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
         panic!("the transfer starts at 0")
     };
     const PIECE: usize = 128 * 1024;
-    let half = data.len() / 2;
     let mut off = 0;
-    while off < half {
-        c.s.send(&chunk(off, PIECE));
-        c.s.wait_for("ack", T, ack_of);
-        off += PIECE;
+    while off < archive.data.len() / 2 {
+        off = archive.ack(&mut c.s, off, PIECE).next_offset as usize;
     }
     // The link drops mid-transfer; on the next session the agent says where to resume.
     drop(c.s);
@@ -647,21 +699,11 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
         unreachable!()
     };
     assert_eq!(
-        ack.next_offset as usize,
-        off.min(data.len()),
+        ack.next_offset as usize, off,
         "resumes after the bytes it holds"
     );
-    let mut off = ack.next_offset as usize;
-    let mut complete = false;
-    while off < data.len() {
-        s.send(&chunk(off, PIECE));
-        let Message::ChunkAck(a) = s.wait_for("ack", T, ack_of) else {
-            unreachable!()
-        };
-        complete = a.complete;
-        off = a.next_offset as usize;
-    }
-    assert!(complete, "the last ack reports the verified archive");
+    let last = archive.finish(&mut s, off, PIECE);
+    assert!(last.complete, "the last ack reports the verified archive");
     // The original request belonged to the old session: the cloud resends the CALL
     // and gets the one result (the deploy ran once).
     let v = s.call(2, &cmd, Duration::from_secs(120)).ok_json();
@@ -678,26 +720,18 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
         command: bad,
     })));
     s.wait_for("first ack", T, ack_of);
-    let mut corrupt = data.clone();
-    corrupt[data.len() / 3] ^= 0xff;
+    let corrupt = archive.corrupted();
     let mut off = 0;
     let mut refused = None;
-    while off < corrupt.len() {
-        let len = PIECE.min(corrupt.len() - off);
-        s.send(&Message::Chunk(proto::Chunk {
-            image_sha256: sha,
-            total_size: total,
-            offset: off as u64,
-            data: BoundedBytes::new(corrupt[off..off + len].to_vec()).unwrap(),
-        }));
-        let m = s.wait_for("ack or error", T, |m| {
-            ack_of(m) || matches!(m, Message::Error(_))
-        });
-        if let Message::Error(e) = m {
-            refused = Some(e);
-            break;
+    while off < corrupt.data.len() {
+        match corrupt.send(&mut s, off, PIECE) {
+            Message::ChunkAck(a) => off = a.next_offset as usize,
+            Message::Error(e) => {
+                refused = Some(e);
+                break;
+            }
+            _ => unreachable!(),
         }
-        off += len;
     }
     let e = refused.expect("a corrupted archive is refused");
     assert_eq!(e.code, ErrorCode::DigestMismatch, "{}", e.message);
@@ -862,35 +896,10 @@ fn image_transfer_resumes_after_an_agent_restart() {
     let mut c = setup("", &[]);
     let chute = unique("cl-");
     c.w.track(&chute);
-    let tar = c.w.dir.join("image.tar");
-    podman_ok(&[
-        "save",
-        "--format",
-        "docker-archive",
-        "-o",
-        tar.to_str().unwrap(),
-        IMAGE,
-    ]);
-    let data = std::fs::read(&tar).unwrap();
-    let sha: [u8; 32] = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&data).into()
-    };
-    let total = data.len() as u64;
-    let ack_of = |m: &Message| matches!(m, Message::ChunkAck(a) if a.image_sha256 == sha);
-    let send = |s: &mut Session, off: usize| -> ChunkAck {
-        let end = (off + 100_000).min(data.len());
-        s.send(&Message::Chunk(proto::Chunk {
-            image_sha256: sha,
-            total_size: total,
-            offset: off as u64,
-            data: BoundedBytes::new(data[off..end].to_vec()).unwrap(),
-        }));
-        let Message::ChunkAck(a) = s.wait_for("ack", T, ack_of) else {
-            unreachable!()
-        };
-        a
-    };
+    let archive = Archive::of_test_image(&c.w);
+    let (sha, total) = (archive.sha, archive.total());
+    let ack_of = |m: &Message| archive.is_ack(m);
+    const PIECE: usize = 100_000;
     let first = c.dev.sign(deploy_args(&chute, Some((sha, total))));
     c.s.send(&Message::Call(Box::new(proto::Call {
         request: 1,
@@ -898,8 +907,8 @@ fn image_transfer_resumes_after_an_agent_restart() {
     })));
     c.s.wait_for("first ack", T, ack_of);
     let mut held = 0;
-    while held < data.len() / 2 {
-        held = send(&mut c.s, held).next_offset as usize;
+    while held < archive.data.len() / 2 {
+        held = archive.ack(&mut c.s, held, PIECE).next_offset as usize;
     }
 
     // The agent dies mid-transfer. Its deploy command is spent (replay window), so the
@@ -921,13 +930,7 @@ fn image_transfer_resumes_after_an_agent_restart() {
         ack.next_offset as usize, held,
         "resumes after the bytes kept across the restart"
     );
-    let mut off = held;
-    let mut last = ack;
-    while off < data.len() {
-        last = send(&mut s, off);
-        off = last.next_offset as usize;
-    }
-    assert!(last.complete);
+    assert!(archive.finish(&mut s, held, PIECE).complete);
     let v = match s.reply(2, Duration::from_secs(120)) {
         r @ Reply::Result(_) => r.ok_json(),
         Reply::Error(e) => panic!("{e:?}"),

@@ -21,9 +21,10 @@ use serde_json::{json, Value};
 use smol::Task;
 
 use super::images::Expect;
-use super::logs::{LineSplitter, LogRing, RING_BYTES, RING_LINES};
+use super::logs::{LogRing, RING_BYTES, RING_LINES};
 use super::store::StoreError;
 use super::Cloud;
+use crate::podman::{LogLines, LogSource};
 use crate::supervisor::{ChuteOp, OpError};
 
 /// A deploy's image, as registered when its CALL was accepted.
@@ -374,20 +375,18 @@ impl Cloud {
                 Ok(s) => s,
                 Err(e) => return failed(ErrorCode::Internal, &format!("chute `{chute}`: {e}")),
             };
-            let mut split = LineSplitter::default();
+            let mut split = LogLines::new(proto::MAX_LOG_LINE);
+            let mut keep = |source: LogSource, l: &str| {
+                if budget > l.len() + 32 {
+                    budget -= l.len() + 32;
+                    lines.push(json!({"stream": source.name(), "text": l}));
+                }
+            };
             while let Some(chunk) = stream.next().await {
                 let Ok(chunk) = chunk else { break };
-                let s = match chunk.stream {
-                    crate::podman::LogSource::Stdout => "stdout",
-                    crate::podman::LogSource::Stderr => "stderr",
-                };
-                split.feed(&chunk.data, proto::MAX_LOG_LINE, |l| {
-                    if budget > l.len() + 32 {
-                        budget -= l.len() + 32;
-                        lines.push(json!({"stream": s, "text": l}));
-                    }
-                });
+                split.feed(&chunk, &mut keep);
             }
+            split.finish(&mut keep);
         }
         let subscription = if follow {
             Some(self.subscribe_logs(chute.clone(), id))
@@ -418,18 +417,20 @@ impl Cloud {
                         return;
                     }
                 };
-                let mut split = LineSplitter::default();
+                let mut split = LogLines::new(proto::MAX_LOG_LINE);
+                let wire = |source| match source {
+                    LogSource::Stdout => LogStream::Stdout,
+                    LogSource::Stderr => LogStream::Stderr,
+                };
                 while let Some(Ok(chunk)) = stream.next().await {
-                    let s = match chunk.stream {
-                        crate::podman::LogSource::Stdout => LogStream::Stdout,
-                        crate::podman::LogSource::Stderr => LogStream::Stderr,
-                    };
                     let ts = super::unix_now().saturating_mul(1000);
-                    split.feed(&chunk.data, proto::MAX_LOG_LINE, |l| {
-                        r1.borrow_mut().push(ts, s, l)
-                    });
+                    split.feed(&chunk, |s, l| r1.borrow_mut().push(ts, wire(s), l));
                     let _ = bell_tx.try_send(());
                 }
+                // The container is gone: its last words, newline or not.
+                let ts = super::unix_now().saturating_mul(1000);
+                split.finish(|s, l| r1.borrow_mut().push(ts, wire(s), l));
+                let _ = bell_tx.try_send(());
             });
             let this = self.clone();
             let drain = self.agent.spawn(async move {

@@ -89,38 +89,6 @@ impl LogRing {
     }
 }
 
-/// Splits a byte stream into lines; a line longer than `max` is cut into pieces so a
-/// chute printing without newlines cannot grow the buffer.
-#[derive(Debug, Default)]
-pub struct LineSplitter {
-    partial: Vec<u8>,
-}
-
-impl LineSplitter {
-    pub fn feed(&mut self, data: &[u8], max: usize, mut out: impl FnMut(&str)) {
-        for &b in data {
-            if b == b'\n' {
-                out(&String::from_utf8_lossy(&self.partial));
-                self.partial.clear();
-            } else {
-                self.partial.push(b);
-                if self.partial.len() >= max {
-                    out(&String::from_utf8_lossy(&self.partial));
-                    self.partial.clear();
-                }
-            }
-        }
-    }
-
-    /// What is left without a final newline.
-    pub fn finish(&mut self, mut out: impl FnMut(&str)) {
-        if !self.partial.is_empty() {
-            out(&String::from_utf8_lossy(&self.partial));
-            self.partial.clear();
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -159,14 +127,5 @@ mod tests {
         let b = r.take_batch(&name()).unwrap();
         assert_eq!(b.lines.len(), MAX_LOG_LINES);
         assert_eq!(r.len(), 300 - MAX_LOG_LINES);
-    }
-
-    #[test]
-    fn splitter_cuts_long_lines() {
-        let mut s = LineSplitter::default();
-        let mut got = Vec::new();
-        s.feed(b"ab\ncdefg", 3, |l| got.push(l.to_owned()));
-        s.finish(|l| got.push(l.to_owned()));
-        assert_eq!(got, ["ab", "cde", "fg"]);
     }
 }

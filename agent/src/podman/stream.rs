@@ -139,6 +139,71 @@ pub struct LogChunk {
     pub data: Vec<u8>,
 }
 
+/// Reassembles lines from [`LogChunk`]s. Each output keeps its own partial line, so
+/// stdout and stderr written between each other's newlines never splice into one line; a
+/// line longer than `max` bytes is cut into pieces of `max`.
+#[derive(Debug)]
+pub struct LogLines {
+    max: usize,
+    /// Indexed by [`LogSource::index`].
+    partial: [Vec<u8>; 2],
+}
+
+impl LogSource {
+    /// `"stdout"` or `"stderr"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LogSource::Stdout => "stdout",
+            LogSource::Stderr => "stderr",
+        }
+    }
+
+    fn index(self) -> usize {
+        match self {
+            LogSource::Stdout => 0,
+            LogSource::Stderr => 1,
+        }
+    }
+}
+
+impl LogLines {
+    pub fn new(max: usize) -> Self {
+        LogLines {
+            max: max.max(1),
+            partial: [Vec::new(), Vec::new()],
+        }
+    }
+
+    /// Calls `out` for every line `chunk` completes, without its newline.
+    pub fn feed(&mut self, chunk: &LogChunk, mut out: impl FnMut(LogSource, &str)) {
+        let max = self.max;
+        let partial = &mut self.partial[chunk.stream.index()];
+        for &b in &chunk.data {
+            if b == b'\n' {
+                out(chunk.stream, &String::from_utf8_lossy(partial));
+                partial.clear();
+            } else {
+                partial.push(b);
+                if partial.len() >= max {
+                    out(chunk.stream, &String::from_utf8_lossy(partial));
+                    partial.clear();
+                }
+            }
+        }
+    }
+
+    /// Calls `out` for what is left without a final newline, stdout's first.
+    pub fn finish(&mut self, mut out: impl FnMut(LogSource, &str)) {
+        for source in [LogSource::Stdout, LogSource::Stderr] {
+            let partial = &mut self.partial[source.index()];
+            if !partial.is_empty() {
+                out(source, &String::from_utf8_lossy(partial));
+                partial.clear();
+            }
+        }
+    }
+}
+
 /// Demultiplexes libpod's log body: frames of `[kind, 0, 0, 0, len_be32] ++ data`.
 /// Only for containers without a TTY, which is all chuted creates.
 pub struct LogStream {
