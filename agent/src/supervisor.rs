@@ -1146,7 +1146,7 @@ impl Actor {
                 self.agent.save_snapshot();
             }
             for action in actions {
-                if let Some(next) = self.execute(action).await {
+                for next in self.execute(action).await {
                     inputs.push_back(next);
                 }
             }
@@ -1154,7 +1154,8 @@ impl Actor {
         }
     }
 
-    async fn execute(&mut self, action: chutes::Action) -> Option<Input> {
+    /// Carries out one action; what it brought about, to feed back in order.
+    async fn execute(&mut self, action: chutes::Action) -> Vec<Input> {
         use chutes::Action;
         let podman = self.agent.podman.clone();
         match action {
@@ -1163,10 +1164,10 @@ impl Actor {
                 if let Err(e) = self.start_container().await {
                     warn!(chute = %self.name, error = %e, "start failed");
                     self.view.borrow_mut().last_error = Some(e.to_string());
-                    return Some(Input::ContainerExited { exit_code: 127 });
+                    return vec![Input::ContainerExited { exit_code: 127 }];
                 }
                 self.started_by_us(asked_at).await;
-                return Some(Input::ContainerStarted);
+                return vec![Input::ContainerStarted];
             }
             Action::StopContainer { timeout_secs } => {
                 if let Some(id) = self.container_id() {
@@ -1174,9 +1175,14 @@ impl Actor {
                         warn!(chute = %self.name, error = %e, "stop failed");
                         self.view.borrow_mut().last_error = Some(e.to_string());
                         self.failed_op = Some(self.podman_err(e));
-                        return Some(Input::StopFailed);
+                        return vec![Input::StopFailed];
                     }
-                    return self.exit_of_our_stop(&id).await;
+                    return self.exit_of_our_stop(&id).await.into_iter().collect();
+                }
+            }
+            Action::RestartContainer { timeout_secs } => {
+                if let Some(id) = self.container_id() {
+                    return self.restart_container(&id, timeout_secs).await;
                 }
             }
             Action::RemoveContainer => {
@@ -1205,7 +1211,52 @@ impl Actor {
             }
             Action::CancelTimers => self.timers.clear(),
         }
-        None
+        Vec::new()
+    }
+
+    /// One libpod restart: cheaper than our own stop and start (measured ~100 ms less:
+    /// libpod holds the container's lock throughout, so the exit cleanup of the old run
+    /// never runs between them), and as prompt to act on, since the new run's StartedAt
+    /// tells every `died` of the old run (earlier) from one of the new (later).
+    async fn restart_container(&mut self, id: &str, timeout_secs: u32) -> Vec<Input> {
+        let podman = self.agent.podman.clone();
+        let result = podman.restart(id, timeout_secs).await;
+        let info = podman.inspect(id).await;
+        match (result, info) {
+            (Ok(()), Ok(info)) if info.running => match info.started_at_nanos {
+                Some(started) => {
+                    self.started_by_us(started).await;
+                    vec![Input::ContainerRestarted]
+                }
+                // No timestamp to order events by: let them tell the story.
+                None => Vec::new(),
+            },
+            // Restarted and gone again already, or Podman cannot say: the events (or
+            // the resync after a gap in them) tell what happened.
+            (Ok(()), _) => Vec::new(),
+            (Err(e), info) => {
+                warn!(chute = %self.name, error = %e, "restart failed");
+                self.view.borrow_mut().last_error = Some(e.to_string());
+                self.failed_op = Some(self.podman_err(e));
+                match info {
+                    // The stop half failed: it runs as before.
+                    Ok(info) if info.running => vec![Input::StopFailed],
+                    // Stopped, and the start half failed: the restart's exit, then a
+                    // failed start, which the policy judges like any other.
+                    Ok(info) => {
+                        self.exit_confirmed = true;
+                        self.view.borrow_mut().pid = 0;
+                        vec![
+                            Input::ContainerExited {
+                                exit_code: info.exit_code,
+                            },
+                            Input::ContainerExited { exit_code: 127 },
+                        ]
+                    }
+                    Err(_) => vec![Input::StopFailed],
+                }
+            }
+        }
     }
 
     /// Our start returned: the process runs. Acted on now rather than on Podman's `start`

@@ -358,8 +358,27 @@ fn created_container_is_capped_confined_and_bridged() {
         assert!(listed[0].running);
         assert_eq!(listed[0].pid, pid);
 
-        // `sleep` as PID 1 ignores SIGTERM, so this takes exactly the timeout given: proof
+        // `sleep` as PID 1 ignores SIGTERM, so these take exactly the timeout given: proof
         // that the parameter is honoured (otherwise the container's 30 s applies).
+        let t = Instant::now();
+        podman.restart(&id, 1).await.expect("restart");
+        let took = t.elapsed();
+        assert!(took < Duration::from_secs(6), "restart took {took:?}");
+        let info = podman.inspect(&id).await.expect("inspect");
+        assert!(info.running);
+        assert_ne!(info.pid, pid);
+        let started = info.started_at_nanos.expect("StartedAt parses");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("after 1970")
+            .as_nanos() as i64;
+        assert!(
+            (now - started).abs() < 60_000_000_000,
+            "StartedAt {} is {} s from now",
+            info.started_at,
+            (now - started) / 1_000_000_000
+        );
+
         let t = Instant::now();
         podman.stop(&id, 1).await.expect("stop");
         let took = t.elapsed();

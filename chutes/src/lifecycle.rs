@@ -12,8 +12,8 @@
 //!  (any) --RemoveRequested--> Dead  (remove container, release reservation, purge config)
 //! ```
 //!
-//! A requested restart is two steps: `StopContainer`, then on that exit `StartContainer` at
-//! once (no backoff), `Restarting` in between, so each half is confirmed on its own.
+//! A requested restart is one `RestartContainer` (the reservation is kept throughout); the
+//! agent reports it done with `ContainerRestarted`, or with the exit and start it saw.
 //!
 //! Invariants the agent can rely on: the reservation is released only on the way to
 //! `Dead` (never around a restart); an exit caused by our own stop or restart is never
@@ -129,6 +129,9 @@ pub enum Input {
     ContainerStarted,
     /// Our `podman stop` failed (the container is taken to be still running).
     StopFailed,
+    /// Our `podman restart` returned with the container running again: both halves of a
+    /// requested restart at once (the exit and the start).
+    ContainerRestarted,
     /// Podman event "died".
     ContainerExited {
         /// The container's exit code.
@@ -154,6 +157,7 @@ impl Input {
             Input::ContainerStarted => "container-started",
             Input::ContainerExited { .. } => "container-exited",
             Input::StopFailed => "stop-failed",
+            Input::ContainerRestarted => "container-restarted",
             Input::TimerFired { .. } => "timer-fired",
         }
     }
@@ -177,6 +181,11 @@ pub enum Action {
     StartContainer,
     /// `podman stop` with this grace period.
     StopContainer {
+        /// Seconds before SIGKILL.
+        timeout_secs: u32,
+    },
+    /// `podman restart` with this grace period (the reservation is kept throughout).
+    RestartContainer {
         /// Seconds before SIGKILL.
         timeout_secs: u32,
     },
@@ -318,13 +327,14 @@ impl Lifecycle {
     /// The state to record for reconciliation ([`crate::KnownChute::state`]): like
     /// [`Lifecycle::state`], but a chute whose stop was requested and not yet seen to
     /// finish counts as `Stopped`, so an agent crash in between does not undo the stop, and
-    /// one whose requested restart has yet to stop it counts as `Restarting`.
+    /// one in the middle of a requested restart counts as `Restarting`.
     pub fn snapshot_state(&self) -> ChuteState {
         match (self.state, self.expect) {
             (ChuteState::Running, Expect::StopExit) => ChuteState::Stopped,
-            // A requested restart whose stop is under way: if the agent dies now, the
-            // start it still owes is made on reconciliation, whatever the policy.
-            (ChuteState::Running, Expect::RestartExit) => ChuteState::Restarting,
+            // A requested restart under way: if the agent dies now and finds the chute
+            // exited, the start it still owes is made on reconciliation, whatever the
+            // policy (and a chute Podman did restart is adopted).
+            (ChuteState::Running, Expect::RestartExit | Expect::Start) => ChuteState::Restarting,
             (state, _) => state,
         }
     }
@@ -434,13 +444,11 @@ impl Lifecycle {
                     self.arm_zombie()
                 }
                 Expect::RestartExit => {
-                    // The first half of a requested restart is done; the second is ours
-                    // too, so an agent crash in between still ends in a start.
+                    // The first half of a requested restart; Podman does the second.
                     self.last_exit_code = Some(*exit_code);
                     self.expect = Expect::Start;
                     self.started_at_ms = None;
-                    self.state = S::Restarting;
-                    vec![Action::StartContainer]
+                    Vec::new()
                 }
                 Expect::Nothing | Expect::Start => self.exited_on_its_own(*exit_code, now),
             }),
@@ -458,13 +466,18 @@ impl Lifecycle {
                 }])
             }
             (S::Running, Input::RestartRequested) => {
-                // A stop, then (on its exit) a start: two steps the agent can each confirm,
-                // rather than one opaque `podman restart` whose halves it cannot tell apart.
                 self.expect = Expect::RestartExit;
                 self.restarts = self.restarts.saturating_add(1);
-                Ok(vec![Action::StopContainer {
+                Ok(vec![Action::RestartContainer {
                     timeout_secs: self.cfg.stop_timeout_secs,
                 }])
+            }
+            (S::Running, Input::ContainerRestarted)
+                if matches!(self.expect, Expect::RestartExit | Expect::Start) =>
+            {
+                self.started_at_ms = Some(now);
+                self.expect = Expect::Nothing;
+                Ok(Vec::new())
             }
             (S::Running, Input::StopFailed)
                 if matches!(self.expect, Expect::StopExit | Expect::RestartExit) =>
@@ -888,26 +901,41 @@ mod tests {
     #[test]
     fn restart_request_is_not_a_failure() {
         let mut l = running(RestartPolicy::OnFailure);
-        assert_eq!(l.handle(I::RestartRequested, 1), vec![STOP]);
+        assert_eq!(
+            l.handle(I::RestartRequested, 1),
+            vec![A::RestartContainer { timeout_secs: 10 }]
+        );
         assert_eq!(l.restarts(), 1);
-        assert_eq!(l.state(), S::Running, "until the container has exited");
         assert_eq!(
             l.snapshot_state(),
             S::Restarting,
             "a crash now still owes a start"
         );
-        assert_eq!(
-            l.handle(I::ContainerExited { exit_code: 143 }, 2),
-            vec![A::StartContainer]
-        );
-        assert_eq!(l.state(), S::Restarting);
-        assert_eq!(l.last_exit_code(), Some(143));
-        l.handle(I::ContainerStarted, 3);
+        assert_eq!(l.handle(I::ContainerExited { exit_code: 143 }, 2), vec![]);
         assert_eq!(l.state(), S::Running);
+        assert_eq!(l.last_exit_code(), Some(143));
+        assert_eq!(l.snapshot_state(), S::Restarting);
+        assert_eq!(l.handle(I::ContainerStarted, 3), vec![]);
+        assert_eq!(l.snapshot_state(), S::Running);
         assert_eq!(l.consecutive_failures(), 0);
         // The next exit is a real one again.
         timer(&l.handle(I::ContainerExited { exit_code: 1 }, 4), 1_000);
         assert_eq!(l.state(), S::Restarting);
+    }
+
+    #[test]
+    fn a_restart_reported_whole_is_one_restart_and_no_failure() {
+        let mut l = running(RestartPolicy::Never);
+        l.handle(I::RestartRequested, 1);
+        assert_eq!(l.handle(I::ContainerRestarted, 2), vec![]);
+        assert_eq!(l.state(), S::Running);
+        assert_eq!(l.snapshot_state(), S::Running);
+        assert_eq!(l.restarts(), 1);
+        // Only a restart under way can finish.
+        unchanged(&mut l, I::ContainerRestarted);
+        // The next exit is a real one.
+        timer(&l.handle(I::ContainerExited { exit_code: 1 }, 3), DAY);
+        assert_eq!(l.state(), S::Failed);
     }
 
     #[test]
@@ -925,7 +953,7 @@ mod tests {
     fn failed_stop_leaves_the_chute_running_and_the_next_exit_a_real_one() {
         for request in [I::StopRequested, I::RestartRequested] {
             let mut l = running(RestartPolicy::OnFailure);
-            assert_eq!(l.handle(request.clone(), 1), vec![STOP]);
+            assert_eq!(l.handle(request.clone(), 1).len(), 1);
             assert_eq!(l.handle(I::StopFailed, 2), vec![]);
             assert_eq!(l.state(), S::Running, "after a failed {request:?}");
             assert_eq!(l.restarts(), 0, "a failed restart is no restart");

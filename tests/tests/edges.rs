@@ -399,14 +399,10 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
     let v = w.inspect(&name);
     assert_eq!(v["state"], "running", "{v}");
     assert_eq!(v["restarts"], 1, "{v}");
-    assert_eq!(
-        v["last_exit_code"], 137,
-        "the stop half ended in SIGKILL: {v}"
-    );
     assert!(
         took >= Duration::from_secs(2),
         "restart took {took:?}: the chute was SIGKILLed without its 2 s grace period \
-         (Podman::stop must send `?timeout=`)"
+         (Podman::restart must send `?timeout=`, not `?t=`)"
     );
     let pid = w.container_pid(&name);
     // The events arrive up to a poll interval late; under `never` a died mistaken for
