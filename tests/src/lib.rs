@@ -404,25 +404,34 @@ pub fn remove_cgroup_tree(top: &str) {
     eprintln!("cgroup {top} could not be removed everywhere");
 }
 
+/// A process's cgroups from `/proc/PID/cgroup`: (controllers, path) per hierarchy; the
+/// v2 one has no controllers.
+fn proc_cgroups(pid: u32) -> Vec<(String, String)> {
+    std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let mut parts = line.splitn(3, ':');
+            let _id = parts.next().unwrap();
+            let ctrls = parts.next().unwrap().to_owned();
+            (ctrls, parts.next().unwrap().to_owned())
+        })
+        .collect()
+}
+
+fn has_controller(ctrls: &str, controller: &str) -> bool {
+    ctrls.split(',').any(|c| c == controller)
+}
+
 /// The cgroup path of a process for `controller` (v1), or its v2 path.
 pub fn cgroup_path(pid: u32, controller: &str) -> String {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    let mut v2 = None;
-    for line in cg.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
-        if ctrls.split(',').any(|c| c == controller) {
-            return path.to_owned();
-        }
-        if ctrls.is_empty() {
-            v2 = Some(path.to_owned());
-        }
-    }
-    v2.unwrap_or_else(|| panic!("no {controller} cgroup for pid {pid}"))
+    let cgroups = proc_cgroups(pid);
+    cgroups
+        .iter()
+        .find(|(ctrls, _)| has_controller(ctrls, controller))
+        .or_else(|| cgroups.iter().find(|(ctrls, _)| ctrls.is_empty()))
+        .map(|(_, path)| path.clone())
+        .unwrap_or_else(|| panic!("no {controller} cgroup for pid {pid}"))
 }
 
 pub fn tail(s: &str, n: usize) -> String {
@@ -432,15 +441,8 @@ pub fn tail(s: &str, n: usize) -> String {
 
 /// Reads one cgroup-v1 (or v2) file of a process's cgroup for `controller`.
 pub fn cgroup_file(pid: u32, controller: &str, file: &str) -> String {
-    let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
-    for line in cg.lines() {
-        let mut parts = line.splitn(3, ':');
-        let (_, ctrls, path) = (
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-            parts.next().unwrap(),
-        );
-        if ctrls.split(',').any(|c| c == controller) {
+    for (ctrls, path) in proc_cgroups(pid) {
+        if has_controller(&ctrls, controller) {
             let p = format!("/sys/fs/cgroup/{ctrls}{path}/{file}");
             let alt = format!("/sys/fs/cgroup/{controller}{path}/{file}");
             return std::fs::read_to_string(&p)
