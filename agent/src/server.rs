@@ -12,7 +12,7 @@ use smol::net::unix::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
 use crate::admin::{Reply, Request, MAX_REQUEST};
-use crate::podman::{LogLines, MAX_LINE};
+use crate::podman::{LogLines, LogSource, MAX_LINE};
 use crate::supervisor::{Agent, ChuteOp};
 
 #[derive(Debug, thiserror::Error)]
@@ -149,24 +149,15 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
                     let mut ended = false;
                     while !ended {
                         match stream.next().await {
-                            Some(Ok(chunk)) => split.feed(&chunk, |source, line| {
-                                ready.push(Reply::Log {
-                                    stream: source.name().into(),
-                                    line: line.to_owned(),
-                                })
-                            }),
+                            Some(Ok(chunk)) => split
+                                .feed(&chunk, |source, line| ready.push(log_line(source, line))),
                             Some(Err(e)) => {
                                 return write_reply(&mut writer, &Reply::Error(e.to_string()))
                                     .await;
                             }
                             None => {
                                 ended = true;
-                                split.finish(|source, line| {
-                                    ready.push(Reply::Log {
-                                        stream: source.name().into(),
-                                        line: line.to_owned(),
-                                    })
-                                });
+                                split.finish(|source, line| ready.push(log_line(source, line)));
                             }
                         }
                         for reply in ready.drain(..) {
@@ -188,4 +179,11 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         Err(e) => Reply::Error(e.to_string()),
     };
     write_reply(&mut writer, &reply).await
+}
+
+fn log_line(source: LogSource, line: &str) -> Reply {
+    Reply::Log {
+        stream: source.name().into(),
+        line: line.to_owned(),
+    }
 }

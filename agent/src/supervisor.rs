@@ -22,7 +22,7 @@ use tracing::{debug, info, warn};
 
 use crate::cgroup::CgroupPaths;
 use crate::config::AgentConfig;
-use crate::podman::{ContainerEvent, ContainerSpec, Podman, PodmanError};
+use crate::podman::{ContainerEvent, ContainerInfo, ContainerSpec, Podman, PodmanError};
 use crate::snapshot::{self, ChuteRecord, Snapshot};
 
 pub const LABEL_MANAGED: &str = "chuted.managed";
@@ -622,19 +622,13 @@ impl Agent {
                     return;
                 };
                 info!(chute = %chute, container = %short(&container_id), "adopting running chute");
-                self.ledger
-                    .borrow_mut()
-                    .force_insert(chute.clone(), m.reservation());
-                let lc = Lifecycle::restore(
+                let tx = self.spawn_restored(restored_view(
+                    m,
+                    r,
                     ChuteState::Running,
-                    r.restarts,
-                    m.restart,
-                    self.lifecycle_config(),
-                );
-                let tx = self.spawn_actor(
-                    restored_view(m, r, ChuteState::Running, true, Some(container_id)),
-                    lc,
-                );
+                    true,
+                    Some(container_id),
+                ));
                 let _ = tx.send(ChuteMsg::Happened(Happening::Resync)).await;
             }
             ReconcileAction::Restart {
@@ -646,21 +640,11 @@ impl Agent {
                     return;
                 };
                 info!(chute = %chute, ?exit_code, "chute died while the agent was down; restarting per policy {}", m.restart);
-                self.ledger
-                    .borrow_mut()
-                    .force_insert(chute.clone(), m.reservation());
-                // The start below is a restart: counted now, as the lifecycle would have.
-                let restarts = r.restarts.saturating_add(1);
-                let lc = Lifecycle::restore(
-                    ChuteState::Stopped,
-                    restarts,
-                    m.restart,
-                    self.lifecycle_config(),
-                );
                 let mut view = restored_view(m, r, ChuteState::Stopped, true, Some(container_id));
                 view.last_exit_code = exit_code;
-                view.restarts = restarts;
-                let tx = self.spawn_actor(view, lc);
+                // The start below is a restart: counted now, as the lifecycle would have.
+                view.restarts = r.restarts.saturating_add(1);
+                let tx = self.spawn_restored(view);
                 start_in_background(&tx).await;
             }
             ReconcileAction::Release {
@@ -677,10 +661,9 @@ impl Agent {
                     ChuteState::Failed
                 };
                 info!(chute = %chute, ?exit_code, "chute died while the agent was down; policy {} says no restart, reservation freed", m.restart);
-                let lc = Lifecycle::restore(state, r.restarts, m.restart, self.lifecycle_config());
                 let mut view = restored_view(m, r, state, false, Some(container_id));
                 view.last_exit_code = exit_code;
-                self.spawn_actor(view, lc);
+                self.spawn_restored(view);
             }
             ReconcileAction::KeepStopped {
                 chute,
@@ -691,16 +674,7 @@ impl Agent {
                     return;
                 };
                 warn!(chute = %chute, "container is gone; re-creating it");
-                self.ledger
-                    .borrow_mut()
-                    .force_insert(chute.clone(), m.reservation());
-                let lc = Lifecycle::restore(
-                    ChuteState::Stopped,
-                    r.restarts,
-                    m.restart,
-                    self.lifecycle_config(),
-                );
-                let tx = self.spawn_actor(restored_view(m, r, ChuteState::Stopped, true, None), lc);
+                let tx = self.spawn_restored(restored_view(m, r, ChuteState::Stopped, true, None));
                 start_in_background(&tx).await;
             }
             ReconcileAction::ReportUnknown {
@@ -751,14 +725,30 @@ impl Agent {
         let Some((m, r)) = manifests.get(chute) else {
             return;
         };
-        let held = r.reservation_held;
-        if held {
+        self.spawn_restored(restored_view(
+            m,
+            r,
+            r.state,
+            r.reservation_held,
+            container_id,
+        ));
+    }
+
+    /// Gives a chute rebuilt by reconciliation its task: its reservation back in the ledger
+    /// if the view says it holds one, its lifecycle in the view's state and restart count.
+    fn spawn_restored(self: &Rc<Self>, view: ChuteView) -> Sender<ChuteMsg> {
+        if view.reservation_held {
             self.ledger
                 .borrow_mut()
-                .force_insert(chute.clone(), m.reservation());
+                .force_insert(view.manifest.name.clone(), view.manifest.reservation());
         }
-        let lc = Lifecycle::restore(r.state, r.restarts, m.restart, self.lifecycle_config());
-        self.spawn_actor(restored_view(m, r, r.state, held, container_id), lc);
+        let lc = Lifecycle::restore(
+            view.state,
+            view.restarts,
+            view.manifest.restart,
+            self.lifecycle_config(),
+        );
+        self.spawn_actor(view, lc)
     }
 }
 
@@ -1115,16 +1105,21 @@ impl Actor {
             return;
         };
         if let Ok(info) = self.agent.podman.inspect(&id).await {
-            let cgroup = if info.pid > 0 {
-                CgroupPaths::for_pid(info.pid).ok()
-            } else {
-                None
-            };
-            let mut v = self.view.borrow_mut();
-            v.pid = info.pid;
-            v.sandbox_key = info.sandbox_key.clone();
-            v.cgroup = cgroup;
+            self.take_runtime_info(&info);
         }
+    }
+
+    /// Records the run's pid, network namespace and cgroup paths from an inspect.
+    fn take_runtime_info(&mut self, info: &ContainerInfo) {
+        let cgroup = if info.pid > 0 {
+            CgroupPaths::for_pid(info.pid).ok()
+        } else {
+            None
+        };
+        let mut v = self.view.borrow_mut();
+        v.pid = info.pid;
+        v.sandbox_key = info.sandbox_key.clone();
+        v.cgroup = cgroup;
     }
 
     async fn feed(&mut self, input: Input) {
@@ -1166,7 +1161,7 @@ impl Actor {
                     self.view.borrow_mut().last_error = Some(e.to_string());
                     return vec![Input::ContainerExited { exit_code: 127 }];
                 }
-                self.started_by_us(asked_at).await;
+                self.started_by_us(asked_at, None).await;
                 return vec![Input::ContainerStarted];
             }
             Action::StopContainer { timeout_secs } => {
@@ -1225,7 +1220,8 @@ impl Actor {
         match (result, info) {
             (Ok(()), Ok(info)) if info.running => match info.started_at_nanos {
                 Some(started) => {
-                    self.started_by_us(started).await;
+                    // The inspect that dated the new run also located it.
+                    self.started_by_us(started, Some(&info)).await;
                     vec![Input::ContainerRestarted]
                 }
                 // No timestamp to order events by: let them tell the story.
@@ -1262,22 +1258,26 @@ impl Actor {
     /// Our start returned: the process runs. Acted on now rather than on Podman's `start`
     /// event, which only confirms it and (with the file event logger Podman uses here)
     /// arrives up to a poll interval later; the event, when it comes, is swallowed.
-    async fn started_by_us(&mut self, asked_at: i64) {
+    /// `inspected`: an inspect of the new run the caller already has.
+    async fn started_by_us(&mut self, asked_at: i64, inspected: Option<&ContainerInfo>) {
         // Taken before the start call: a `died` of this run is later, one of any earlier
         // run is earlier and must be ignored.
         self.last_start_nanos = self.last_start_nanos.max(asked_at);
         self.exit_confirmed = false;
         self.starts_seen += 1;
         self.unconfirmed_starts += 1;
+        match inspected {
+            Some(info) => self.take_runtime_info(info),
+            // Shaping needs the new run's network namespace now.
+            None if self.wants_shaping() => self.refresh_runtime_info().await,
+            // Pid and cgroup paths are read after the reply is sent, so the inspect they
+            // need does not add to start latency.
+            None => self.refresh_pending = true,
+        }
         if self.wants_shaping() {
             // Shaped before it is reported running: a fresh start means a fresh network
             // namespace and veth, with no qdiscs on them.
-            self.refresh_runtime_info().await;
             self.shape_or_kill().await;
-        } else {
-            // Pid and cgroup paths are read after the reply is sent, so the inspect they
-            // need does not add to start latency.
-            self.refresh_pending = true;
         }
     }
 
@@ -1513,7 +1513,7 @@ impl Actor {
             .start(&id)
             .await
             .map_err(|e| self.podman_err(e))?;
-        self.started_by_us(asked_at).await;
+        self.started_by_us(asked_at, None).await;
         self.feed(Input::Installed).await;
         if self.lc.state() != ChuteState::Running {
             return Err(self.state_err(format!(
