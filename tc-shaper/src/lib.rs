@@ -240,12 +240,7 @@ impl Shaper {
         let up = self.wanted(Direction::Up, rates.up_bps, &ps)?;
         let sides = self
             .with_pair(netns, |p| async move {
-                let sides =
-                    sides(&p, netns)
-                        .await?
-                        .ok_or_else(|| ShapeError::NoChuteInterface {
-                            netns: netns.to_path_buf(),
-                        })?;
+                let sides = required_sides(&p, netns).await?;
                 let created_down = converge(&p.host, &sides.host, down.as_ref()).await?;
                 if let Err(e) = converge(&p.chute, &sides.chute, up.as_ref()).await {
                     if created_down {
@@ -281,11 +276,7 @@ impl Shaper {
         let down = self.wanted(Direction::Down, rates.down_bps, &ps)?;
         let up = self.wanted(Direction::Up, rates.up_bps, &ps)?;
         self.with_pair(netns, |p| async move {
-            let sides = sides(&p, netns)
-                .await?
-                .ok_or_else(|| ShapeError::NoChuteInterface {
-                    netns: netns.to_path_buf(),
-                })?;
+            let sides = required_sides(&p, netns).await?;
             let host = nl::read(&p.host, sides.host.index, &sides.host.name).await?;
             let chute = nl::read(&p.chute, sides.chute.index, &sides.chute.name).await?;
             Ok((
@@ -326,11 +317,7 @@ impl Shaper {
     /// Reads counters; see [`chute_stats`].
     pub async fn chute_stats(&self, netns: &Path) -> Result<ShapingStats, ShapeError> {
         self.with_pair(netns, |p| async move {
-            let sides = sides(&p, netns)
-                .await?
-                .ok_or_else(|| ShapeError::NoChuteInterface {
-                    netns: netns.to_path_buf(),
-                })?;
+            let sides = required_sides(&p, netns).await?;
             Ok(ShapingStats {
                 down: direction_stats(&p.host, &sides.host).await?,
                 up: direction_stats(&p.chute, &sides.chute).await?,
@@ -344,6 +331,15 @@ impl Shaper {
 struct Pair {
     host: Handle,
     chute: Handle,
+}
+
+/// [`sides`] for operations that need both: no veth in the chute is an error.
+async fn required_sides(p: &Pair, netns: &Path) -> Result<Sides, ShapeError> {
+    sides(p, netns)
+        .await?
+        .ok_or_else(|| ShapeError::NoChuteInterface {
+            netns: netns.to_path_buf(),
+        })
 }
 
 /// Finds the chute's veth and its host-side peer; `Ok(None)` if the chute has no veth.

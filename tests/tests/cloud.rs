@@ -250,6 +250,17 @@ fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode
     assert!(!e.message.is_empty(), "{what}: the refusal explains itself");
 }
 
+/// Sends `cmd` as CALL `request`; it must be refused with `code`.
+fn expect_call_refused(
+    s: &mut Session,
+    request: u64,
+    cmd: &SignedCommand,
+    code: ErrorCode,
+    what: &str,
+) {
+    expect_refused(s, request, call_frame(request, cmd), code, what);
+}
+
 #[test]
 fn bad_commands_are_refused_and_change_nothing() {
     let mut c = setup("", &[]);
@@ -306,90 +317,50 @@ fn bad_commands_are_refused_and_change_nothing() {
     // Forged: a signature byte flipped.
     let mut forged = c.dev.sign(remove.clone());
     forged.signature.0[0] ^= 1;
-    expect_refused(
-        &mut c.s,
-        13,
-        call_frame(13, &forged),
-        ErrorCode::InvalidSignature,
-        "forged",
-    );
+    expect_call_refused(&mut c.s, 13, &forged, ErrorCode::InvalidSignature, "forged");
     // Forged: arguments changed after signing.
     let mut edited = c.dev.sign(Args::Status);
     edited.command.args = remove.clone();
-    expect_refused(
-        &mut c.s,
-        14,
-        call_frame(14, &edited),
-        ErrorCode::InvalidSignature,
-        "edited",
-    );
+    expect_call_refused(&mut c.s, 14, &edited, ErrorCode::InvalidSignature, "edited");
+    // `remove`, signed by the developer after `change` to its command.
+    let mut altered = |change: &dyn Fn(&mut Command)| {
+        let base = c.dev.sign(remove.clone());
+        let mut command = base.command.clone();
+        change(&mut command);
+        c.dev.resign(&base, command)
+    };
     // Expired and not yet valid.
-    let base = c.dev.sign(remove.clone());
-    let expired = c.dev.resign(
-        &base,
-        Command {
-            issued_at: now - 400,
-            expires_at: now - 100,
-            ..base.command.clone()
-        },
-    );
-    expect_refused(
-        &mut c.s,
-        15,
-        call_frame(15, &expired),
-        ErrorCode::Expired,
-        "expired",
-    );
-    let base = c.dev.sign(remove.clone());
-    let future = c.dev.resign(
-        &base,
-        Command {
-            issued_at: now + 600,
-            expires_at: now + 700,
-            ..base.command.clone()
-        },
-    );
-    expect_refused(
-        &mut c.s,
-        16,
-        call_frame(16, &future),
-        ErrorCode::NotYetValid,
-        "future",
-    );
+    let expired = altered(&|cmd| {
+        cmd.issued_at = now - 400;
+        cmd.expires_at = now - 100;
+    });
+    expect_call_refused(&mut c.s, 15, &expired, ErrorCode::Expired, "expired");
+    let future = altered(&|cmd| {
+        cmd.issued_at = now + 600;
+        cmd.expires_at = now + 700;
+    });
+    expect_call_refused(&mut c.s, 16, &future, ErrorCode::NotYetValid, "future");
     // Another device.
-    let base = c.dev.sign(remove.clone());
-    let other = c.dev.resign(
-        &base,
-        Command {
-            device_id: DeviceId([9; 8]),
-            ..base.command.clone()
-        },
-    );
-    expect_refused(
-        &mut c.s,
-        17,
-        call_frame(17, &other),
-        ErrorCode::WrongDevice,
-        "wrong device",
-    );
+    let other = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
+    expect_call_refused(&mut c.s, 17, &other, ErrorCode::WrongDevice, "wrong device");
     // Ungranted procedure and chute.
     let no_remove = c.dev.sign_with(
         remove.clone(),
         Rights::of(&[Procedure::Start, Procedure::Stop]),
         &[""],
     );
-    expect_refused(
+    expect_call_refused(
         &mut c.s,
         18,
-        call_frame(18, &no_remove),
+        &no_remove,
         ErrorCode::NotAuthorized,
         "ungranted procedure",
     );
     let other_prefix = c.dev.sign_with(remove.clone(), Rights::all(), &["zzz-"]);
-    expect_refused(
+    expect_call_refused(
         &mut c.s,
         19,
-        call_frame(19, &other_prefix),
+        &other_prefix,
         ErrorCode::NotAuthorized,
         "ungranted chute",
     );
@@ -398,10 +369,10 @@ fn bad_commands_are_refused_and_change_nothing() {
     self_granted.grant =
         proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now).sign(&c.dev.key);
     let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
-    expect_refused(
+    expect_call_refused(
         &mut c.s,
         20,
-        call_frame(20, &self_granted),
+        &self_granted,
         ErrorCode::InvalidGrant,
         "self-granted",
     );
@@ -412,13 +383,7 @@ fn bad_commands_are_refused_and_change_nothing() {
         &Keypair::generate().unwrap(),
         base.grant.clone(),
     );
-    expect_refused(
-        &mut c.s,
-        21,
-        call_frame(21, &stranger),
-        ErrorCode::InvalidGrant,
-        "stranger",
-    );
+    expect_call_refused(&mut c.s, 21, &stranger, ErrorCode::InvalidGrant, "stranger");
     // Replayed: a request id already used, now carrying a different command.
     let status = c.dev.sign(Args::Status);
     c.s.call(22, &status, T).ok_json();
@@ -429,13 +394,7 @@ fn bad_commands_are_refused_and_change_nothing() {
             ..status.command.clone()
         },
     );
-    expect_refused(
-        &mut c.s,
-        23,
-        call_frame(23, &replay),
-        ErrorCode::Replayed,
-        "replayed id",
-    );
+    expect_call_refused(&mut c.s, 23, &replay, ErrorCode::Replayed, "replayed id");
     // Unsigned subscriptions are not a way around the `logs` right.
     c.s.send(&Message::Subscribe(Subscribe {
         request: 24,
