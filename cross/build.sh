@@ -1,7 +1,8 @@
 #!/bin/sh
 # Build static `chuted` binaries for ARM routers and SBCs on a stock Debian 12 (root).
 #
-#   cross/build.sh [--target aarch64|armv7|all] [--install-only] [--unstripped]
+#   cross/build.sh [aarch64|armv7|all] [--install-only] [--unstripped]
+#   cross/build.sh --target aarch64|armv7|all ...      (the same, as an option)
 #
 # Why this shape: rustup may not serve the musl ARM std on CI machines, so std is rebuilt
 # from Debian's own sources (rustc-web 1.96 + rust-web-src, -Zbuild-std, RUSTC_BOOTSTRAP=1)
@@ -39,9 +40,10 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --target) TARGETS=${2:?--target needs aarch64, armv7 or all}; shift 2 ;;
         --target=*) TARGETS=${1#--target=}; shift ;;
+        all|aarch64|armv7) TARGETS=$1; shift ;;
         --install-only) INSTALL_ONLY=1; shift ;;
         --unstripped) UNSTRIPPED=1; shift ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done

@@ -47,7 +47,11 @@ C validate examples/hello-web
 C deploy examples/hello-web
 C list
 say "the chute serves http on port 18080"
-busybox wget -q -O - http://127.0.0.1:18080/ || true
+# bash's /dev/tcp, not busybox wget: Debian's static busybox wget segfaults on this host.
+http_get() { exec 3<>/dev/tcp/127.0.0.1/18080 && printf 'GET / HTTP/1.0\r\n\r\n' >&3 && timeout 5 cat <&3; exec 3>&-; }
+served=0
+for _ in $(seq 50); do page=$(http_get 2>/dev/null) && [[ "$page" == *" 200 "* ]] && { served=1; echo "$page" | tail -n +1 | sed -n '/^\r\{0,1\}$/,$p' | sed 1d; break; }; sleep 0.2; done
+[ "$served" = 1 ] || { echo "demo: the chute does not answer on port 18080"; exit 1; }
 say "caps as the kernel sees them (inspect --json .cgroup_limits)"
 "$BIN" --admin-socket "$ADMIN" inspect hello-web --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps(d["cgroup_limits"], indent=1)); print("usage:", d["usage"])'
 say "killing the chute's process: on-failure brings it back"
@@ -59,7 +63,8 @@ kill -9 "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
 start_agent
 AFTER=$(podman inspect -f '{{.State.StartedAt}}' chute-hello-web)
 C list
-[ "$BEFORE" = "$AFTER" ] && echo "adopted: container started at $AFTER, untouched" || echo "NOT adopted"
+if [ "$BEFORE" = "$AFTER" ]; then echo "adopted: container started at $AFTER, untouched"
+else echo "demo: NOT adopted (started at $BEFORE, now $AFTER)"; exit 1; fi
 say "stop, start, restart, logs"
 C stop hello-web; C start hello-web; C restart hello-web
 C logs hello-web --tail 5 || true

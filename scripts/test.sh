@@ -4,6 +4,7 @@
 # packaging tests, and the ARM cross builds with their qemu smoke test.
 #   usage: sudo scripts/test.sh            (everything)
 #          CHUTED_SKIP_CROSS=1 scripts/test.sh   (skip the ARM builds, e.g. while iterating)
+#          CHUTED_SKIP_FRESH_SETUP=1 ...          (do not remove and reinstall iptables first)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
@@ -12,7 +13,12 @@ FAILED=()
 run() { local name=$1; shift; step "$name"; if "$@"; then echo "ok: $name"; else echo "FAILED: $name"; FAILED+=("$name"); fi; }
 
 step "setup"
-scripts/setup.sh
+# First prove setup works on a fresh machine: iptables removed, setup puts it back.
+if [ -z "${CHUTED_SKIP_FRESH_SETUP:-}" ]; then
+  scripts/tests/fresh-setup.sh
+else
+  scripts/setup.sh
+fi
 examples/hello-web/build-image.sh
 
 run "cargo fmt --check" cargo fmt --all --check
@@ -21,11 +27,12 @@ step "cargo build"
 cargo build --workspace -q
 # Root-needing tests (Podman, netns) are ordinary tests here: CI runs as root.
 run "cargo test" cargo test --workspace --no-fail-fast -q -- --test-threads=4
-# ARM builds first: the packaging tests put the real binaries into the .ipk and run them
-# under qemu against the init script's command line.
+# Every README set-up and packaging command as written: the demo (the main job), the ARM
+# builds, their qemu smoke test, the size report and the .ipk. The ARM builds come before
+# the packaging tests, which put the real binaries into the .ipk and run them under qemu.
+run "README commands" scripts/readme-commands.sh
 if [ -z "${CHUTED_SKIP_CROSS:-}" ]; then
-  run "cross build (aarch64 + armv7, static musl)" cross/build.sh --target all
-  run "cross smoke (qemu-user)" cross/smoke.sh
+  run "cross tests" cross/tests/run.sh
 fi
 run "openwrt-pkg tests" openwrt-pkg/tests/run.sh
 

@@ -57,6 +57,10 @@ struct RunCmd {
     /// directory for the snapshot and keys (created 0700)
     #[argh(option)]
     state_dir: PathBuf,
+    /// admin socket to serve (default /run/chuted/admin.sock); the same as the global
+    /// `chuted --admin-socket PATH run ...`
+    #[argh(option)]
+    admin_socket: Option<PathBuf>,
     /// podman API socket (default /run/podman/podman.sock; start one with
     /// `podman system service --time=0 unix:///PATH`)
     #[argh(option)]
@@ -138,6 +142,9 @@ struct LogsCmd {
     /// only the last N lines
     #[argh(option)]
     tail: Option<u32>,
+    /// print each line as a JSON object {"stream": "stdout"|"stderr", "line": TEXT}
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Check a chute directory's manifest without an agent, and print what it asks for.
@@ -156,6 +163,9 @@ struct StartTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result (name, state) as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Stop a chute; it is not restarted until you start it.
@@ -165,6 +175,9 @@ struct StopTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result (name, state) as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Restart a chute, keeping its reservation throughout.
@@ -174,6 +187,9 @@ struct RestartTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result (name, state) as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Remove a chute: its container, reservation and record.
@@ -183,6 +199,9 @@ struct RemoveTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result (name, state) as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Print this device's id and public key (creating the device key if absent).
@@ -222,15 +241,37 @@ fn main() -> ExitCode {
         eprintln!("chuted: no command given; run `chuted --help` for the list");
         return ExitCode::from(2);
     };
-    let admin = cli
-        .admin_socket
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
+    let admin = match admin_socket(cli.admin_socket, &cmd) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("chuted: {e}");
+            return ExitCode::from(2);
+        }
+    };
     match dispatch(cmd, &admin) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("chuted: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// `--admin-socket` may be given before the subcommand (every command) or after `run`
+/// (where a service file naturally writes it); two different paths are refused.
+fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf> {
+    let local = match cmd {
+        Cmd::Run(r) => r.admin_socket.clone(),
+        _ => None,
+    };
+    match (global, local) {
+        (Some(g), Some(l)) if g != l => bail!(
+            "--admin-socket given twice with different paths ({} before `run`, {} after it); give it once",
+            g.display(),
+            l.display()
+        ),
+        (Some(p), _) | (None, Some(p)) => Ok(p),
+        (None, None) => Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
     }
 }
 
@@ -324,17 +365,18 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
             if s.json {
                 println!("{v}");
             } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                print!("{}", render_status(&v));
             }
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Start(c) => simple(admin, Request::Start { name: c.name }),
-        Cmd::Stop(c) => simple(admin, Request::Stop { name: c.name }),
-        Cmd::Restart(c) => simple(admin, Request::Restart { name: c.name }),
-        Cmd::Remove(c) => simple(admin, Request::Remove { name: c.name }),
+        Cmd::Start(c) => simple(admin, Request::Start { name: c.name }, c.json),
+        Cmd::Stop(c) => simple(admin, Request::Stop { name: c.name }, c.json),
+        Cmd::Restart(c) => simple(admin, Request::Restart { name: c.name }, c.json),
+        Cmd::Remove(c) => simple(admin, Request::Remove { name: c.name }, c.json),
         Cmd::Logs(l) => {
-            call(
+            call_with(
                 admin,
+                l.json,
                 &Request::Logs {
                     name: l.name,
                     follow: l.follow,
@@ -376,12 +418,79 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
     }
 }
 
+/// The people's form of `status`: agent, pools as a table, unknown containers.
+fn render_status(v: &serde_json::Value) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let text = |x: &serde_json::Value| match x {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => "-".into(),
+        other => other.to_string(),
+    };
+    let _ = writeln!(
+        out,
+        "agent {}  up {}s  chutes {}",
+        text(&v["agent_version"]),
+        text(&v["uptime_secs"]),
+        text(&v["chutes"])
+    );
+    let pools = &v["pools"];
+    let _ = writeln!(
+        out,
+        "{:<16} {:>14} {:>14} {:>14}",
+        "POOL", "CAPACITY", "USED", "FREE"
+    );
+    let row = |key: &str, fmt: &dyn Fn(&serde_json::Value) -> String| {
+        format!(
+            "{:<16} {:>14} {:>14} {:>14}\n",
+            key,
+            fmt(&pools["capacity"][key]),
+            fmt(&pools["used"][key]),
+            fmt(&pools["free"][key])
+        )
+    };
+    let num = |x: &serde_json::Value| x.as_u64();
+    let cpu = |x: &serde_json::Value| num(x).map(chutes::format_cpu).unwrap_or_else(|| text(x));
+    let bytes = |x: &serde_json::Value| num(x).map(chutes::format_bytes).unwrap_or_else(|| text(x));
+    let rate = |x: &serde_json::Value| num(x).map(chutes::format_rate).unwrap_or_else(|| text(x));
+    let plain = |x: &serde_json::Value| text(x);
+    out.push_str(&row("cpu_millicores", &cpu));
+    out.push_str(&row("memory_bytes", &bytes));
+    out.push_str(&row("pids", &plain));
+    out.push_str(&row("bandwidth_down_bps", &rate));
+    out.push_str(&row("bandwidth_up_bps", &rate));
+    match v["unknown_containers"].as_array() {
+        Some(list) if !list.is_empty() => {
+            let _ = writeln!(
+                out,
+                "unknown containers (labelled for this agent, not in its records; never deleted):"
+            );
+            for c in list {
+                let _ = writeln!(
+                    out,
+                    "  {}  chute {}",
+                    short(c["container_id"].as_str().unwrap_or("-")),
+                    text(&c["chute"])
+                );
+            }
+        }
+        _ => {
+            let _ = writeln!(out, "unknown containers: none");
+        }
+    }
+    out
+}
+
 fn short(id: &str) -> &str {
     &id[..id.len().min(12)]
 }
 
-fn simple(admin: &Path, req: Request) -> Result<ExitCode> {
+fn simple(admin: &Path, req: Request, json: bool) -> Result<ExitCode> {
     let v = call(admin, &req)?;
+    if json {
+        println!("{v}");
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{} {}",
         v["name"].as_str().unwrap_or("?"),
@@ -392,6 +501,11 @@ fn simple(admin: &Path, req: Request) -> Result<ExitCode> {
 
 /// Sends one request; prints progress to stderr and logs to stdout as they arrive.
 fn call(admin: &Path, req: &Request) -> Result<serde_json::Value> {
+    call_with(admin, false, req)
+}
+
+/// `call`, printing log lines as JSON objects when `json_logs`.
+fn call_with(admin: &Path, json_logs: bool, req: &Request) -> Result<serde_json::Value> {
     let mut stream = UnixStream::connect(admin).with_context(|| {
         format!(
             "cannot reach the agent at {} (is `chuted run` running? pass --admin-socket PATH)",
@@ -409,9 +523,18 @@ fn call(admin: &Path, req: &Request) -> Result<serde_json::Value> {
             .with_context(|| format!("unreadable reply from the agent: {line}"))?
         {
             Reply::Progress(p) => eprintln!("… {p}"),
-            Reply::Log { line, .. } => {
+            Reply::Log { stream, line } => {
                 let mut out = stdout.lock();
-                if writeln!(out, "{line}").is_err() {
+                let printed = if json_logs {
+                    writeln!(
+                        out,
+                        "{}",
+                        serde_json::json!({ "stream": stream, "line": line })
+                    )
+                } else {
+                    writeln!(out, "{line}")
+                };
+                if printed.is_err() {
                     return Ok(serde_json::Value::Null);
                 }
             }

@@ -26,6 +26,19 @@ else
     bad "build.sh --target mips (exit $rc)" "$TMP/out"
 fi
 
+# The README's positional form: `build.sh all`, `build.sh armv7`; unknown names refused.
+"$CROSS/build.sh" mips >"$TMP/out" 2>&1
+rc=$?
+if [ "$rc" = 2 ] && grep -q "unknown argument 'mips'" "$TMP/out"; then
+    ok "build.sh mips (positional) is refused"
+else
+    bad "build.sh mips (exit $rc)" "$TMP/out"
+fi
+for form in all armv7 aarch64; do
+    check "build.sh $form --install-only (positional target accepted)" \
+        "$CROSS/build.sh" "$form" --install-only
+done
+
 # Installation is idempotent: a second run finds everything and installs nothing.
 "$CROSS/build.sh" --install-only >"$TMP/out" 2>&1
 rc=$?

@@ -109,6 +109,8 @@ pub struct World {
     pub agent_env: Vec<(String, String)>,
     /// Top-level cgroups this test had Podman create (a `cgroup_parent`); removed in Drop.
     cgroup_trees: Vec<String>,
+    /// Give `--admin-socket` after `run` (a service file's form) instead of before it.
+    pub admin_socket_after_run: bool,
 }
 
 impl World {
@@ -141,6 +143,7 @@ impl World {
             run_args: Vec::new(),
             agent_env: Vec::new(),
             cgroup_trees: Vec::new(),
+            admin_socket_after_run: false,
             dir,
         };
         wait_until("podman socket", Duration::from_secs(10), || {
@@ -156,10 +159,13 @@ impl World {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(chuted_bin())
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
-            .arg("run")
+        let mut cmd = Command::new(chuted_bin());
+        if self.admin_socket_after_run {
+            cmd.arg("run").arg("--admin-socket").arg(&self.admin_socket);
+        } else {
+            cmd.arg("--admin-socket").arg(&self.admin_socket).arg("run");
+        }
+        let child = cmd
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--podman-socket")

@@ -302,7 +302,8 @@ fn stop_start_restart_remove_through_the_cli() {
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
     let err = w.cli_err(&["stop", &name]);
     assert!(err.contains("stopped"), "{err}");
-    w.cli(&["start", &name]);
+    let started = w.json(&["start", &name]);
+    assert_eq!(started["state"], "running", "{started}");
     assert_eq!(w.state(&name), "running");
     let before = w.started_at(&name);
     w.cli(&["restart", &name]);
@@ -311,6 +312,10 @@ fn stop_start_restart_remove_through_the_cli() {
     assert_eq!(w.inspect(&name)["restarts"], 1);
     let logs = w.cli(&["logs", &name]);
     assert!(logs.contains("hello-from-chute"), "{logs}");
+    let first: serde_json::Value =
+        serde_json::from_str(w.cli(&["logs", &name, "--json"]).lines().next().unwrap()).unwrap();
+    assert_eq!(first["stream"], "stdout", "{first}");
+    assert_eq!(first["line"], "hello-from-chute", "{first}");
     w.cli(&["remove", &name]);
     assert!(w.json(&["list"]).as_array().unwrap().is_empty());
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 0);
@@ -543,4 +548,53 @@ fn an_image_archive_is_loaded_only_when_its_digest_matches() {
     assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 0);
     std::fs::write(dir.join("image.tar.sha256"), good).unwrap();
     assert_eq!(w.deploy(&dir)["state"], "running");
+}
+
+/// A service file writes `chuted run --admin-socket PATH`; scripts write
+/// `chuted --admin-socket PATH run`. Both serve the socket; clients take the global form.
+/// `status` prints a table for people and JSON only with `--json`.
+#[test]
+fn the_admin_socket_is_accepted_before_and_after_run_and_status_prints_for_people() {
+    for after_run in [false, true] {
+        let mut w = World::new("");
+        w.admin_socket_after_run = after_run;
+        w.start_agent();
+        let text = w.cli(&["status"]);
+        assert!(
+            text.contains("POOL")
+                && text.contains("memory_bytes")
+                && text.contains("unknown containers"),
+            "status (after_run={after_run}) is not the people's table:\n{text}"
+        );
+        assert!(
+            serde_json::from_str::<serde_json::Value>(&text).is_err(),
+            "status without --json printed JSON:\n{text}"
+        );
+        let v = w.status();
+        assert!(
+            v["pools"]["capacity"]["memory_bytes"].as_u64().unwrap() > 0,
+            "{v}"
+        );
+    }
+}
+
+#[test]
+fn two_different_admin_sockets_are_refused_before_anything_starts() {
+    let dir = std::env::temp_dir().join(unique("chuted-twosock-"));
+    let o = std::process::Command::new(chuted_bin())
+        .args([
+            "--admin-socket",
+            "/tmp/a.sock",
+            "run",
+            "--admin-socket",
+            "/tmp/b.sock",
+        ])
+        .arg("--state-dir")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--admin-socket given twice"), "{err}");
+    assert!(!dir.exists(), "state dir created by a refused command");
 }
