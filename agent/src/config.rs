@@ -62,6 +62,8 @@ struct RawConfig {
     cap_add: Option<Vec<String>>,
     instance: Option<String>,
     cgroup_parent: Option<String>,
+    podman_timeout_secs: Option<u64>,
+    image_timeout_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +100,11 @@ pub struct AgentConfig {
     /// Podman's cgroupfs manager, a `.slice` for systemd's. `None`: Podman's default.
     /// The OpenWrt init sets it (`CHUTED_CGROUP_PARENT`) so chutes sit beside the agent.
     pub cgroup_parent: Option<String>,
+    /// Deadline of each libpod call (stop and restart add the stop timeout); a hung
+    /// Podman makes the operation fail with a timeout instead of hanging the agent.
+    pub podman_timeout: Duration,
+    /// Deadline of an image load or pull.
+    pub image_timeout: Duration,
 }
 
 /// What [`check_cgroup_parent`] accepts, for error messages.
@@ -180,6 +187,8 @@ impl AgentConfig {
             cap_add: DEFAULT_CAPS.iter().map(|s| s.to_string()).collect(),
             instance: "default".to_owned(),
             cgroup_parent: None,
+            podman_timeout: crate::podman::DEFAULT_CALL_TIMEOUT,
+            image_timeout: crate::podman::DEFAULT_IMAGE_TIMEOUT,
         }
     }
 
@@ -295,6 +304,18 @@ impl AgentConfig {
         }
         if let Some(s) = raw.zombie_timeout_secs {
             cfg.lifecycle.zombie_timeout_ms = s.saturating_mul(1000);
+        }
+        if let Some(s) = raw.podman_timeout_secs {
+            if !(1..=3600).contains(&s) {
+                return Err(invalid("podman_timeout_secs", s.to_string(), "1..=3600"));
+            }
+            cfg.podman_timeout = Duration::from_secs(s);
+        }
+        if let Some(s) = raw.image_timeout_secs {
+            if !(1..=86400).contains(&s) {
+                return Err(invalid("image_timeout_secs", s.to_string(), "1..=86400"));
+            }
+            cfg.image_timeout = Duration::from_secs(s);
         }
         if let Some(s) = raw.stop_timeout_secs {
             if s > 600 {

@@ -617,7 +617,7 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
     let podman_socket = r
         .podman_socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_PODMAN_SOCKET));
-    let podman = Podman::new(&podman_socket);
+    let podman = Podman::new(&podman_socket).with_timeouts(cfg.podman_timeout, cfg.image_timeout);
     let ex = Rc::new(smol::LocalExecutor::new());
     let ex2 = ex.clone();
     let admin = admin.to_owned();

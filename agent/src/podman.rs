@@ -17,7 +17,9 @@ mod http;
 mod stream;
 
 use std::collections::BTreeMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST};
 use hyper::{Method, Request, StatusCode};
@@ -58,6 +60,12 @@ pub enum PodmanError {
         op: &'static str,
         #[source]
         source: hyper::Error,
+    },
+    #[error("{op}: Podman at {} did not answer within {}s (hung or overloaded?); the call was abandoned", socket.display(), after.as_secs())]
+    Timeout {
+        op: &'static str,
+        socket: PathBuf,
+        after: Duration,
     },
     #[error("{op}: Podman's answer exceeds {limit} bytes")]
     TooLarge { op: &'static str, limit: usize },
@@ -161,17 +169,57 @@ pub struct ContainerEvent {
     pub time_nanos: i64,
 }
 
+/// How long a libpod call may take before it is abandoned (a hung Podman must not hang
+/// the agent): the default, and for image loads and pulls, which move whole archives.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+pub const DEFAULT_IMAGE_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// Handle on a Podman service socket. Cheap to clone; holds no connection.
 #[derive(Debug, Clone)]
 pub struct Podman {
     socket: PathBuf,
+    /// Deadline of every call; stop and restart add their own stop timeout to it.
+    timeout: Duration,
+    /// Deadline of image loads and pulls.
+    image_timeout: Duration,
 }
 
 impl Podman {
     pub fn new(socket: impl Into<PathBuf>) -> Self {
         Podman {
             socket: socket.into(),
+            timeout: DEFAULT_CALL_TIMEOUT,
+            image_timeout: DEFAULT_IMAGE_TIMEOUT,
         }
+    }
+
+    /// Sets the deadlines of calls and of image loads/pulls. Streams (events, logs) are
+    /// bounded only until their response head arrives; they are meant to stay open.
+    #[must_use]
+    pub fn with_timeouts(mut self, call: Duration, image: Duration) -> Self {
+        self.timeout = call;
+        self.image_timeout = image;
+        self
+    }
+
+    /// Runs one libpod call under a deadline. On expiry the call's future is dropped,
+    /// which closes its connection; what Podman did meanwhile is found by the next
+    /// `inspect` or `list` (the caller's resync), never assumed.
+    async fn within<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        call: impl Future<Output = Result<T, PodmanError>>,
+    ) -> Result<T, PodmanError> {
+        smol::future::or(call, async move {
+            smol::Timer::after(limit).await;
+            Err(PodmanError::Timeout {
+                op,
+                socket: self.socket.clone(),
+                after: limit,
+            })
+        })
+        .await
     }
 
     pub fn socket(&self) -> &Path {
@@ -180,233 +228,281 @@ impl Podman {
 
     /// Podman's version, e.g. `4.3.1`.
     pub async fn version(&self) -> Result<String, PodmanError> {
-        #[derive(Deserialize)]
-        struct V {
-            #[serde(rename = "Version")]
-            version: String,
-        }
-        let op = "version";
-        let body = self.simple(op, "podman", Method::GET, "/version").await?;
-        Ok(decode::<V>(op, &body)?.version)
+        self.within("version", self.timeout, async {
+            #[derive(Deserialize)]
+            struct V {
+                #[serde(rename = "Version")]
+                version: String,
+            }
+            let op = "version";
+            let body = self.simple(op, "podman", Method::GET, "/version").await?;
+            Ok(decode::<V>(op, &body)?.version)
+        })
+        .await
     }
 
     pub async fn image_exists(&self, reference: &str) -> Result<bool, PodmanError> {
-        let op = "check image";
-        let path = format!("/images/{}/exists", enc_path(reference));
-        let ex = self
-            .send(op, Method::GET, &path, ReqBody::Empty, None)
-            .await?;
-        match ex.status {
-            StatusCode::NO_CONTENT | StatusCode::OK => Ok(true),
-            StatusCode::NOT_FOUND => Ok(false),
-            _ => Err(api_error(op, format!("image {reference}"), ex).await),
-        }
+        self.within("check image", self.timeout, async {
+            let op = "check image";
+            let path = format!("/images/{}/exists", enc_path(reference));
+            let ex = self
+                .send(op, Method::GET, &path, ReqBody::Empty, None)
+                .await?;
+            match ex.status {
+                StatusCode::NO_CONTENT | StatusCode::OK => Ok(true),
+                StatusCode::NOT_FOUND => Ok(false),
+                _ => Err(api_error(op, format!("image {reference}"), ex).await),
+            }
+        })
+        .await
     }
 
     /// The image's id (sha256 hex, without the `sha256:` prefix).
     pub async fn image_id(&self, reference: &str) -> Result<String, PodmanError> {
-        #[derive(Deserialize)]
-        struct I {
-            #[serde(rename = "Id")]
-            id: String,
-        }
-        let op = "inspect image";
-        let path = format!("/images/{}/json", enc_path(reference));
-        let body = self
-            .simple(op, &format!("image {reference}"), Method::GET, &path)
-            .await?;
-        let id = decode::<I>(op, &body)?.id;
-        Ok(id.strip_prefix("sha256:").unwrap_or(&id).to_owned())
+        self.within("inspect image", self.timeout, async {
+            #[derive(Deserialize)]
+            struct I {
+                #[serde(rename = "Id")]
+                id: String,
+            }
+            let op = "inspect image";
+            let path = format!("/images/{}/json", enc_path(reference));
+            let body = self
+                .simple(op, &format!("image {reference}"), Method::GET, &path)
+                .await?;
+            let id = decode::<I>(op, &body)?.id;
+            Ok(id.strip_prefix("sha256:").unwrap_or(&id).to_owned())
+        })
+        .await
     }
 
     /// Loads a `docker-archive` or `oci-archive` tarball, streaming it from disk. Returns
     /// the names of the loaded images.
     pub async fn image_load(&self, archive: &Path) -> Result<Vec<String>, PodmanError> {
-        #[derive(Deserialize)]
-        struct L {
-            #[serde(rename = "Names", default)]
-            names: Vec<String>,
-        }
-        let op = "load image";
-        let file_err = |source| PodmanError::File {
-            op,
-            path: archive.to_path_buf(),
-            source,
-        };
-        let file = smol::fs::File::open(archive).await.map_err(file_err)?;
-        let len = file.metadata().await.map_err(file_err)?.len();
-        let ex = self
-            .send(
+        self.within("load image", self.image_timeout, async {
+            #[derive(Deserialize)]
+            struct L {
+                #[serde(rename = "Names", default)]
+                names: Vec<String>,
+            }
+            let op = "load image";
+            let file_err = |source| PodmanError::File {
                 op,
-                Method::POST,
-                "/images/load",
-                ReqBody::file(file, len),
-                Some("application/x-tar"),
-            )
-            .await?;
-        let target = format!("from {}", archive.display());
-        let body = expect_ok(op, target, ex, &[StatusCode::OK]).await?;
-        Ok(decode::<L>(op, &body)?.names)
+                path: archive.to_path_buf(),
+                source,
+            };
+            let file = smol::fs::File::open(archive).await.map_err(file_err)?;
+            let len = file.metadata().await.map_err(file_err)?.len();
+            let ex = self
+                .send(
+                    op,
+                    Method::POST,
+                    "/images/load",
+                    ReqBody::file(file, len),
+                    Some("application/x-tar"),
+                )
+                .await?;
+            let target = format!("from {}", archive.display());
+            let body = expect_ok(op, target, ex, &[StatusCode::OK]).await?;
+            Ok(decode::<L>(op, &body)?.names)
+        })
+        .await
     }
 
     /// Pulls an image. libpod answers 200 at once and reports failure inside the
     /// progress stream, which is read to its end.
     pub async fn image_pull(&self, reference: &str) -> Result<(), PodmanError> {
-        #[derive(Deserialize)]
-        struct P {
-            #[serde(default)]
-            error: Option<String>,
-        }
-        let op = "pull image";
-        let path = format!("/images/pull?reference={}", enc_query(reference));
-        let ex = self
-            .send(op, Method::POST, &path, ReqBody::Empty, None)
-            .await?;
-        if ex.status != StatusCode::OK {
-            return Err(api_error(op, format!("image {reference}"), ex).await);
-        }
-        let mut lines = Lines::new(ex, MAX_LINE);
-        while let Some(line) = lines.next_line().await {
-            let line = line?;
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
+        self.within("pull image", self.image_timeout, async {
+            #[derive(Deserialize)]
+            struct P {
+                #[serde(default)]
+                error: Option<String>,
             }
-            if let Some(message) = decode::<P>(op, &line)?.error.filter(|e| !e.is_empty()) {
-                return Err(PodmanError::Pull {
-                    reference: reference.to_owned(),
-                    message,
-                });
+            let op = "pull image";
+            let path = format!("/images/pull?reference={}", enc_query(reference));
+            let ex = self
+                .send(op, Method::POST, &path, ReqBody::Empty, None)
+                .await?;
+            if ex.status != StatusCode::OK {
+                return Err(api_error(op, format!("image {reference}"), ex).await);
             }
-        }
-        Ok(())
+            let mut lines = Lines::new(ex, MAX_LINE);
+            while let Some(line) = lines.next_line().await {
+                let line = line?;
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                if let Some(message) = decode::<P>(op, &line)?.error.filter(|e| !e.is_empty()) {
+                    return Err(PodmanError::Pull {
+                        reference: reference.to_owned(),
+                        message,
+                    });
+                }
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Creates a container; returns its id.
     pub async fn create(&self, spec: &ContainerSpec) -> Result<String, PodmanError> {
-        #[derive(Deserialize)]
-        struct C {
-            #[serde(rename = "Id")]
-            id: String,
-        }
-        let op = "create container";
-        let target = format!("container {}", spec.name);
-        let json =
-            serde_json::to_vec(&SpecGenerator::from(spec)).map_err(|e| PodmanError::Request {
-                op,
-                target: target.clone(),
-                message: e.to_string(),
+        self.within("create container", self.timeout, async {
+            #[derive(Deserialize)]
+            struct C {
+                #[serde(rename = "Id")]
+                id: String,
+            }
+            let op = "create container";
+            let target = format!("container {}", spec.name);
+            let json = serde_json::to_vec(&SpecGenerator::from(spec)).map_err(|e| {
+                PodmanError::Request {
+                    op,
+                    target: target.clone(),
+                    message: e.to_string(),
+                }
             })?;
-        let ex = self
-            .send(
-                op,
-                Method::POST,
-                "/containers/create",
-                ReqBody::Bytes(Some(json.into())),
-                Some("application/json"),
-            )
-            .await?;
-        let body = expect_ok(op, target, ex, &[StatusCode::CREATED, StatusCode::OK]).await?;
-        Ok(decode::<C>(op, &body)?.id)
+            let ex = self
+                .send(
+                    op,
+                    Method::POST,
+                    "/containers/create",
+                    ReqBody::Bytes(Some(json.into())),
+                    Some("application/json"),
+                )
+                .await?;
+            let body = expect_ok(op, target, ex, &[StatusCode::CREATED, StatusCode::OK]).await?;
+            Ok(decode::<C>(op, &body)?.id)
+        })
+        .await
     }
 
     /// Starts a container; already running is success.
     pub async fn start(&self, id: &str) -> Result<(), PodmanError> {
-        let path = format!("/containers/{}/start", enc_path(id));
-        self.action("start", id, &path, &[StatusCode::NOT_MODIFIED])
-            .await
+        self.within("start", self.timeout, async {
+            let path = format!("/containers/{}/start", enc_path(id));
+            self.action("start", id, &path, &[StatusCode::NOT_MODIFIED])
+                .await
+        })
+        .await
     }
 
     /// Stops a container: SIGTERM (or its stop signal), then SIGKILL after
     /// `timeout_secs`. Already stopped is success.
     pub async fn stop(&self, id: &str, timeout_secs: u32) -> Result<(), PodmanError> {
-        // libpod reads lowercase `timeout`; `Timeout` (podman-api's spelling) is ignored.
-        let path = format!("/containers/{}/stop?timeout={timeout_secs}", enc_path(id));
-        self.action("stop", id, &path, &[StatusCode::NOT_MODIFIED])
-            .await
+        self.within(
+            "stop",
+            self.timeout + Duration::from_secs(timeout_secs.into()),
+            async {
+                // libpod reads lowercase `timeout`; `Timeout` (podman-api's spelling) is ignored.
+                let path = format!("/containers/{}/stop?timeout={timeout_secs}", enc_path(id));
+                self.action("stop", id, &path, &[StatusCode::NOT_MODIFIED])
+                    .await
+            },
+        )
+        .await
     }
 
     /// Restarts a container, waiting at most `timeout_secs` for it to stop.
     pub async fn restart(&self, id: &str, timeout_secs: u32) -> Result<(), PodmanError> {
-        // libpod 4.3.1 reads `timeout` here too; it ignores `t` and kills at once
-        // (measured: t=2 took 0.55 s, timeout=2 took 2.7 s with a SIGTERM-deaf chute).
-        let path = format!(
-            "/containers/{}/restart?timeout={timeout_secs}",
-            enc_path(id)
-        );
-        self.action("restart", id, &path, &[]).await
+        self.within(
+            "restart",
+            self.timeout + Duration::from_secs(timeout_secs.into()),
+            async {
+                // libpod 4.3.1 reads `timeout` here too; it ignores `t` and kills at once
+                // (measured: t=2 took 0.55 s, timeout=2 took 2.7 s with a SIGTERM-deaf chute).
+                let path = format!(
+                    "/containers/{}/restart?timeout={timeout_secs}",
+                    enc_path(id)
+                );
+                self.action("restart", id, &path, &[]).await
+            },
+        )
+        .await
     }
 
     /// Removes a container and its anonymous volumes; already gone is success.
     pub async fn remove(&self, id: &str, force: bool) -> Result<(), PodmanError> {
-        #[derive(Deserialize)]
-        struct R {
-            #[serde(rename = "Err", default)]
-            err: Option<String>,
-        }
-        let op = "remove";
-        let path = format!("/containers/{}?force={force}&v=true", enc_path(id));
-        let ex = self
-            .send(op, Method::DELETE, &path, ReqBody::Empty, None)
-            .await?;
-        let target = format!("container {id}");
-        match ex.status {
-            StatusCode::NOT_FOUND => Ok(()),
-            StatusCode::OK => {
-                let body = ex.collect(MAX_BODY).await?;
-                // libpod answers 200 with per-container reports that may carry an error.
-                let reports: Vec<R> = decode(op, &body)?;
-                match reports
-                    .into_iter()
-                    .find_map(|r| r.err.filter(|e| !e.is_empty()))
-                {
-                    Some(message) => Err(PodmanError::Api {
-                        op,
-                        target,
-                        status: 200,
-                        message,
-                    }),
-                    None => Ok(()),
-                }
+        self.within("remove", self.timeout, async {
+            #[derive(Deserialize)]
+            struct R {
+                #[serde(rename = "Err", default)]
+                err: Option<String>,
             }
-            StatusCode::NO_CONTENT => Ok(()),
-            _ => Err(api_error(op, target, ex).await),
-        }
+            let op = "remove";
+            let path = format!("/containers/{}?force={force}&v=true", enc_path(id));
+            let ex = self
+                .send(op, Method::DELETE, &path, ReqBody::Empty, None)
+                .await?;
+            let target = format!("container {id}");
+            match ex.status {
+                StatusCode::NOT_FOUND => Ok(()),
+                StatusCode::OK => {
+                    let body = ex.collect(MAX_BODY).await?;
+                    // libpod answers 200 with per-container reports that may carry an error.
+                    let reports: Vec<R> = decode(op, &body)?;
+                    match reports
+                        .into_iter()
+                        .find_map(|r| r.err.filter(|e| !e.is_empty()))
+                    {
+                        Some(message) => Err(PodmanError::Api {
+                            op,
+                            target,
+                            status: 200,
+                            message,
+                        }),
+                        None => Ok(()),
+                    }
+                }
+                StatusCode::NO_CONTENT => Ok(()),
+                _ => Err(api_error(op, target, ex).await),
+            }
+        })
+        .await
     }
 
     /// Sends `signal` (e.g. `SIGKILL`, `TERM`, `9`) to the container's main process.
     pub async fn kill(&self, id: &str, signal: &str) -> Result<(), PodmanError> {
-        let path = format!(
-            "/containers/{}/kill?signal={}",
-            enc_path(id),
-            enc_query(signal)
-        );
-        self.action("kill", id, &path, &[]).await
+        self.within("kill", self.timeout, async {
+            let path = format!(
+                "/containers/{}/kill?signal={}",
+                enc_path(id),
+                enc_query(signal)
+            );
+            self.action("kill", id, &path, &[]).await
+        })
+        .await
     }
 
     pub async fn inspect(&self, id_or_name: &str) -> Result<ContainerInfo, PodmanError> {
-        let op = "inspect";
-        let path = format!("/containers/{}/json", enc_path(id_or_name));
-        let body = self
-            .simple(op, &format!("container {id_or_name}"), Method::GET, &path)
-            .await?;
-        Ok(decode::<RawInspect>(op, &body)?.into())
+        self.within("inspect", self.timeout, async {
+            let op = "inspect";
+            let path = format!("/containers/{}/json", enc_path(id_or_name));
+            let body = self
+                .simple(op, &format!("container {id_or_name}"), Method::GET, &path)
+                .await?;
+            Ok(decode::<RawInspect>(op, &body)?.into())
+        })
+        .await
     }
 
     /// All containers (running or not) carrying `label` (`key=value` or `key`).
     pub async fn list(&self, label: &str) -> Result<Vec<ContainerSummary>, PodmanError> {
-        let op = "list containers";
-        let filters = label_filters(label, false);
-        // sync=true: without it libpod answers from its database, which still says
-        // "running" for a container whose process was killed moments ago.
-        let path = format!(
-            "/containers/json?all=true&sync=true&filters={}",
-            enc_query(&filters)
-        );
-        let body = self
-            .simple(op, &format!("labelled {label}"), Method::GET, &path)
-            .await?;
-        let rows: Vec<RawSummary> = decode(op, &body)?;
-        Ok(rows.into_iter().map(Into::into).collect())
+        self.within("list containers", self.timeout, async {
+            let op = "list containers";
+            let filters = label_filters(label, false);
+            // sync=true: without it libpod answers from its database, which still says
+            // "running" for a container whose process was killed moments ago.
+            let path = format!(
+                "/containers/json?all=true&sync=true&filters={}",
+                enc_query(&filters)
+            );
+            let body = self
+                .simple(op, &format!("labelled {label}"), Method::GET, &path)
+                .await?;
+            let rows: Vec<RawSummary> = decode(op, &body)?;
+            Ok(rows.into_iter().map(Into::into).collect())
+        })
+        .await
     }
 
     /// Live container events for containers carrying `label`, from now on.
@@ -414,9 +510,8 @@ impl Podman {
         let op = "events";
         let filters = label_filters(label, true);
         let path = format!("/events?stream=true&filters={}", enc_query(&filters));
-        let ex = self
-            .send(op, Method::GET, &path, ReqBody::Empty, None)
-            .await?;
+        let head = self.send(op, Method::GET, &path, ReqBody::Empty, None);
+        let ex = self.within(op, self.timeout, head).await?;
         if ex.status != StatusCode::OK {
             return Err(api_error(op, format!("labelled {label}"), ex).await);
         }
@@ -441,9 +536,8 @@ impl Podman {
         if let Some(n) = tail {
             path.push_str(&format!("&tail={n}"));
         }
-        let ex = self
-            .send(op, Method::GET, &path, ReqBody::Empty, None)
-            .await?;
+        let head = self.send(op, Method::GET, &path, ReqBody::Empty, None);
+        let ex = self.within(op, self.timeout, head).await?;
         if ex.status != StatusCode::OK {
             return Err(api_error(op, format!("container {id}"), ex).await);
         }
@@ -971,6 +1065,60 @@ pub fn rfc3339_nanos(s: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A Podman that accepts connections and never answers (a SIGSTOPped service looks
+    /// like this: the kernel completes the connect, nobody reads).
+    fn hung_podman() -> (tempfile::TempDir, std::os::unix::net::UnixListener, PathBuf) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("podman.sock");
+        let listener = std::os::unix::net::UnixListener::bind(&sock).expect("bind");
+        (dir, listener, sock)
+    }
+
+    #[test]
+    fn a_hung_podman_makes_calls_fail_at_their_deadline_not_hang() {
+        let (_dir, _listener, sock) = hung_podman();
+        let short = Duration::from_millis(300);
+        let podman = Podman::new(&sock).with_timeouts(short, short * 2);
+        smol::block_on(async {
+            let t = std::time::Instant::now();
+            let err = podman.version().await.expect_err("hung podman answered");
+            let took = t.elapsed();
+            assert!(
+                matches!(err, PodmanError::Timeout { op: "version", .. }),
+                "{err}"
+            );
+            assert!(took >= short && took < short * 4, "took {took:?}");
+            assert!(err.to_string().contains("did not answer within"), "{err}");
+
+            // stop waits for the stop timeout on top of the call deadline.
+            let t = std::time::Instant::now();
+            let err = podman
+                .stop("abc", 1)
+                .await
+                .expect_err("hung podman stopped");
+            assert!(
+                matches!(err, PodmanError::Timeout { op: "stop", .. }),
+                "{err}"
+            );
+            assert!(
+                t.elapsed() >= short + Duration::from_secs(1),
+                "{:?}",
+                t.elapsed()
+            );
+
+            // Streams are bounded until their head arrives.
+            let err = podman
+                .events("a=b")
+                .await
+                .err()
+                .expect("hung events answered");
+            assert!(
+                matches!(err, PodmanError::Timeout { op: "events", .. }),
+                "{err}"
+            );
+        });
+    }
 
     #[test]
     fn rfc3339_timestamps_parse_to_unix_nanos() {

@@ -216,6 +216,11 @@ impl World {
         let _ = self.podman_service.wait();
     }
 
+    /// The Podman API service's pid (to SIGSTOP it: a hung Podman).
+    pub fn podman_service_pid(&self) -> u32 {
+        self.podman_service.id()
+    }
+
     /// Starts a fresh Podman API service on the same socket path.
     pub fn start_podman_service(&mut self) {
         let _ = std::fs::remove_file(&self.podman_socket);

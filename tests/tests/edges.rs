@@ -456,6 +456,37 @@ fn a_stop_podman_cannot_carry_out_is_reported_and_the_policy_still_holds() {
     }
 }
 
+/// A hung Podman (its service SIGSTOPped: connects succeed, nothing answers) makes a stop
+/// fail at the configured deadline, naming it, instead of blocking the CLI (> 70 s before
+/// deadlines). Once Podman answers again the chute is where it was and can be stopped.
+#[test]
+fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
+    let mut w = World::new(&small_pools_config("podman_timeout_secs = 2"));
+    w.start_agent();
+    let name = unique("hung");
+    let dir = w.chute_dir(&name, POLITE, &res("0.25", "32MiB", 32));
+    w.deploy(&dir);
+    let podman_pid = w.podman_service_pid();
+    kill(podman_pid, "-STOP");
+    let t = Instant::now();
+    let out = w.try_cli(&["stop", &name]);
+    let took = t.elapsed();
+    kill(podman_pid, "-CONT");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "stop succeeded against a hung Podman"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "stop against a hung Podman took {took:?} (deadline 2 s + stop timeout 2 s)"
+    );
+    assert!(err.contains("did not answer within 4s"), "{err}");
+    assert_eq!(w.state(&name), "running", "{err}");
+    w.cli(&["stop", &name]);
+    assert_eq!(w.state(&name), "stopped");
+}
+
 fn raw_request(socket: &Path, bytes: &[u8], shutdown_write: bool) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
