@@ -302,6 +302,10 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
             let path = dir.join("chute.toml");
             let manifest_toml = std::fs::read_to_string(&path)
                 .with_context(|| format!("cannot read {}", path.display()))?;
+            // Checked here too, so a refusal names the file as `validate` does; the agent
+            // still validates everything it is sent.
+            chutes::Manifest::from_toml_str(&manifest_toml)
+                .with_context(|| format!("{} is not a valid chute manifest", path.display()))?;
             let v = call(
                 admin,
                 &Request::Deploy {
@@ -558,6 +562,15 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
         .with_target(false)
         .init();
 
+    match chuted::limits::raise_nofile() {
+        Ok(l) => tracing::info!(
+            nofile = l.soft,
+            before = l.soft_before,
+            chutes_carried = chuted::limits::chutes_carried(l.soft),
+            "open-files limit"
+        ),
+        Err(e) => tracing::warn!(error = %e, "keeping the open-files limit"),
+    }
     let host = HostFacts::detect();
     let mut cfg = match &r.config {
         Some(p) => AgentConfig::load(p, host)?,

@@ -60,16 +60,44 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
     Ok(listener)
 }
 
+/// Admin connections served at once. Each holds a descriptor; without a cap, a local
+/// client opening idle connections exhausts the agent's descriptors and with them
+/// supervision and snapshot writes. Beyond it a connection is answered with an error and
+/// closed at once.
+pub const MAX_ADMIN_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send its request line; an idle or unterminated
+/// connection is answered with an error and closed.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
+    let open = Rc::new(std::cell::Cell::new(0usize));
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
+            Ok((mut stream, _)) => {
+                if open.get() >= MAX_ADMIN_CONNECTIONS {
+                    let msg = format!(
+                        "too many admin connections ({MAX_ADMIN_CONNECTIONS} open); try again when one ends"
+                    );
+                    // Best effort and bounded: a client that does not read is dropped.
+                    let refusal = Reply::Error(msg);
+                    let reply = write_reply(&mut stream, &refusal);
+                    let _ = smol::future::or(async { reply.await.map(Some) }, async {
+                        smol::Timer::after(std::time::Duration::from_millis(100)).await;
+                        Ok(None)
+                    })
+                    .await;
+                    continue;
+                }
+                open.set(open.get() + 1);
                 let agent2 = agent.clone();
+                let open2 = open.clone();
                 agent
                     .spawn(async move {
                         if let Err(e) = handle(agent2, stream).await {
                             debug!(error = %e, "admin connection ended");
                         }
+                        open2.set(open2.get() - 1);
                     })
                     .detach();
             }
@@ -90,16 +118,34 @@ async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
 async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut writer = stream.clone();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
-    let mut line = String::new();
-    reader.read_line(&mut line).await?;
-    if !line.ends_with('\n') {
-        let msg = if line.len() >= MAX_REQUEST {
+    let mut raw = Vec::new();
+    let read = smol::future::or(
+        async { reader.read_until(b'\n', &mut raw).await.map(Some) },
+        async {
+            smol::Timer::after(REQUEST_TIMEOUT).await;
+            Ok(None)
+        },
+    )
+    .await?;
+    if read.is_none() {
+        let msg = format!(
+            "no complete request line within {}s; send one JSON request ending in a newline",
+            REQUEST_TIMEOUT.as_secs()
+        );
+        return write_reply(&mut writer, &Reply::Error(msg)).await;
+    }
+    if raw.last() != Some(&b'\n') {
+        let msg = if raw.len() >= MAX_REQUEST {
             format!("request larger than {MAX_REQUEST} bytes")
         } else {
             "request was not terminated by a newline".to_owned()
         };
         return write_reply(&mut writer, &Reply::Error(msg)).await;
     }
+    let Ok(line) = String::from_utf8(raw) else {
+        let msg = "malformed request: not UTF-8 text; send one JSON request ending in a newline";
+        return write_reply(&mut writer, &Reply::Error(msg.to_owned())).await;
+    };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {

@@ -55,6 +55,12 @@ pub enum SnapshotError {
         expected: usize,
         found: usize,
     },
+    #[error("snapshot {path}: {found} bytes, longer than the {expected} its header declares (trailing data)")]
+    TooLong {
+        path: PathBuf,
+        expected: usize,
+        found: usize,
+    },
     #[error("snapshot {path}: checksum mismatch (stored {stored:08x}, computed {computed:08x})")]
     Checksum {
         path: PathBuf,
@@ -128,7 +134,14 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
         });
     }
     let payload = &bytes[HEADER_LEN..];
-    if payload.len() != len {
+    if payload.len() > len {
+        return Err(SnapshotError::TooLong {
+            path,
+            expected: HEADER_LEN + len,
+            found: bytes.len(),
+        });
+    }
+    if payload.len() < len {
         return Err(SnapshotError::Truncated {
             path,
             expected: HEADER_LEN + len,
@@ -275,6 +288,13 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("truncated"));
+        let mut long = encode(&sample());
+        long.extend_from_slice(b"extra");
+        let err = decode(&long, p).unwrap_err().to_string();
+        assert!(
+            err.contains("longer than") && !err.contains("truncated"),
+            "{err}"
+        );
         assert!(decode(b"garbage-garbage", p)
             .unwrap_err()
             .to_string()

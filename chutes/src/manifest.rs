@@ -483,10 +483,16 @@ fn sub_table<'a>(v: &'a Value, key: &'static str) -> Result<&'a Table, ManifestE
 }
 
 fn parse_command(v: &Value) -> Result<Vec<String>, ManifestError> {
-    const ALLOWED: &str = "an array of strings without NUL characters, e.g. [\"httpd\", \"-f\"]";
+    const ALLOWED: &str = "a non-empty array of strings without NUL characters whose first \
+        element (the program) is not empty, e.g. [\"httpd\", \"-f\"]; leave `command` out \
+        to run the image's own";
     let arr = v
         .as_array()
         .ok_or_else(|| ManifestError::invalid("command", show(v), ALLOWED))?;
+    match arr.first().and_then(Value::as_str) {
+        Some(program) if !program.trim().is_empty() => {}
+        _ => return Err(ManifestError::invalid("command", show(v), ALLOWED)),
+    }
     arr.iter()
         .map(|item| match item.as_str() {
             Some(s) if !s.contains('\0') => Ok(s.to_owned()),
@@ -548,6 +554,18 @@ fn parse_resources(t: &Table) -> Result<Resources, ManifestError> {
         if !(cores.is_finite() && cores > 0.0 && cores <= f64::from(MAX_CPU_CORES)) {
             return Err(ManifestError::invalid("resources.cpu", show(v), allowed));
         }
+        // The kernel's smallest CFS quota is 1 ms per period (0.01 cores at our 100 ms);
+        // a smaller ask would be enforced as 0.01 while only the ask was reserved.
+        if cores * 1000.0 < f64::from(MIN_CPU_MILLICORES) - 1e-6 {
+            return Err(ManifestError::invalid(
+                "resources.cpu",
+                show(v),
+                format!(
+                    "{allowed}; at least 0.01, the smallest CPU cap the kernel enforces \
+                     (a 1 ms quota per 100 ms period)"
+                ),
+            ));
+        }
         r.cpu_millicores = cores_to_millicores(cores);
     }
     if let Some(v) = t.get("memory") {
@@ -593,6 +611,9 @@ fn parse_resources(t: &Table) -> Result<Resources, ManifestError> {
 
 /// Rounds up so a cap is never below what was written, but tolerates binary float noise
 /// (`0.1 * 1000` is `100.00000000000001`, which must be 100, not 101).
+/// The smallest CPU cap that is enforced as written (see `parse_resources`).
+const MIN_CPU_MILLICORES: u32 = 10;
+
 fn cores_to_millicores(cores: f64) -> u32 {
     let m = cores * 1000.0;
     let r = m.round();
@@ -1092,7 +1113,6 @@ policy = "on-failure"              # always | on-failure | never
 
     #[test]
     fn command_rules() {
-        assert_eq!(with("command = []").unwrap().command, Vec::<String>::new());
         assert_eq!(
             with("command = [\"sh\", \"-c\", \"x y\"]").unwrap().command,
             ["sh", "-c", "x y"]
@@ -1102,6 +1122,9 @@ policy = "on-failure"              # always | on-failure | never
             "command = [1]",
             "command = [\"a\\u0000\"]",
             "command = [[\"a\"]]",
+            "command = []",
+            "command = [\"\"]",
+            "command = [\" \", \"x\"]",
         ] {
             invalid(with(bad), "command");
         }
@@ -1136,16 +1159,16 @@ policy = "on-failure"              # always | on-failure | never
             ("2", 2000),
             ("0.1", 100),
             ("0.3", 300),
-            ("0.0001", 1),
-            ("0.0015", 2),
+            ("0.01", 10),
+            ("0.0101", 11),
             ("1024", 1_024_000),
-            ("1e-9", 1),
         ] {
             let m = with(&format!("[resources]\ncpu = {v}")).unwrap();
             assert_eq!(m.resources.cpu_millicores, want, "cpu = {v}");
         }
         for bad in [
-            "0", "0.0", "-1", "1024.001", "1025", "nan", "inf", "\"0.5\"", "true",
+            "0", "0.0", "-1", "1024.001", "1025", "nan", "inf", "\"0.5\"", "true", "0.0099",
+            "0.0001", "1e-9",
         ] {
             let msg = invalid(with(&format!("[resources]\ncpu = {bad}")), "resources.cpu");
             assert!(msg.contains("cores"), "{msg}");

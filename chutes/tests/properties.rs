@@ -71,7 +71,7 @@ fn apply(src: &str, muts: &[Mutation]) -> String {
 
 fn check_parsed(m: &Manifest) {
     assert!(m.resources.memory_bytes >= 4 << 20);
-    assert!((1..=1_024_000).contains(&m.resources.cpu_millicores));
+    assert!((10..=1_024_000).contains(&m.resources.cpu_millicores));
     assert!((1..=1_000_000).contains(&m.resources.pids));
     assert!(ChuteName::parse(m.name.as_str()).is_ok());
     for bps in [m.network.bandwidth_down_bps, m.network.bandwidth_up_bps]

@@ -144,7 +144,8 @@ EOF
     for want in '^open_instance \[agent\]$' '^set respawn \[3600\] \[5\] \[0\]$' \
         '^set stdout \[1\]$' '^set stderr \[1\]$' '^close_instance$' \
         '^reload_trigger \[chuted\]$' "^set file \[$d/run/config.toml\]\$" \
-        '^set env \[CHUTED_CGROUP_PARENT=/chuted/chutes\]$'; do
+        '^set env \[CHUTED_CGROUP_PARENT=/chuted/chutes\]$' \
+        '^set limits \[nofile=65536 65536\]$'; do
         check "$s: procd gets ${want#^}" grep -q "$want" "$d/record"
     done
     check "$s: state dir created 0700" sh -c '[ "$(stat -c %a "$1")" = 700 ]' _ "$d/state"
@@ -359,7 +360,7 @@ check "build-ipk.sh refuses a host binary for armv7" \
 
 # --- systemd unit --------------------------------------------------------------------------
 for want in 'Wants=podman.socket' 'After=podman.socket' 'Restart=always' 'KillMode=process' \
-    'Delegate=yes'; do
+    'Delegate=yes' 'LimitNOFILE=65536'; do
     check "chuted.service has $want" grep -q "^$want" "$UNIT"
 done
 if command -v systemd-analyze >/dev/null; then

@@ -287,6 +287,15 @@ impl World {
         self.json(&["inspect", name])
     }
 
+    /// `inspect --json`, or `None` while the agent refuses admin connections.
+    pub fn inspect_when_possible(&self, name: &str) -> Option<Value> {
+        let o = self.try_cli(&["inspect", name, "--json"]);
+        o.status
+            .success()
+            .then(|| serde_json::from_slice(&o.stdout).ok())
+            .flatten()
+    }
+
     pub fn state(&self, name: &str) -> String {
         self.inspect(name)["state"].as_str().unwrap().to_owned()
     }

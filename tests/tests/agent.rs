@@ -185,6 +185,26 @@ fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
         err.contains("resources.memory") && err.contains("potatoes"),
         "{err}"
     );
+    // The refusal names the file, as `validate` does.
+    assert!(
+        err.contains(&format!("{}/chute.toml", dir.display())),
+        "{err}"
+    );
+    // The agent refuses it too when a client skips the local check.
+    let bad = std::fs::read_to_string(dir.join("chute.toml")).unwrap();
+    let request = serde_json::json!({"op": "deploy", "manifest_toml": bad, "dir": null});
+    let reply = {
+        use std::io::{Read, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&w.admin_socket).unwrap();
+        s.write_all(format!("{request}\n").as_bytes()).unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    };
+    assert!(
+        reply.contains("error") && reply.contains("resources.memory"),
+        "{reply}"
+    );
     let dir = w.chute_dir(&name, SLEEPER, "[restart]\npolicy = \"sometimes\"\n");
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(

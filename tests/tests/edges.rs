@@ -4,7 +4,7 @@
 //! restarted Podman service, failed stops, and usage sampling.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -487,6 +487,65 @@ fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
     assert_eq!(w.state(&name), "stopped");
 }
 
+/// 1,100 idle admin connections at nofile 1024 once broke supervision and snapshot
+/// writes. Now: the agent raises its soft limit to the hard one, serves at most 64 admin
+/// connections (the rest are told so and closed), answers idle ones with an error after
+/// 10 s, and a killed chute is still restarted meanwhile.
+#[test]
+fn idle_admin_connections_cannot_starve_the_agent() {
+    let mut w = World::new(&small_pools_config(""));
+    w.start_agent();
+    let limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", w.agent_pid().unwrap())).unwrap();
+    let nofile: Vec<&str> = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        nofile[3], nofile[4],
+        "soft nofile not raised to hard: {limits}"
+    );
+    let name = unique("fds");
+    let dir = w.chute_dir(&name, POLITE, &res("0.25", "32MiB", 32));
+    w.deploy(&dir);
+
+    let idle: Vec<UnixStream> = (0..200)
+        .map(|_| UnixStream::connect(&w.admin_socket).unwrap())
+        .collect();
+    // The ones beyond the cap are answered at once.
+    let mut late = UnixStream::connect(&w.admin_socket).unwrap();
+    late.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut reply = String::new();
+    let _ = late.read_to_string(&mut reply);
+    assert!(reply.contains("too many admin connections"), "{reply:?}");
+    // Supervision goes on: a killed chute comes back.
+    kill(w.container_pid(&name), "-KILL");
+    wait_until(
+        "the killed chute restarted",
+        Duration::from_secs(20),
+        || {
+            w.inspect_when_possible(&name)
+                .is_some_and(|v| v["state"] == "running" && v["restarts"] == 1)
+        },
+    );
+    // Idle connections are closed after the request timeout, with a reason.
+    let mut first = idle.into_iter().next().unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut reply = String::new();
+    let _ = first.read_to_string(&mut reply);
+    assert!(
+        reply.contains("no complete request line within 10s"),
+        "{reply:?}"
+    );
+    wait_until("admin access back", Duration::from_secs(20), || {
+        w.try_cli(&["status"]).status.success()
+    });
+}
+
 fn raw_request(socket: &Path, bytes: &[u8], shutdown_write: bool) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -514,6 +573,12 @@ fn the_admin_socket_is_private_and_guarded() {
     let v: Value = serde_json::from_str(&reply).unwrap();
     assert!(
         v["error"].as_str().unwrap().contains("malformed request"),
+        "{reply}"
+    );
+    let reply = raw_request(&w.admin_socket, b"\xff\xfe\x00garbage\n", false);
+    let v: Value = serde_json::from_str(&reply).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("not UTF-8"),
         "{reply}"
     );
     let reply = raw_request(&w.admin_socket, br#"{"op":"launch-missiles"}"#, true);
