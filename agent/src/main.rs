@@ -8,7 +8,8 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use argh::FromArgs;
-use chuted::admin::{ChuteSummary, Reply, Request};
+use chute_api::admin::Reply;
+use chute_api::{render, ApiError, ErrorClass, LogLine, Request, Response};
 use chuted::config::{AgentConfig, HostFacts};
 use chuted::podman::Podman;
 use chuted::supervisor::{self, Agent};
@@ -18,7 +19,9 @@ const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
 /// chuted runs third-party containers ("chutes") under Podman with enforced CPU, memory,
 /// pids and bandwidth caps. `chuted run` is the agent; the other commands talk to a running
-/// agent over its admin socket (root only).
+/// agent over its admin socket (root only), print for people, and print JSON with --json.
+/// Exit status: 0 done, 1 internal error, 2 bad input, 3 agent unreachable, 4 refused by
+/// the agent (no room, wrong state, busy, not allowed).
 #[derive(FromArgs)]
 struct Cli {
     /// admin socket of the running agent (default /run/chuted/admin.sock)
@@ -57,6 +60,10 @@ struct RunCmd {
     /// directory for the snapshot and keys (created 0700)
     #[argh(option)]
     state_dir: PathBuf,
+    /// admin socket to serve (default /run/chuted/admin.sock; also accepted before
+    /// `run`, this one wins)
+    #[argh(option)]
+    admin_socket: Option<PathBuf>,
     /// podman API socket (default /run/podman/podman.sock; start one with
     /// `podman system service --time=0 unix:///PATH`)
     #[argh(option)]
@@ -138,6 +145,9 @@ struct LogsCmd {
     /// only the last N lines
     #[argh(option)]
     tail: Option<u32>,
+    /// print each line as JSON: {"stream": "stdout"|"stderr", "line": ...}
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Check a chute directory's manifest without an agent, and print what it asks for.
@@ -147,6 +157,9 @@ struct ValidateCmd {
     /// directory holding chute.toml (or the file itself)
     #[argh(positional)]
     path: PathBuf,
+    /// print the validated manifest as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Start a stopped chute (re-admits its reservation if it was freed).
@@ -156,6 +169,9 @@ struct StartTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Stop a chute; it is not restarted until you start it.
@@ -165,6 +181,9 @@ struct StopTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Restart a chute, keeping its reservation throughout.
@@ -174,6 +193,9 @@ struct RestartTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Remove a chute: its container, reservation and record.
@@ -183,6 +205,9 @@ struct RemoveTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// print the result as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Print this device's id and public key (creating the device key if absent).
@@ -192,6 +217,9 @@ struct IdCmd {
     /// the agent's state directory
     #[argh(option)]
     state_dir: PathBuf,
+    /// print JSON: {"device_id", "public_key"}
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Trust an owner's public key: commands are accepted only under grants it signed.
@@ -212,136 +240,196 @@ struct TrustCmd {
 #[argh(subcommand, name = "selftest")]
 struct SelftestCmd {}
 
+/// Exit status of a client command (documented in `chuted --help`).
+mod exit {
+    /// Something failed inside the agent or this machine.
+    pub const INTERNAL: u8 = 1;
+    /// The command line, a manifest or a name is invalid.
+    pub const BAD_INPUT: u8 = 2;
+    /// No agent answers at the admin socket.
+    pub const UNREACHABLE: u8 = 3;
+    /// The agent refused: no room in the pools, wrong state, busy, not allowed.
+    pub const REFUSED: u8 = 4;
+}
+
+/// Why a command failed, and so how `chuted` exits.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot reach the agent at {path} (is `chuted run` running? pass --admin-socket PATH): {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Agent(ApiError),
+    #[error("{0:#}")]
+    BadInput(anyhow::Error),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Unreachable { .. } => exit::UNREACHABLE,
+            CliError::Agent(e) => match e.code.class() {
+                ErrorClass::BadInput => exit::BAD_INPUT,
+                ErrorClass::Refused => exit::REFUSED,
+                ErrorClass::Internal => exit::INTERNAL,
+            },
+            CliError::BadInput(_) => exit::BAD_INPUT,
+            CliError::Internal(_) => exit::INTERNAL,
+        }
+    }
+}
+
+fn bad_input(e: impl Into<anyhow::Error>) -> CliError {
+    CliError::BadInput(e.into())
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let args: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (bin, rest) = strs.split_first().unwrap_or((&"chuted", &[]));
+    let cli = match Cli::from_args(&[bin], rest) {
+        Ok(cli) => cli,
+        Err(early) => {
+            // --help prints and succeeds; a bad command line is bad input (argh's own
+            // exit would be 1, which here means an internal error).
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}", early.output.trim_end());
+                    ExitCode::from(exit::BAD_INPUT)
+                }
+            };
+        }
+    };
     if cli.version {
         println!("chuted {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let Some(cmd) = cli.cmd else {
         eprintln!("chuted: no command given; run `chuted --help` for the list");
-        return ExitCode::from(2);
+        return ExitCode::from(exit::BAD_INPUT);
     };
     let admin = cli
         .admin_socket
         .unwrap_or_else(|| PathBuf::from(DEFAULT_ADMIN_SOCKET));
     match dispatch(cmd, &admin) {
-        Ok(code) => code,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chuted: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("chuted: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
+/// Prints an answer: JSON with `--json`, else the renderer's text.
+fn print(json: bool, resp: &Response, human: impl FnOnce(&Response) -> String) {
+    if json {
+        println!("{}", resp.to_json());
+    } else {
+        print!("{}", human(resp));
+    }
+}
+
+fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
     match cmd {
-        Cmd::Run(r) => run(r, admin),
+        Cmd::Run(r) => {
+            let admin = r.admin_socket.clone().unwrap_or_else(|| admin.to_owned());
+            run(r, &admin)?;
+        }
         Cmd::Id(c) => {
             create_state_dir(&c.state_dir)?;
-            let key = chuted::identity::load_or_create_device_key(&c.state_dir)?;
-            println!("device_id {}", key.device_id());
-            println!("public_key {}", key.public_hex());
-            Ok(ExitCode::SUCCESS)
+            let key = chuted::identity::load_or_create_device_key(&c.state_dir)
+                .map_err(anyhow::Error::from)?;
+            if c.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"device_id": key.device_id().to_string(), "public_key": key.public_hex()})
+                );
+            } else {
+                println!("device_id {}", key.device_id());
+                println!("public_key {}", key.public_hex());
+            }
         }
         Cmd::Trust(t) => {
-            let owner = chuted::identity::parse_owner_key(&t.owner_key)?;
+            let owner = chuted::identity::parse_owner_key(&t.owner_key).map_err(bad_input)?;
             create_state_dir(&t.state_dir)?;
-            let path = chuted::identity::trust_owner(&t.state_dir, &owner)?;
+            let path =
+                chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
             println!("trusting owner {owner} ({})", path.display());
-            Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest(_) => {
-            println!("{}", proto::selftest()?);
-            Ok(ExitCode::SUCCESS)
+            println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
         }
         Cmd::Deploy(d) => {
             let dir = std::fs::canonicalize(&d.dir)
-                .with_context(|| format!("chute directory {}", d.dir.display()))?;
+                .with_context(|| format!("chute directory {}", d.dir.display()))
+                .map_err(bad_input)?;
             let path = dir.join("chute.toml");
             let manifest_toml = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
-            let v = call(
-                admin,
-                &Request::Deploy {
-                    manifest_toml,
-                    dir: Some(dir.to_string_lossy().into_owned()),
-                },
-            )?;
-            if d.json {
-                println!("{v}");
-            } else {
-                let verb = if v["updated"] == true {
-                    "updated"
-                } else if v["unchanged"] == true {
-                    "unchanged"
-                } else {
-                    "deployed"
-                };
-                println!(
-                    "{verb} {} ({}, container {})",
-                    v["name"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?"),
-                    short(v["container_id"].as_str().unwrap_or("-"))
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(bad_input)?;
+            let req = Request::Deploy {
+                manifest_toml,
+                dir: Some(dir.to_string_lossy().into_owned()),
+            };
+            let resp = call(admin, &req, |_| true)?;
+            print(d.json, &resp, |r| match r {
+                Response::Deploy(d) => render::deploy(d),
+                _ => String::new(),
+            });
         }
         Cmd::List(l) => {
-            let v = call(admin, &Request::List)?;
-            if l.json {
-                println!("{v}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let list: Vec<ChuteSummary> = serde_json::from_value(v)?;
-            println!(
-                "{:<24} {:<11} {:>8}  {:<12}  VERSION",
-                "NAME", "STATE", "RESTARTS", "CONTAINER"
-            );
-            for c in list {
-                println!(
-                    "{:<24} {:<11} {:>8}  {:<12}  {}",
-                    c.name,
-                    c.state.to_string(),
-                    c.restarts,
-                    short(c.container_id.as_deref().unwrap_or("-")),
-                    c.version
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::List, |_| true)?;
+            print(l.json, &resp, |r| match r {
+                Response::List(list) => render::list(list),
+                _ => String::new(),
+            });
         }
         Cmd::Inspect(i) => {
-            let v = call(admin, &Request::Inspect { name: i.name })?;
-            if i.json {
-                println!("{v}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::Inspect { name: i.name }, |_| true)?;
+            print(i.json, &resp, |r| match r {
+                Response::Inspect(d) => render::inspect(d),
+                _ => String::new(),
+            });
         }
         Cmd::Status(s) => {
-            let v = call(admin, &Request::Status)?;
-            if s.json {
-                println!("{v}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::Status, |_| true)?;
+            print(s.json, &resp, |r| match r {
+                Response::Status(st) => render::status(st),
+                _ => String::new(),
+            });
         }
-        Cmd::Start(c) => simple(admin, Request::Start { name: c.name }),
-        Cmd::Stop(c) => simple(admin, Request::Stop { name: c.name }),
-        Cmd::Restart(c) => simple(admin, Request::Restart { name: c.name }),
-        Cmd::Remove(c) => simple(admin, Request::Remove { name: c.name }),
+        Cmd::Start(c) => lifecycle(admin, Request::Start { name: c.name }, c.json)?,
+        Cmd::Stop(c) => lifecycle(admin, Request::Stop { name: c.name }, c.json)?,
+        Cmd::Restart(c) => lifecycle(admin, Request::Restart { name: c.name }, c.json)?,
+        Cmd::Remove(c) => lifecycle(admin, Request::Remove { name: c.name }, c.json)?,
         Cmd::Logs(l) => {
-            call(
-                admin,
-                &Request::Logs {
-                    name: l.name,
-                    follow: l.follow,
-                    tail: l.tail,
-                },
-            )?;
-            Ok(ExitCode::SUCCESS)
+            let req = Request::Logs {
+                name: l.name,
+                follow: l.follow,
+                tail: l.tail,
+            };
+            let stdout = std::io::stdout();
+            let json = l.json;
+            call(admin, &req, |line| {
+                let mut out = stdout.lock();
+                let written = if json {
+                    serde_json::to_string(&line)
+                        .map_err(std::io::Error::other)
+                        .and_then(|j| writeln!(out, "{j}"))
+                } else {
+                    writeln!(out, "{}", line.line)
+                };
+                // A closed pipe (`| head`) ends the stream quietly.
+                written.is_ok()
+            })?;
         }
         Cmd::Validate(v) => {
             let path = if v.path.is_dir() {
@@ -350,76 +438,68 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
                 v.path.clone()
             };
             let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(bad_input)?;
             let m = chutes::Manifest::from_toml_str(&text)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))?;
-            println!(
-                "{} {}: image {}, cpu {}, memory {}, pids {}, down {}, up {}, restart {}",
-                m.name,
-                m.version,
-                m.image,
-                chutes::format_cpu(u64::from(m.resources.cpu_millicores)),
-                chutes::format_bytes(m.resources.memory_bytes),
-                m.resources.pids,
-                m.network
-                    .bandwidth_down_bps
-                    .map(chutes::format_rate)
-                    .unwrap_or_else(|| "unshaped".into()),
-                m.network
-                    .bandwidth_up_bps
-                    .map(chutes::format_rate)
-                    .unwrap_or_else(|| "unshaped".into()),
-                m.restart
-            );
-            Ok(ExitCode::SUCCESS)
+                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
+                .map_err(bad_input)?;
+            if v.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&m).map_err(anyhow::Error::from)?
+                );
+            } else {
+                print!("{}", render::validate(&m));
+            }
         }
     }
+    Ok(())
 }
 
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
+fn lifecycle(admin: &Path, req: Request, json: bool) -> Result<(), CliError> {
+    let resp = call(admin, &req, |_| true)?;
+    print(json, &resp, |r| match r {
+        Response::Chute(a) => render::ack(a),
+        _ => String::new(),
+    });
+    Ok(())
 }
 
-fn simple(admin: &Path, req: Request) -> Result<ExitCode> {
-    let v = call(admin, &req)?;
-    println!(
-        "{} {}",
-        v["name"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?")
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Sends one request; prints progress to stderr and logs to stdout as they arrive.
-fn call(admin: &Path, req: &Request) -> Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(admin).with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is `chuted run` running? pass --admin-socket PATH)",
-            admin.display()
-        )
+/// Sends one request and decodes its answer; progress goes to stderr as it arrives, log
+/// lines to `on_log` (which returns false to stop reading).
+fn call(
+    admin: &Path,
+    req: &Request,
+    mut on_log: impl FnMut(LogLine) -> bool,
+) -> Result<Response, CliError> {
+    let mut stream = UnixStream::connect(admin).map_err(|source| CliError::Unreachable {
+        path: admin.to_owned(),
+        source,
     })?;
-    let mut line = serde_json::to_vec(req)?;
+    let mut line = serde_json::to_vec(req).map_err(anyhow::Error::from)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    stream.write_all(&line).context("sending the request")?;
     let reader = BufReader::new(stream);
-    let stdout = std::io::stdout();
     for line in reader.lines() {
         let line = line.context("reading the agent's reply")?;
-        match serde_json::from_str::<Reply>(&line)
-            .with_context(|| format!("unreadable reply from the agent: {line}"))?
-        {
+        let reply: Reply = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
+        match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
-            Reply::Log { line, .. } => {
-                let mut out = stdout.lock();
-                if writeln!(out, "{line}").is_err() {
-                    return Ok(serde_json::Value::Null);
+            Reply::Log(l) => {
+                if !on_log(l) {
+                    return Ok(Response::LogsEnd);
                 }
             }
-            Reply::Ok(v) => return Ok(v),
-            Reply::Error(e) => bail!("{e}"),
+            Reply::Ok(v) => {
+                return Response::from_json(req.kind(), v)
+                    .context("unreadable answer from the agent")
+                    .map_err(CliError::Internal);
+            }
+            Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }
-    bail!("the agent closed the connection without answering")
+    Err(anyhow::anyhow!("the agent closed the connection without answering").into())
 }
 
 fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
@@ -530,11 +610,12 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
     }))
 }
 
-fn create_state_dir(dir: &Path) -> Result<()> {
+fn create_state_dir(dir: &Path) -> Result<(), CliError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))
+        .map_err(CliError::Internal)
 }

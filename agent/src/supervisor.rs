@@ -11,11 +11,14 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use chute_api::{
+    AgentStatus, ApiError, ChuteAck, ChuteDetail, ChuteSummary, DeployOutcome, DeployResult,
+    ErrorCode, NetSample, PoolStatus, Response, UnknownContainer, UsageSample,
+};
 use chutes::{
     AdmissionError, ChuteName, ChuteState, Input, Ledger, Lifecycle, LifecycleConfig, Manifest,
     ManifestError, ReconcileAction,
 };
-use serde_json::{json, Value};
 use smol::channel::{bounded, Receiver, Sender};
 use smol::{LocalExecutor, Task, Timer};
 use tracing::{debug, info, warn};
@@ -45,12 +48,37 @@ pub enum OpError {
     Admission(#[from] AdmissionError),
     #[error("no chute named `{name}` (known: {known})")]
     NoSuchChute { name: String, known: String },
-    #[error("chute `{chute}`: {message}")]
-    State { chute: String, message: String },
+    /// The lifecycle refuses the request in the chute's current state.
+    #[error("chute `{chute}`: {source}")]
+    Refused {
+        chute: String,
+        #[source]
+        source: chutes::LifecycleError,
+    },
+    #[error("chute `{chute}` was removed")]
+    Removed { chute: String },
+    #[error("chute `{chute}` has no container")]
+    NoContainer { chute: String },
+    #[error("chute `{chute}`: exited right after starting (exit code {exit_code:?}); see `chuted logs {chute}`")]
+    ExitedAtStart {
+        chute: String,
+        exit_code: Option<i32>,
+    },
+    #[error("chute `{chute}`: version {version} could not start: {why}")]
+    NotStarted {
+        chute: String,
+        version: String,
+        why: String,
+    },
+    #[error("chute `{chute}`: cannot change bandwidth: {message}; previous rates kept")]
+    Bandwidth { chute: String, message: String },
     #[error("chute `{chute}` asks for the host network, which this agent's config does not allow (set allow_host_network = true to permit it)")]
     HostNetworkRefused { chute: String },
     #[error("chute `{chute}`: image: {message}")]
     Image { chute: String, message: String },
+    /// An image archive whose bytes do not match its sha256.
+    #[error("chute `{chute}`: image: {message}")]
+    DigestMismatch { chute: String, message: String },
     #[error("chute `{chute}`: podman: {source}")]
     Podman {
         chute: String,
@@ -70,13 +98,30 @@ pub enum OpError {
     Busy { chute: String },
 }
 
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct UsageSample {
-    pub cpu_usage_ns: u64,
-    pub cpu_percent: f64,
-    pub memory_bytes: u64,
-    pub pids: u64,
-    pub sampled_at_ms: u64,
+impl OpError {
+    /// The stable code front ends and the cloud steer by.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            OpError::Manifest(_) => ErrorCode::InvalidManifest,
+            OpError::Admission(_) => ErrorCode::InsufficientResources,
+            OpError::NoSuchChute { .. } | OpError::Removed { .. } => ErrorCode::NoSuchChute,
+            OpError::NoContainer { .. } | OpError::Refused { .. } => ErrorCode::InvalidState,
+            OpError::HostNetworkRefused { .. } => ErrorCode::NotAllowed,
+            OpError::Image { .. } => ErrorCode::Image,
+            OpError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
+            OpError::Podman { .. } | OpError::Bandwidth { .. } => ErrorCode::Podman,
+            OpError::UpdateRolledBack { .. } => ErrorCode::RolledBack,
+            OpError::ExitedAtStart { .. } | OpError::NotStarted { .. } => ErrorCode::InvalidState,
+            OpError::Timeout { .. } => ErrorCode::Timeout,
+            OpError::Busy { .. } => ErrorCode::Busy,
+        }
+    }
+}
+
+impl From<OpError> for ApiError {
+    fn from(e: OpError) -> Self {
+        ApiError::new(e.code(), e.to_string())
+    }
 }
 
 /// What the rest of the agent may read about a chute; written only by its task.
@@ -103,20 +148,8 @@ pub struct ChuteView {
 }
 
 /// Per-direction counters of the chute's shaping classes (L2 bytes).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct NetSample {
-    pub down_bytes: u64,
-    pub down_packets: u64,
-    pub down_drops: u64,
-    pub down_rate_bps: u64,
-    pub up_bytes: u64,
-    pub up_packets: u64,
-    pub up_drops: u64,
-    pub up_rate_bps: u64,
-}
-
-impl NetSample {
-    pub fn from_stats(s: &tc_shaper::ShapingStats) -> Self {
+pub fn net_sample(s: &tc_shaper::ShapingStats) -> NetSample {
+    {
         let mut n = NetSample::default();
         if let Some(d) = &s.down {
             n.down_bytes = d.bytes;
@@ -178,18 +211,11 @@ pub enum Happening {
     Resync,
 }
 
-type Reply = Sender<Result<Value, OpError>>;
+type Reply = Sender<Result<Response, OpError>>;
 
 struct ChuteHandle {
     tx: Sender<ChuteMsg>,
     view: Rc<RefCell<ChuteView>>,
-}
-
-/// A container with our labels that the snapshot did not know: reported, never deleted.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct UnknownContainer {
-    pub container_id: String,
-    pub chute: Option<String>,
 }
 
 pub struct Agent {
@@ -257,7 +283,7 @@ impl Agent {
         }
     }
 
-    fn handle(&self, name: &str) -> Result<Sender<ChuteMsg>, OpError> {
+    fn sender(&self, name: &str) -> Result<Sender<ChuteMsg>, OpError> {
         let parsed = ChuteName::parse(name)?;
         self.chutes
             .borrow()
@@ -350,7 +376,12 @@ impl Agent {
         self.save_snapshot();
     }
 
-    async fn ask(&self, tx: Sender<ChuteMsg>, op: ChuteOp, chute: &str) -> Result<Value, OpError> {
+    async fn ask(
+        &self,
+        tx: Sender<ChuteMsg>,
+        op: ChuteOp,
+        chute: &str,
+    ) -> Result<Response, OpError> {
         let (reply, rx) = bounded(1);
         tx.send(ChuteMsg::Request { op, reply })
             .await
@@ -373,7 +404,7 @@ impl Agent {
         manifest_toml: String,
         dir: Option<PathBuf>,
         progress: Sender<String>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<Response, OpError> {
         let manifest = Manifest::from_toml_str(&manifest_toml)?;
         if manifest.network.host_network && !self.cfg.allow_host_network {
             return Err(OpError::HostNetworkRefused {
@@ -425,18 +456,18 @@ impl Agent {
             .await
     }
 
-    pub async fn op(self: &Rc<Self>, name: &str, op: ChuteOp) -> Result<Value, OpError> {
-        let tx = self.handle(name)?;
+    pub async fn op(self: &Rc<Self>, name: &str, op: ChuteOp) -> Result<Response, OpError> {
+        let tx = self.sender(name)?;
         self.ask(tx, op, name).await
     }
 
-    pub fn list(&self) -> Vec<crate::admin::ChuteSummary> {
+    pub fn list(&self) -> Vec<ChuteSummary> {
         self.views()
             .iter()
             .map(|v| {
                 let v = v.borrow();
-                crate::admin::ChuteSummary {
-                    name: v.manifest.name.to_string(),
+                ChuteSummary {
+                    name: v.manifest.name.clone(),
                     state: v.state,
                     container_id: v.container_id.clone(),
                     restarts: v.restarts,
@@ -448,78 +479,86 @@ impl Agent {
     }
 
     /// `inspect` plus the live counters of the chute's shaping classes.
-    pub async fn inspect_live(&self, name: &str) -> Result<Value, OpError> {
-        let mut v = self.inspect(name)?;
+    pub async fn inspect_live(&self, name: &str) -> Result<ChuteDetail, OpError> {
+        let mut d = self.inspect(name)?;
         let netns = self.view(name)?.borrow().sandbox_key.clone();
         let shaped = self.view(name)?.borrow().shaping.clone();
         if let (Some(netns), Some(shaping)) = (netns, shaped) {
-            v["shaping"] = json!({
-                "host_interface": shaping.host_ifname,
-                "chute_interface": shaping.chute_ifname,
+            d.shaping = Some(chute_api::ShapingInfo {
+                host_interface: shaping.host_ifname,
+                chute_interface: shaping.chute_ifname,
             });
             match tc_shaper::chute_stats(Path::new(&netns)).await {
-                Ok(stats) => v["net"] = json!(NetSample::from_stats(&stats)),
-                Err(e) => v["net_error"] = json!(e.to_string()),
+                Ok(stats) => d.net = Some(net_sample(&stats)),
+                Err(e) => d.net_error = Some(e.to_string()),
             }
         }
-        Ok(v)
+        Ok(d)
     }
 
-    pub fn inspect(&self, name: &str) -> Result<Value, OpError> {
+    pub fn inspect(&self, name: &str) -> Result<ChuteDetail, OpError> {
         let view = self.view(name)?;
         let v = view.borrow();
         let m = &v.manifest;
-        Ok(json!({
-            "name": m.name.as_str(),
-            "state": v.state,
-            "container_id": v.container_id,
-            "container_name": m.name.container_name(),
-            "restarts": v.restarts,
-            "version": m.version,
-            "image": m.image,
-            "command": m.command,
-            "restart_policy": m.restart,
-            "reservation_held": v.reservation_held,
-            "reservation": m.reservation(),
-            "resources": {
-                "cpu_millicores": m.resources.cpu_millicores,
-                "memory_bytes": m.resources.memory_bytes,
-                "pids": m.resources.pids,
+        Ok(ChuteDetail {
+            name: m.name.clone(),
+            state: v.state,
+            container_id: v.container_id.clone(),
+            container_name: m.name.container_name(),
+            restarts: v.restarts,
+            version: m.version.clone(),
+            image: m.image.clone(),
+            command: m.command.clone(),
+            restart_policy: m.restart,
+            reservation_held: v.reservation_held,
+            reservation: m.reservation(),
+            resources: chute_api::ResourceCaps {
+                cpu_millicores: m.resources.cpu_millicores,
+                memory_bytes: m.resources.memory_bytes,
+                pids: m.resources.pids,
             },
-            "network": {
-                "bandwidth_down_bps": m.network.bandwidth_down_bps,
-                "bandwidth_up_bps": m.network.bandwidth_up_bps,
-                "ports": m.network.ports.iter().map(|p| p.to_string()).collect::<Vec<_>>(),
-                "host_network": m.network.host_network,
+            network: chute_api::NetworkDetail {
+                bandwidth_down_bps: m.network.bandwidth_down_bps,
+                bandwidth_up_bps: m.network.bandwidth_up_bps,
+                ports: m.network.ports.iter().map(|p| p.to_string()).collect(),
+                host_network: m.network.host_network,
             },
-            "pid": v.pid,
-            "last_exit_code": v.last_exit_code,
-            "last_error": v.last_error,
-            "usage": v.usage,
-            "net": v.net,
-            "cgroup_limits": v.cgroup.as_ref().and_then(|c| c.limits().ok()).map(|l| json!({
-                "memory_max": l.memory_max,
-                "memory_swap_max": l.memory_swap_max,
-                "cpu_quota_us": l.cpu_quota_us,
-                "cpu_period_us": l.cpu_period_us,
-                "pids_max": l.pids_max,
-            })),
-        }))
+            pid: v.pid,
+            last_exit_code: v.last_exit_code,
+            last_error: v.last_error.clone(),
+            usage: v.usage.clone(),
+            net: v.net.clone(),
+            cgroup_limits: v.cgroup.as_ref().and_then(|c| c.limits().ok()).map(|l| {
+                chute_api::CgroupLimits {
+                    memory_max: l.memory_max,
+                    memory_swap_max: l.memory_swap_max,
+                    cpu_quota_us: l.cpu_quota_us,
+                    cpu_period_us: l.cpu_period_us,
+                    pids_max: l.pids_max,
+                }
+            }),
+            shaping: None,
+            net_error: None,
+        })
     }
 
-    pub fn status(&self) -> Value {
+    pub fn status(&self) -> AgentStatus {
         let ledger = self.ledger.borrow();
-        json!({
-            "agent_version": env!("CARGO_PKG_VERSION"),
-            "uptime_secs": self.uptime().as_secs(),
-            "chutes": self.chutes.borrow().len(),
-            "pools": {
-                "capacity": ledger.capacity(),
-                "used": ledger.used(),
-                "free": ledger.free(),
+        AgentStatus {
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            uptime_secs: self.uptime().as_secs(),
+            unix_time_secs: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            chutes: u32::try_from(self.chutes.borrow().len()).unwrap_or(u32::MAX),
+            pools: PoolStatus {
+                capacity: ledger.capacity(),
+                used: ledger.used(),
+                free: ledger.free(),
             },
-            "unknown_containers": *self.unknown.borrow(),
-        })
+            unknown_containers: self.unknown.borrow().clone(),
+        }
     }
 
     /// Brings the in-memory state in line with the snapshot and what Podman reports.
@@ -923,9 +962,8 @@ impl Actor {
             if finished {
                 // Fail anything still queued rather than leaving callers hanging.
                 for (_, reply) in self.deferred.drain(..) {
-                    let _ = reply.try_send(Err(OpError::State {
+                    let _ = reply.try_send(Err(OpError::Removed {
                         chute: self.name.to_string(),
-                        message: "was removed".into(),
                     }));
                 }
                 break;
@@ -958,10 +996,10 @@ impl Actor {
         }
     }
 
-    fn state_err(&self, e: impl std::fmt::Display) -> OpError {
-        OpError::State {
+    fn refused(&self, source: chutes::LifecycleError) -> OpError {
+        OpError::Refused {
             chute: self.name.to_string(),
-            message: e.to_string(),
+            source,
         }
     }
 
@@ -1388,17 +1426,23 @@ impl Actor {
         Ok(())
     }
 
-    fn ok_value(&self) -> Value {
-        let v = self.view.borrow();
-        json!({
-            "name": self.name.as_str(),
-            "state": self.lc.state(),
-            "container_id": v.container_id,
-            "restarts": self.lc.restarts(),
+    fn ack(&self) -> ChuteAck {
+        ChuteAck {
+            name: self.name.clone(),
+            state: self.lc.state(),
+            container_id: self.container_id(),
+            restarts: self.lc.restarts(),
+        }
+    }
+
+    fn deployed(&self, outcome: DeployOutcome) -> Response {
+        Response::Deploy(DeployResult {
+            chute: self.ack(),
+            outcome,
         })
     }
 
-    async fn handle_op(&mut self, op: ChuteOp) -> Result<Value, OpError> {
+    async fn handle_op(&mut self, op: ChuteOp) -> Result<Response, OpError> {
         self.failed_op = None;
         match op {
             ChuteOp::Install { dir, progress } => self.install(dir.as_deref(), &progress).await,
@@ -1414,7 +1458,7 @@ impl Actor {
             ChuteOp::Start => {
                 self.lc
                     .check(&Input::StartRequested)
-                    .map_err(|e| self.state_err(e))?;
+                    .map_err(|e| self.refused(e))?;
                 if !self.view.borrow().reservation_held {
                     let want = self.view.borrow().manifest.reservation();
                     self.agent
@@ -1430,24 +1474,24 @@ impl Actor {
                     a.starts_seen > before && a.lc.state() == ChuteState::Running
                 })
                 .await?;
-                Ok(self.ok_value())
+                Ok(Response::Chute(self.ack()))
             }
             ChuteOp::Stop => {
                 self.lc
                     .check(&Input::StopRequested)
-                    .map_err(|e| self.state_err(e))?;
+                    .map_err(|e| self.refused(e))?;
                 self.feed(Input::StopRequested).await;
                 if let Some(e) = self.failed_op.take() {
                     return Err(e);
                 }
                 self.wait_for("stopped", |a| a.lc.state() == ChuteState::Stopped)
                     .await?;
-                Ok(self.ok_value())
+                Ok(Response::Chute(self.ack()))
             }
             ChuteOp::Restart => {
                 self.lc
                     .check(&Input::RestartRequested)
-                    .map_err(|e| self.state_err(e))?;
+                    .map_err(|e| self.refused(e))?;
                 let before = self.starts_seen;
                 self.feed(Input::RestartRequested).await;
                 if let Some(e) = self.failed_op.take() {
@@ -1457,7 +1501,7 @@ impl Actor {
                     a.starts_seen > before && a.lc.state() == ChuteState::Running
                 })
                 .await?;
-                Ok(self.ok_value())
+                Ok(Response::Chute(self.ack()))
             }
             ChuteOp::Remove => {
                 self.feed(Input::RemoveRequested).await;
@@ -1465,7 +1509,12 @@ impl Actor {
                     self.agent.ledger.borrow_mut().release(&self.name);
                     self.view.borrow_mut().reservation_held = false;
                 }
-                Ok(json!({ "name": self.name.as_str(), "state": ChuteState::Dead }))
+                Ok(Response::Chute(ChuteAck {
+                    name: self.name.clone(),
+                    state: ChuteState::Dead,
+                    container_id: None,
+                    restarts: self.lc.restarts(),
+                }))
             }
         }
     }
@@ -1474,7 +1523,7 @@ impl Actor {
         &mut self,
         dir: Option<&Path>,
         progress: &Sender<String>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<Response, OpError> {
         let result = self.install_inner(dir, progress).await;
         if let Err(e) = &result {
             // Leave nothing behind: no container, no reservation, no record.
@@ -1498,7 +1547,7 @@ impl Actor {
         &mut self,
         dir: Option<&Path>,
         progress: &Sender<String>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<Response, OpError> {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
         let _ = progress.try_send(format!(
@@ -1516,14 +1565,13 @@ impl Actor {
         self.started_by_us(asked_at, None).await;
         self.feed(Input::Installed).await;
         if self.lc.state() != ChuteState::Running {
-            return Err(self.state_err(format!(
-                "exited right after starting (exit code {:?}); see `chuted logs {}`",
-                self.lc.last_exit_code(),
-                self.name
-            )));
+            return Err(OpError::ExitedAtStart {
+                chute: self.name.to_string(),
+                exit_code: self.lc.last_exit_code(),
+            });
         }
         info!(chute = %self.name, container = %short(&id), "installed");
-        Ok(self.ok_value())
+        Ok(self.deployed(DeployOutcome::Deployed))
     }
 
     /// True when `new` differs from the running manifest only in bandwidth (and version),
@@ -1547,7 +1595,7 @@ impl Actor {
         manifest: Manifest,
         manifest_toml: String,
         progress: &Sender<String>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<Response, OpError> {
         let want = manifest.reservation();
         self.agent.ledger.borrow().check_resize(&self.name, &want)?;
         let _ = progress.try_send("changing bandwidth on the live chute".into());
@@ -1557,18 +1605,15 @@ impl Actor {
             self.view.borrow_mut().manifest = old_manifest;
             // Put the old rates back; the tc layer already removed what it half-built.
             let _ = self.apply_shaping().await;
-            return Err(OpError::State {
+            return Err(OpError::Bandwidth {
                 chute: self.name.to_string(),
-                message: format!("cannot change bandwidth: {e}; previous rates kept"),
+                message: e,
             });
         }
         self.agent.ledger.borrow_mut().resize(&self.name, want)?;
         self.view.borrow_mut().manifest_toml = manifest_toml;
         info!(chute = %self.name, version = %manifest.version, "bandwidth changed live");
-        let mut v = self.ok_value();
-        v["updated"] = json!(true);
-        v["live"] = json!(true);
-        Ok(v)
+        Ok(self.deployed(DeployOutcome::Updated { live: true }))
     }
 
     /// Replaces the chute's container with one built from `manifest`. Growth is checked
@@ -1580,11 +1625,9 @@ impl Actor {
         manifest_toml: String,
         dir: Option<&Path>,
         progress: &Sender<String>,
-    ) -> Result<Value, OpError> {
+    ) -> Result<Response, OpError> {
         if self.view.borrow().manifest_toml == manifest_toml {
-            let mut v = self.ok_value();
-            v["unchanged"] = json!(true);
-            return Ok(v);
+            return Ok(self.deployed(DeployOutcome::Unchanged));
         }
         if matches!(self.lc.state(), ChuteState::Installing | ChuteState::Dead) {
             return Err(OpError::Busy {
@@ -1658,10 +1701,11 @@ impl Actor {
             .await;
         if started.is_ok() && self.lc.state() != ChuteState::Running {
             let why = self.view.borrow().last_error.clone().unwrap_or_default();
-            started = Err(self.state_err(format!(
-                "version {} could not start: {why}",
-                manifest.version
-            )));
+            started = Err(OpError::NotStarted {
+                chute: self.name.to_string(),
+                version: manifest.version.clone(),
+                why,
+            });
         }
         if let Err(e) = started {
             let message = e.to_string();
@@ -1696,9 +1740,7 @@ impl Actor {
             });
         }
         info!(chute = %self.name, version = %manifest.version, "updated");
-        let mut v = self.ok_value();
-        v["updated"] = json!(true);
-        Ok(v)
+        Ok(self.deployed(DeployOutcome::Updated { live: false }))
     }
 }
 
@@ -1737,11 +1779,14 @@ pub async fn ensure_image(
                 .await
                 .map_err(|e| image_err(format!("cannot read {}: {e}", archive.display())))?;
             if actual != expected {
-                return Err(image_err(format!(
-                    "{} has sha256 {actual} but {} says {expected}; refusing to load it",
-                    archive.display(),
-                    digest_file.display()
-                )));
+                return Err(OpError::DigestMismatch {
+                    chute: chute.clone(),
+                    message: format!(
+                        "{} has sha256 {actual} but {} says {expected}; refusing to load it",
+                        archive.display(),
+                        digest_file.display()
+                    ),
+                });
             }
             let _ = progress.try_send(format!(
                 "loading {} (sha256 {})",
@@ -1867,7 +1912,7 @@ pub async fn sample_usage(agent: Rc<Agent>) {
                 .collect();
             for (view, netns) in shaped {
                 if let Ok(stats) = tc_shaper::chute_stats(Path::new(&netns)).await {
-                    view.borrow_mut().net = Some(NetSample::from_stats(&stats));
+                    view.borrow_mut().net = Some(net_sample(&stats));
                 }
             }
         }

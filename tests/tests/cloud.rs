@@ -193,7 +193,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
             .as_array()
             .unwrap()
             .iter()
-            .any(|l| l["text"] == "tick"),
+            .any(|l| l["line"] == "tick"),
         "{v}"
     );
     c.s.wait_for("a log batch", T, |m| {
