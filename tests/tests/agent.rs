@@ -12,6 +12,7 @@ fn res(cpu: &str, mem: &str, pids: u32) -> String {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn caps_are_exactly_what_the_manifest_asked_for() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -88,6 +89,7 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
 /// `CHUTED_CGROUP_PARENT`, which wins over the config file) with their caps intact there;
 /// a bad value stops the agent at start with what is allowed.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn chutes_land_under_the_configured_cgroup_parent() {
     let file_top = unique("chuted-e2e-cgfile");
     let env_top = unique("chuted-e2e-cgenv");
@@ -143,6 +145,7 @@ fn chutes_land_under_the_configured_cgroup_parent() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn an_over_committed_deploy_is_refused_and_creates_nothing() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -175,6 +178,7 @@ fn an_over_committed_deploy_is_refused_and_creates_nothing() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -214,6 +218,7 @@ fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservation() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -258,6 +263,7 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_clean_exit_under_on_failure_stays_stopped_and_never_policy_marks_failure() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -282,6 +288,7 @@ fn a_clean_exit_under_on_failure_stays_stopped_and_never_policy_marks_failure() 
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn stop_start_restart_remove_through_the_cli() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -320,6 +327,7 @@ fn stop_start_restart_remove_through_the_cli() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -363,6 +371,7 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_killed_agent_comes_back_and_adopts_its_running_chute_without_restarting_it() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -390,6 +399,7 @@ fn a_killed_agent_comes_back_and_adopts_its_running_chute_without_restarting_it(
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -446,6 +456,7 @@ fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -483,6 +494,7 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     let mut w = World::new(&small_pools_config(""));
     let stray = unique("stray");
@@ -520,6 +532,7 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn an_image_archive_is_loaded_only_when_its_digest_matches() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();

@@ -216,7 +216,7 @@ impl Actor {
         let Some(id) = self.container_id() else {
             return;
         };
-        match self.agent.podman.inspect(&id).await {
+        match self.agent.runtime.inspect(&id).await {
             Ok(info) => {
                 let state = self.lc.state();
                 if info.running
@@ -251,7 +251,7 @@ impl Actor {
         let Some(id) = self.container_id() else {
             return;
         };
-        if let Ok(info) = self.agent.podman.inspect(&id).await {
+        if let Ok(info) = self.agent.runtime.inspect(&id).await {
             self.take_runtime_info(&info);
         }
     }
@@ -299,7 +299,7 @@ impl Actor {
     /// Carries out one action; what it brought about, to feed back in order.
     pub(super) async fn execute(&mut self, action: chutes::Action) -> Vec<Input> {
         use chutes::Action;
-        let podman = self.agent.podman.clone();
+        let podman = self.agent.runtime.clone();
         match action {
             Action::StartContainer => {
                 let asked_at = wall_nanos();
@@ -361,7 +361,7 @@ impl Actor {
     /// never runs between them), and as prompt to act on, since the new run's StartedAt
     /// tells every `died` of the old run (earlier) from one of the new (later).
     pub(super) async fn restart_container(&mut self, id: &str, timeout_secs: u32) -> Vec<Input> {
-        let podman = self.agent.podman.clone();
+        let podman = self.agent.runtime.clone();
         let result = podman.restart(id, timeout_secs).await;
         let info = podman.inspect(id).await;
         match (result, info) {
@@ -429,7 +429,7 @@ impl Actor {
     /// than waited for in Podman's `died` event (which then only confirms it). `None`
     /// leaves the decision to the event, if Podman says it still runs or cannot say.
     pub(super) async fn exit_of_our_stop(&mut self, id: &str) -> Option<Input> {
-        match self.agent.podman.inspect(id).await {
+        match self.agent.runtime.inspect(id).await {
             Ok(info) if !info.running => {
                 self.runs.exited_by_us();
                 self.view.borrow_mut().pid = 0;
@@ -447,7 +447,7 @@ impl Actor {
 
     /// Starts the chute's container, creating it again if it vanished.
     pub(super) async fn start_container(&mut self) -> Result<(), OpError> {
-        let podman = self.agent.podman.clone();
+        let podman = self.agent.runtime.clone();
         let id = match self.container_id() {
             Some(id) => id,
             None => self.create_container().await?,
@@ -472,14 +472,14 @@ impl Actor {
         };
         // A container with our name but not our id is a leftover of an interrupted
         // operation of ours (same name, our labels): replace it.
-        if let Ok(info) = self.agent.podman.inspect(&name).await {
+        if let Ok(info) = self.agent.runtime.inspect(&name).await {
             if info.labels.get(LABEL_CHUTE).map(String::as_str) == Some(self.name.as_str()) {
-                let _ = self.agent.podman.remove(&info.id, true).await;
+                let _ = self.agent.runtime.remove(&info.id, true).await;
             }
         }
         let id = self
             .agent
-            .podman
+            .runtime
             .create(&spec)
             .await
             .map_err(|e| self.podman_err(e))?;

@@ -85,7 +85,7 @@ impl Actor {
         if let Err(e) = &result {
             // Leave nothing behind: no container, no reservation, no record.
             if let Some(id) = self.container_id() {
-                let _ = self.agent.podman.remove(&id, true).await;
+                let _ = self.agent.runtime.remove(&id, true).await;
             }
             self.agent.ledger.borrow_mut().release(&self.name);
             self.view.borrow_mut().reservation_held = false;
@@ -106,7 +106,7 @@ impl Actor {
         progress: &Sender<String>,
     ) -> Result<Response, OpError> {
         let manifest = self.view.borrow().manifest.clone();
-        ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+        ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
         let _ = progress.try_send(format!(
             "creating container {}",
             manifest.name.container_name()
@@ -115,7 +115,7 @@ impl Actor {
         let _ = progress.try_send(format!("starting container {}", short(&id)));
         let asked_at = wall_nanos();
         self.agent
-            .podman
+            .runtime
             .start(&id)
             .await
             .map_err(|e| self.podman_err(e))?;
@@ -203,7 +203,7 @@ impl Actor {
         } else {
             self.agent.ledger.borrow().check_admit(&self.name, &want)?;
         }
-        ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+        ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
 
         let old_manifest = self.view.borrow().manifest.clone();
         let old_toml = self.view.borrow().manifest_toml.clone();
@@ -234,7 +234,7 @@ impl Actor {
             }
         }
         if let Some(id) = self.container_id() {
-            let _ = self.agent.podman.remove(&id, true).await;
+            let _ = self.agent.runtime.remove(&id, true).await;
         }
         {
             let mut v = self.view.borrow_mut();
@@ -269,7 +269,7 @@ impl Actor {
             warn!(chute = %self.name, error = %message, "update failed; restoring previous version");
             self.feed(Input::StopRequested).await;
             if let Some(id) = self.container_id() {
-                let _ = self.agent.podman.remove(&id, true).await;
+                let _ = self.agent.runtime.remove(&id, true).await;
             }
             {
                 let mut v = self.view.borrow_mut();

@@ -6,8 +6,8 @@ use std::path::Path;
 use chutes::Manifest;
 use smol::channel::Sender;
 
+use super::runtime::ContainerRuntime;
 use super::OpError;
-use crate::podman::Podman;
 
 /// Name of an image archive beside `chute.toml`, and of the file holding its sha256.
 pub const IMAGE_ARCHIVE: &str = "image.tar";
@@ -16,7 +16,7 @@ pub const IMAGE_DIGEST: &str = "image.tar.sha256";
 /// Makes the manifest's image available: from an archive beside chute.toml (verified by
 /// its sha256 before loading), else the local store, else a pull.
 pub async fn ensure_image(
-    podman: &Podman,
+    podman: &dyn ContainerRuntime,
     manifest: &Manifest,
     dir: Option<&Path>,
     progress: &Sender<String>,

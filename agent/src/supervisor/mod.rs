@@ -14,6 +14,7 @@
 //! * `shaping`: a running chute's bandwidth shaping
 //! * [`usage`]: cgroup and shaping counters, sampled
 //! * [`events`]: Podman's event stream, routed to the tasks
+//! * [`runtime`]: the trait in front of Podman that the rooms above call
 
 mod actor;
 mod deploy;
@@ -22,15 +23,22 @@ pub mod events;
 pub mod images;
 pub mod reconcile;
 pub mod registry;
+pub mod runtime;
 mod shaping;
 pub mod spec;
 pub mod usage;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
 pub use actor::ChuteOp;
 pub use error::{OpError, ReconcileError};
 pub use events::route_events;
 pub use images::{ensure_image, sha256_file, IMAGE_ARCHIVE, IMAGE_DIGEST};
 pub use registry::{Agent, ChuteView};
+pub use runtime::ContainerRuntime;
 pub use spec::{container_spec, LABEL_CHUTE, LABEL_INSTANCE, LABEL_MANAGED, LABEL_MANIFEST};
 pub use usage::{net_sample, sample_usage};
 

@@ -27,7 +27,7 @@ impl Agent {
             }
         };
         let observed = self
-            .podman
+            .runtime
             .list(&self.owned_filter())
             .await
             .map_err(ReconcileError::List)?;
@@ -189,7 +189,7 @@ impl Agent {
                 container_id,
             } => {
                 info!(chute = %chute, container = %short(&container_id), "finishing a removal interrupted by the agent stopping");
-                if let Err(e) = self.podman.remove(&container_id, true).await {
+                if let Err(e) = self.runtime.remove(&container_id, true).await {
                     warn!(chute = %chute, error = %e, "cannot remove leftover container");
                 }
             }

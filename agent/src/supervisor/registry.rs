@@ -17,6 +17,7 @@ use smol::{LocalExecutor, Task};
 use tracing::warn;
 
 use super::actor::{Actor, ChuteMsg, ChuteOp};
+use super::runtime::ContainerRuntime;
 use super::usage::net_sample;
 use super::{OpError, LABEL_INSTANCE};
 use crate::cgroup::CgroupPaths;
@@ -66,7 +67,10 @@ pub(super) struct ChuteHandle {
 }
 
 pub struct Agent {
+    /// The libpod client, for the event and log streams.
     pub podman: Podman,
+    /// Container operations (the same Podman in the daemon, a fake in unit tests).
+    pub runtime: Rc<dyn ContainerRuntime>,
     pub cfg: AgentConfig,
     pub state_dir: PathBuf,
     pub ledger: RefCell<Ledger>,
@@ -84,8 +88,21 @@ impl Agent {
         state_dir: PathBuf,
         ex: Rc<LocalExecutor<'static>>,
     ) -> Rc<Self> {
+        let runtime = Rc::new(podman.clone());
+        Self::with_runtime(podman, runtime, cfg, state_dir, ex)
+    }
+
+    /// An agent whose container operations go to `runtime` (streams still to `podman`).
+    pub fn with_runtime(
+        podman: Podman,
+        runtime: Rc<dyn ContainerRuntime>,
+        cfg: AgentConfig,
+        state_dir: PathBuf,
+        ex: Rc<LocalExecutor<'static>>,
+    ) -> Rc<Self> {
         Rc::new(Agent {
             podman,
+            runtime,
             ledger: RefCell::new(Ledger::new(cfg.pools)),
             cfg,
             state_dir,

@@ -44,7 +44,7 @@ impl Actor {
             warn!(chute = %self.name, error = %e, "bandwidth shaping failed; stopping the chute");
             self.view.borrow_mut().last_error = Some(format!("bandwidth shaping failed: {e}"));
             if let Some(id) = self.container_id() {
-                let _ = self.agent.podman.kill(&id, "KILL").await;
+                let _ = self.agent.runtime.kill(&id, "KILL").await;
             }
         }
     }
