@@ -25,8 +25,9 @@ run "cargo fmt --check" cargo fmt --all --check
 run "cargo clippy" cargo clippy --workspace --all-targets -q -- -D warnings
 step "cargo build"
 cargo build --workspace -q
-# Root-needing tests (Podman, netns) are ordinary tests here: CI runs as root.
-run "cargo test" cargo test --workspace --no-fail-fast -q -- --test-threads=4
+# Root-needing tests (Podman, netns) are #[ignore]d so a plain `cargo test` passes as a
+# normal user; CI runs as root and includes them.
+run "cargo test" cargo test --workspace --no-fail-fast -q -- --include-ignored --test-threads=4
 # Every README set-up and packaging command as written: the demo (the main job), the ARM
 # builds, their qemu smoke test, the size report and the .ipk. The ARM builds come before
 # the packaging tests, which put the real binaries into the .ipk and run them under qemu.

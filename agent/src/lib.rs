@@ -1,5 +1,5 @@
 //! The `chuted` agent library: everything the binary wires together.
-pub mod admin;
+pub mod api;
 pub mod cgroup;
 pub mod cloud;
 pub mod config;

@@ -8,7 +8,8 @@ use std::rc::Rc;
 
 use anyhow::{bail, Context, Result};
 use argh::FromArgs;
-use chuted::admin::{ChuteSummary, Reply, Request};
+use chute_api::admin::Reply;
+use chute_api::{render, ApiError, ErrorClass, LogLine, Request, Response};
 use chuted::config::{AgentConfig, HostFacts};
 use chuted::podman::Podman;
 use chuted::supervisor::{self, Agent};
@@ -18,7 +19,9 @@ const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
 
 /// chuted runs third-party containers ("chutes") under Podman with enforced CPU, memory,
 /// pids and bandwidth caps. `chuted run` is the agent; the other commands talk to a running
-/// agent over its admin socket (root only).
+/// agent over its admin socket (root only), print for people, and print JSON with --json.
+/// Exit status: 0 done, 1 internal error, 2 bad input, 3 agent unreachable, 4 refused by
+/// the agent (no room, wrong state, busy, not allowed).
 #[derive(FromArgs)]
 struct Cli {
     /// admin socket of the running agent (default /run/chuted/admin.sock)
@@ -57,8 +60,8 @@ struct RunCmd {
     /// directory for the snapshot and keys (created 0700)
     #[argh(option)]
     state_dir: PathBuf,
-    /// admin socket to serve (default /run/chuted/admin.sock); the same as the global
-    /// `chuted --admin-socket PATH run ...`
+    /// admin socket to serve (default /run/chuted/admin.sock; also accepted before
+    /// `run`, this one wins)
     #[argh(option)]
     admin_socket: Option<PathBuf>,
     /// podman API socket (default /run/podman/podman.sock; start one with
@@ -142,7 +145,7 @@ struct LogsCmd {
     /// only the last N lines
     #[argh(option)]
     tail: Option<u32>,
-    /// print each line as a JSON object {"stream": "stdout"|"stderr", "line": TEXT}
+    /// print each line as JSON: {"stream": "stdout"|"stderr", "line": ...}
     #[argh(switch)]
     json: bool,
 }
@@ -154,6 +157,9 @@ struct ValidateCmd {
     /// directory holding chute.toml (or the file itself)
     #[argh(positional)]
     path: PathBuf,
+    /// print the validated manifest as JSON
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Start a stopped chute (re-admits its reservation if it was freed).
@@ -163,7 +169,7 @@ struct StartTag {
     /// chute name
     #[argh(positional)]
     name: String,
-    /// print the result (name, state) as JSON
+    /// print the result as JSON
     #[argh(switch)]
     json: bool,
 }
@@ -175,7 +181,7 @@ struct StopTag {
     /// chute name
     #[argh(positional)]
     name: String,
-    /// print the result (name, state) as JSON
+    /// print the result as JSON
     #[argh(switch)]
     json: bool,
 }
@@ -187,7 +193,7 @@ struct RestartTag {
     /// chute name
     #[argh(positional)]
     name: String,
-    /// print the result (name, state) as JSON
+    /// print the result as JSON
     #[argh(switch)]
     json: bool,
 }
@@ -199,7 +205,7 @@ struct RemoveTag {
     /// chute name
     #[argh(positional)]
     name: String,
-    /// print the result (name, state) as JSON
+    /// print the result as JSON
     #[argh(switch)]
     json: bool,
 }
@@ -211,6 +217,9 @@ struct IdCmd {
     /// the agent's state directory
     #[argh(option)]
     state_dir: PathBuf,
+    /// print JSON: {"device_id", "public_key"}
+    #[argh(switch)]
+    json: bool,
 }
 
 /// Trust an owner's public key: commands are accepted only under grants it signed.
@@ -231,28 +240,94 @@ struct TrustCmd {
 #[argh(subcommand, name = "selftest")]
 struct SelftestCmd {}
 
+/// Exit status of a client command (documented in `chuted --help`).
+mod exit {
+    /// Something failed inside the agent or this machine.
+    pub const INTERNAL: u8 = 1;
+    /// The command line, a manifest or a name is invalid.
+    pub const BAD_INPUT: u8 = 2;
+    /// No agent answers at the admin socket.
+    pub const UNREACHABLE: u8 = 3;
+    /// The agent refused: no room in the pools, wrong state, busy, not allowed.
+    pub const REFUSED: u8 = 4;
+}
+
+/// Why a command failed, and so how `chuted` exits.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error("cannot reach the agent at {path} (is `chuted run` running? pass --admin-socket PATH): {source}")]
+    Unreachable {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Agent(ApiError),
+    #[error("{0:#}")]
+    BadInput(anyhow::Error),
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Unreachable { .. } => exit::UNREACHABLE,
+            CliError::Agent(e) => match e.code.class() {
+                ErrorClass::BadInput => exit::BAD_INPUT,
+                ErrorClass::Refused => exit::REFUSED,
+                ErrorClass::Internal => exit::INTERNAL,
+            },
+            CliError::BadInput(_) => exit::BAD_INPUT,
+            CliError::Internal(_) => exit::INTERNAL,
+        }
+    }
+}
+
+fn bad_input(e: impl Into<anyhow::Error>) -> CliError {
+    CliError::BadInput(e.into())
+}
+
 fn main() -> ExitCode {
-    let cli: Cli = argh::from_env();
+    let args: Vec<String> = std::env::args().collect();
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let (bin, rest) = strs.split_first().unwrap_or((&"chuted", &[]));
+    let cli = match Cli::from_args(&[bin], rest) {
+        Ok(cli) => cli,
+        Err(early) => {
+            // --help prints and succeeds; a bad command line is bad input (argh's own
+            // exit would be 1, which here means an internal error).
+            return match early.status {
+                Ok(()) => {
+                    println!("{}", early.output);
+                    ExitCode::SUCCESS
+                }
+                Err(()) => {
+                    eprintln!("{}", early.output.trim_end());
+                    ExitCode::from(exit::BAD_INPUT)
+                }
+            };
+        }
+    };
     if cli.version {
         println!("chuted {}", env!("CARGO_PKG_VERSION"));
         return ExitCode::SUCCESS;
     }
     let Some(cmd) = cli.cmd else {
         eprintln!("chuted: no command given; run `chuted --help` for the list");
-        return ExitCode::from(2);
+        return ExitCode::from(exit::BAD_INPUT);
     };
     let admin = match admin_socket(cli.admin_socket, &cmd) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("chuted: {e}");
-            return ExitCode::from(2);
+            return ExitCode::from(exit::BAD_INPUT);
         }
     };
     match dispatch(cmd, &admin) {
-        Ok(code) => code,
+        Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chuted: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("chuted: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
@@ -275,119 +350,112 @@ fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf> {
     }
 }
 
-fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
+/// Prints an answer: JSON with `--json`, else the renderer's text.
+fn print(json: bool, resp: &Response, human: impl FnOnce(&Response) -> String) {
+    if json {
+        println!("{}", resp.to_json());
+    } else {
+        print!("{}", human(resp));
+    }
+}
+
+fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
     match cmd {
-        Cmd::Run(r) => run(r, admin),
+        Cmd::Run(r) => {
+            run(r, admin)?;
+        }
         Cmd::Id(c) => {
             create_state_dir(&c.state_dir)?;
-            let key = chuted::identity::load_or_create_device_key(&c.state_dir)?;
-            println!("device_id {}", key.device_id());
-            println!("public_key {}", key.public_hex());
-            Ok(ExitCode::SUCCESS)
+            let key = chuted::identity::load_or_create_device_key(&c.state_dir)
+                .map_err(anyhow::Error::from)?;
+            if c.json {
+                println!(
+                    "{}",
+                    serde_json::json!({"device_id": key.device_id().to_string(), "public_key": key.public_hex()})
+                );
+            } else {
+                println!("device_id {}", key.device_id());
+                println!("public_key {}", key.public_hex());
+            }
         }
         Cmd::Trust(t) => {
-            let owner = chuted::identity::parse_owner_key(&t.owner_key)?;
+            let owner = chuted::identity::parse_owner_key(&t.owner_key).map_err(bad_input)?;
             create_state_dir(&t.state_dir)?;
-            let path = chuted::identity::trust_owner(&t.state_dir, &owner)?;
+            let path =
+                chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
             println!("trusting owner {owner} ({})", path.display());
-            Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest(_) => {
-            println!("{}", proto::selftest()?);
-            Ok(ExitCode::SUCCESS)
+            println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
         }
         Cmd::Deploy(d) => {
             let dir = std::fs::canonicalize(&d.dir)
-                .with_context(|| format!("chute directory {}", d.dir.display()))?;
+                .with_context(|| format!("chute directory {}", d.dir.display()))
+                .map_err(bad_input)?;
             let path = dir.join("chute.toml");
             let manifest_toml = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(bad_input)?;
             // Checked here too, so a refusal names the file as `validate` does; the agent
             // still validates everything it is sent.
             chutes::Manifest::from_toml_str(&manifest_toml)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))?;
-            let v = call(
-                admin,
-                &Request::Deploy {
-                    manifest_toml,
-                    dir: Some(dir.to_string_lossy().into_owned()),
-                },
-            )?;
-            if d.json {
-                println!("{v}");
-            } else {
-                let verb = if v["updated"] == true {
-                    "updated"
-                } else if v["unchanged"] == true {
-                    "unchanged"
-                } else {
-                    "deployed"
-                };
-                println!(
-                    "{verb} {} ({}, container {})",
-                    v["name"].as_str().unwrap_or("?"),
-                    v["state"].as_str().unwrap_or("?"),
-                    short(v["container_id"].as_str().unwrap_or("-"))
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
+                .map_err(bad_input)?;
+            let req = Request::Deploy {
+                manifest_toml,
+                dir: Some(dir.to_string_lossy().into_owned()),
+            };
+            let resp = call(admin, &req, |_| true)?;
+            print(d.json, &resp, |r| match r {
+                Response::Deploy(d) => render::deploy(d),
+                _ => String::new(),
+            });
         }
         Cmd::List(l) => {
-            let v = call(admin, &Request::List)?;
-            if l.json {
-                println!("{v}");
-                return Ok(ExitCode::SUCCESS);
-            }
-            let list: Vec<ChuteSummary> = serde_json::from_value(v)?;
-            println!(
-                "{:<24} {:<11} {:>8}  {:<12}  VERSION",
-                "NAME", "STATE", "RESTARTS", "CONTAINER"
-            );
-            for c in list {
-                println!(
-                    "{:<24} {:<11} {:>8}  {:<12}  {}",
-                    c.name,
-                    c.state.to_string(),
-                    c.restarts,
-                    short(c.container_id.as_deref().unwrap_or("-")),
-                    c.version
-                );
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::List, |_| true)?;
+            print(l.json, &resp, |r| match r {
+                Response::List(list) => render::list(list),
+                _ => String::new(),
+            });
         }
         Cmd::Inspect(i) => {
-            let v = call(admin, &Request::Inspect { name: i.name })?;
-            if i.json {
-                println!("{v}");
-            } else {
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::Inspect { name: i.name }, |_| true)?;
+            print(i.json, &resp, |r| match r {
+                Response::Inspect(d) => render::inspect(d),
+                _ => String::new(),
+            });
         }
         Cmd::Status(s) => {
-            let v = call(admin, &Request::Status)?;
-            if s.json {
-                println!("{v}");
-            } else {
-                print!("{}", render_status(&v));
-            }
-            Ok(ExitCode::SUCCESS)
+            let resp = call(admin, &Request::Status, |_| true)?;
+            print(s.json, &resp, |r| match r {
+                Response::Status(st) => render::status(st),
+                _ => String::new(),
+            });
         }
-        Cmd::Start(c) => simple(admin, Request::Start { name: c.name }, c.json),
-        Cmd::Stop(c) => simple(admin, Request::Stop { name: c.name }, c.json),
-        Cmd::Restart(c) => simple(admin, Request::Restart { name: c.name }, c.json),
-        Cmd::Remove(c) => simple(admin, Request::Remove { name: c.name }, c.json),
+        Cmd::Start(c) => lifecycle(admin, Request::Start { name: c.name }, c.json)?,
+        Cmd::Stop(c) => lifecycle(admin, Request::Stop { name: c.name }, c.json)?,
+        Cmd::Restart(c) => lifecycle(admin, Request::Restart { name: c.name }, c.json)?,
+        Cmd::Remove(c) => lifecycle(admin, Request::Remove { name: c.name }, c.json)?,
         Cmd::Logs(l) => {
-            call_with(
-                admin,
-                l.json,
-                &Request::Logs {
-                    name: l.name,
-                    follow: l.follow,
-                    tail: l.tail,
-                },
-            )?;
-            Ok(ExitCode::SUCCESS)
+            let req = Request::Logs {
+                name: l.name,
+                follow: l.follow,
+                tail: l.tail,
+            };
+            let stdout = std::io::stdout();
+            let json = l.json;
+            call(admin, &req, |line| {
+                let mut out = stdout.lock();
+                let written = if json {
+                    serde_json::to_string(&line)
+                        .map_err(std::io::Error::other)
+                        .and_then(|j| writeln!(out, "{j}"))
+                } else {
+                    writeln!(out, "{}", line.line)
+                };
+                // A closed pipe (`| head`) ends the stream quietly.
+                written.is_ok()
+            })?;
         }
         Cmd::Validate(v) => {
             let path = if v.path.is_dir() {
@@ -396,157 +464,68 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
                 v.path.clone()
             };
             let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))?;
+                .with_context(|| format!("cannot read {}", path.display()))
+                .map_err(bad_input)?;
             let m = chutes::Manifest::from_toml_str(&text)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))?;
-            println!(
-                "{} {}: image {}, cpu {}, memory {}, pids {}, down {}, up {}, restart {}",
-                m.name,
-                m.version,
-                m.image,
-                chutes::format_cpu(u64::from(m.resources.cpu_millicores)),
-                chutes::format_bytes(m.resources.memory_bytes),
-                m.resources.pids,
-                m.network
-                    .bandwidth_down_bps
-                    .map(chutes::format_rate)
-                    .unwrap_or_else(|| "unshaped".into()),
-                m.network
-                    .bandwidth_up_bps
-                    .map(chutes::format_rate)
-                    .unwrap_or_else(|| "unshaped".into()),
-                m.restart
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-/// The people's form of `status`: agent, pools as a table, unknown containers.
-fn render_status(v: &serde_json::Value) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::new();
-    let text = |x: &serde_json::Value| match x {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => "-".into(),
-        other => other.to_string(),
-    };
-    let _ = writeln!(
-        out,
-        "agent {}  up {}s  chutes {}",
-        text(&v["agent_version"]),
-        text(&v["uptime_secs"]),
-        text(&v["chutes"])
-    );
-    let pools = &v["pools"];
-    let _ = writeln!(
-        out,
-        "{:<16} {:>14} {:>14} {:>14}",
-        "POOL", "CAPACITY", "USED", "FREE"
-    );
-    let row = |key: &str, fmt: &dyn Fn(&serde_json::Value) -> String| {
-        format!(
-            "{:<16} {:>14} {:>14} {:>14}\n",
-            key,
-            fmt(&pools["capacity"][key]),
-            fmt(&pools["used"][key]),
-            fmt(&pools["free"][key])
-        )
-    };
-    let num = |x: &serde_json::Value| x.as_u64();
-    let cpu = |x: &serde_json::Value| num(x).map(chutes::format_cpu).unwrap_or_else(|| text(x));
-    let bytes = |x: &serde_json::Value| num(x).map(chutes::format_bytes).unwrap_or_else(|| text(x));
-    let rate = |x: &serde_json::Value| num(x).map(chutes::format_rate).unwrap_or_else(|| text(x));
-    let plain = |x: &serde_json::Value| text(x);
-    out.push_str(&row("cpu_millicores", &cpu));
-    out.push_str(&row("memory_bytes", &bytes));
-    out.push_str(&row("pids", &plain));
-    out.push_str(&row("bandwidth_down_bps", &rate));
-    out.push_str(&row("bandwidth_up_bps", &rate));
-    match v["unknown_containers"].as_array() {
-        Some(list) if !list.is_empty() => {
-            let _ = writeln!(
-                out,
-                "unknown containers (labelled for this agent, not in its records; never deleted):"
-            );
-            for c in list {
-                let _ = writeln!(
-                    out,
-                    "  {}  chute {}",
-                    short(c["container_id"].as_str().unwrap_or("-")),
-                    text(&c["chute"])
+                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
+                .map_err(bad_input)?;
+            if v.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&m).map_err(anyhow::Error::from)?
                 );
+            } else {
+                print!("{}", render::validate(&m));
             }
         }
-        _ => {
-            let _ = writeln!(out, "unknown containers: none");
-        }
     }
-    out
+    Ok(())
 }
 
-fn short(id: &str) -> &str {
-    &id[..id.len().min(12)]
+fn lifecycle(admin: &Path, req: Request, json: bool) -> Result<(), CliError> {
+    let resp = call(admin, &req, |_| true)?;
+    print(json, &resp, |r| match r {
+        Response::Chute(a) => render::ack(a),
+        _ => String::new(),
+    });
+    Ok(())
 }
 
-fn simple(admin: &Path, req: Request, json: bool) -> Result<ExitCode> {
-    let v = call(admin, &req)?;
-    if json {
-        println!("{v}");
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "{} {}",
-        v["name"].as_str().unwrap_or("?"),
-        v["state"].as_str().unwrap_or("?")
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Sends one request; prints progress to stderr and logs to stdout as they arrive.
-fn call(admin: &Path, req: &Request) -> Result<serde_json::Value> {
-    call_with(admin, false, req)
-}
-
-/// `call`, printing log lines as JSON objects when `json_logs`.
-fn call_with(admin: &Path, json_logs: bool, req: &Request) -> Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(admin).with_context(|| {
-        format!(
-            "cannot reach the agent at {} (is `chuted run` running? pass --admin-socket PATH)",
-            admin.display()
-        )
+/// Sends one request and decodes its answer; progress goes to stderr as it arrives, log
+/// lines to `on_log` (which returns false to stop reading).
+fn call(
+    admin: &Path,
+    req: &Request,
+    mut on_log: impl FnMut(LogLine) -> bool,
+) -> Result<Response, CliError> {
+    let mut stream = UnixStream::connect(admin).map_err(|source| CliError::Unreachable {
+        path: admin.to_owned(),
+        source,
     })?;
-    let mut line = serde_json::to_vec(req)?;
+    let mut line = serde_json::to_vec(req).map_err(anyhow::Error::from)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    stream.write_all(&line).context("sending the request")?;
     let reader = BufReader::new(stream);
-    let stdout = std::io::stdout();
     for line in reader.lines() {
         let line = line.context("reading the agent's reply")?;
-        match serde_json::from_str::<Reply>(&line)
-            .with_context(|| format!("unreadable reply from the agent: {line}"))?
-        {
+        let reply: Reply = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
+        match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
-            Reply::Log { stream, line } => {
-                let mut out = stdout.lock();
-                let printed = if json_logs {
-                    writeln!(
-                        out,
-                        "{}",
-                        serde_json::json!({ "stream": stream, "line": line })
-                    )
-                } else {
-                    writeln!(out, "{line}")
-                };
-                if printed.is_err() {
-                    return Ok(serde_json::Value::Null);
+            Reply::Log(l) => {
+                if !on_log(l) {
+                    return Ok(Response::LogsEnd);
                 }
             }
-            Reply::Ok(v) => return Ok(v),
-            Reply::Error(e) => bail!("{e}"),
+            Reply::Ok(v) => {
+                return Response::from_json(req.kind(), v)
+                    .context("unreadable answer from the agent")
+                    .map_err(CliError::Internal);
+            }
+            Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }
-    bail!("the agent closed the connection without answering")
+    Err(anyhow::anyhow!("the agent closed the connection without answering").into())
 }
 
 fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
@@ -635,7 +614,13 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
     let ex2 = ex.clone();
     let admin = admin.to_owned();
     smol::block_on(ex.run(async move {
-        let version = podman.version().await.with_context(|| {
+        // A Podman just started (socket activation at boot) can take longer than one
+        // call's deadline to answer its first request.
+        let first_call = podman.clone().with_timeouts(
+            cfg.podman_timeout.max(std::time::Duration::from_secs(30)),
+            cfg.image_timeout,
+        );
+        let version = first_call.version().await.with_context(|| {
             format!(
                 "Podman API at {} (start it with `podman system service --time=0 unix://{}`)",
                 podman_socket.display(),
@@ -666,11 +651,12 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
     }))
 }
 
-fn create_state_dir(dir: &Path) -> Result<()> {
+fn create_state_dir(dir: &Path) -> Result<(), CliError> {
     use std::os::unix::fs::DirBuilderExt;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .with_context(|| format!("cannot create state dir {}", dir.display()))
+        .map_err(CliError::Internal)
 }

@@ -1,19 +1,20 @@
-//! The admin socket server: reads one JSON request per connection and streams replies.
+//! The admin socket server: reads one JSON request per connection, answers it through
+//! [`Agent::handle`] and streams its events (see `chute_api::admin` for the framing).
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::rc::Rc;
 
-use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, StreamExt};
-use serde_json::json;
-use smol::channel::unbounded;
+use chute_api::admin::{Reply, MAX_REQUEST};
+use chute_api::{ApiError, ErrorCode, Request};
+use futures_lite::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use smol::channel::bounded;
 use smol::io::BufReader;
 use smol::net::unix::{UnixListener, UnixStream};
 use tracing::{debug, warn};
 
-use crate::admin::{Reply, Request, MAX_REQUEST};
-use crate::podman::{LogLines, LogSource, MAX_LINE};
-use crate::supervisor::{Agent, ChuteOp};
+use crate::api::Event;
+use crate::supervisor::Agent;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminSocketError {
@@ -80,7 +81,7 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
                         "too many admin connections ({MAX_ADMIN_CONNECTIONS} open); try again when one ends"
                     );
                     // Best effort and bounded: a client that does not read is dropped.
-                    let refusal = Reply::Error(msg);
+                    let refusal = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
                     let reply = write_reply(&mut stream, &refusal);
                     let _ = smol::future::or(async { reply.await.map(Some) }, async {
                         smol::Timer::after(std::time::Duration::from_millis(100)).await;
@@ -110,11 +111,11 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
 }
 
 async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
-    let mut line = serde_json::to_vec(reply).map_err(std::io::Error::other)?;
-    line.push(b'\n');
-    w.write_all(&line).await
+    w.write_all(&reply.to_line()).await
 }
 
+/// One connection: read the request line, hand it to [`Agent::handle`], forward its
+/// events as they come, then the answer.
 async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut writer = stream.clone();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
@@ -127,12 +128,13 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         },
     )
     .await?;
+    let bad = |message: String| Reply::Error(ApiError::new(ErrorCode::BadRequest, message));
     if read.is_none() {
         let msg = format!(
             "no complete request line within {}s; send one JSON request ending in a newline",
             REQUEST_TIMEOUT.as_secs()
         );
-        return write_reply(&mut writer, &Reply::Error(msg)).await;
+        return write_reply(&mut writer, &bad(msg)).await;
     }
     if raw.last() != Some(&b'\n') {
         let msg = if raw.len() >= MAX_REQUEST {
@@ -140,96 +142,32 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         } else {
             "request was not terminated by a newline".to_owned()
         };
-        return write_reply(&mut writer, &Reply::Error(msg)).await;
+        return write_reply(&mut writer, &bad(msg)).await;
     }
     let Ok(line) = String::from_utf8(raw) else {
         let msg = "malformed request: not UTF-8 text; send one JSON request ending in a newline";
-        return write_reply(&mut writer, &Reply::Error(msg.to_owned())).await;
+        return write_reply(&mut writer, &bad(msg.to_owned())).await;
     };
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
-        Err(e) => {
-            return write_reply(
-                &mut writer,
-                &Reply::Error(format!("malformed request: {e}")),
-            )
-            .await;
-        }
+        Err(e) => return write_reply(&mut writer, &bad(format!("malformed request: {e}"))).await,
     };
-    let result = match req {
-        Request::Deploy { manifest_toml, dir } => {
-            let (ptx, prx) = unbounded::<String>();
-            let deploy = agent.deploy(manifest_toml, dir.map(Into::into), ptx);
-            let mut w2 = writer.clone();
-            let forward = async move {
-                while let Ok(p) = prx.recv().await {
-                    let _ = write_reply(&mut w2, &Reply::Progress(p)).await;
-                }
+    // Bounded: a slow reader slows a log stream down instead of growing a buffer.
+    let (tx, rx) = bounded::<Event>(64);
+    let answer = async move { agent.handle(req, &tx).await };
+    let mut w2 = writer.clone();
+    let forward = async move {
+        while let Ok(ev) = rx.recv().await {
+            let reply = match ev {
+                Event::Progress(p) => Reply::Progress(p),
+                Event::Log(l) => Reply::Log(l),
             };
-            let (r, ()) = futures_lite::future::zip(deploy, forward).await;
-            r
+            // A closed client ends a follow: dropping `rx` tells the stream to stop.
+            write_reply(&mut w2, &reply).await?;
         }
-        Request::List => Ok(json!(agent.list())),
-        Request::Inspect { name } => agent.inspect_live(&name).await,
-        Request::Start { name } => agent.op(&name, ChuteOp::Start).await,
-        Request::Stop { name } => agent.op(&name, ChuteOp::Stop).await,
-        Request::Restart { name } => agent.op(&name, ChuteOp::Restart).await,
-        Request::Remove { name } => agent.op(&name, ChuteOp::Remove).await,
-        Request::Status => Ok(agent.status()),
-        Request::Logs { name, follow, tail } => {
-            let id = match agent.view(&name) {
-                Ok(v) => v.borrow().container_id.clone(),
-                Err(e) => return write_reply(&mut writer, &Reply::Error(e.to_string())).await,
-            };
-            let Some(id) = id else {
-                return write_reply(
-                    &mut writer,
-                    &Reply::Error(format!("chute `{name}` has no container")),
-                )
-                .await;
-            };
-            match agent.podman.logs(&id, follow, tail).await {
-                Ok(mut stream) => {
-                    let mut split = LogLines::new(MAX_LINE);
-                    let mut ready = Vec::new();
-                    let mut ended = false;
-                    while !ended {
-                        match stream.next().await {
-                            Some(Ok(chunk)) => split
-                                .feed(&chunk, |source, line| ready.push(log_line(source, line))),
-                            Some(Err(e)) => {
-                                return write_reply(&mut writer, &Reply::Error(e.to_string()))
-                                    .await;
-                            }
-                            None => {
-                                ended = true;
-                                split.finish(|source, line| ready.push(log_line(source, line)));
-                            }
-                        }
-                        for reply in ready.drain(..) {
-                            // A closed client ends a follow.
-                            write_reply(&mut writer, &reply).await?;
-                        }
-                    }
-                    Ok(json!(null))
-                }
-                Err(e) => Err(crate::supervisor::OpError::Podman {
-                    chute: name,
-                    source: e,
-                }),
-            }
-        }
+        Ok::<(), std::io::Error>(())
     };
-    let reply = match result {
-        Ok(v) => Reply::Ok(v),
-        Err(e) => Reply::Error(e.to_string()),
-    };
-    write_reply(&mut writer, &reply).await
-}
-
-fn log_line(source: LogSource, line: &str) -> Reply {
-    Reply::Log {
-        stream: source.name().into(),
-        line: line.to_owned(),
-    }
+    let (result, forwarded) = futures_lite::future::zip(answer, forward).await;
+    forwarded?;
+    write_reply(&mut writer, &Reply::answer(result)).await
 }

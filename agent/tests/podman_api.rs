@@ -196,6 +196,7 @@ fn futures_and_streams_are_send() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn version_and_image_operations() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -262,6 +263,7 @@ fn version_and_image_operations() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn created_container_is_capped_confined_and_bridged() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -420,6 +422,7 @@ fn created_container_is_capped_confined_and_bridged() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn host_network_shares_the_host_netns() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -439,6 +442,7 @@ fn host_network_shares_the_host_netns() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn create_errors_name_the_container() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -458,6 +462,7 @@ fn create_errors_name_the_container() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn events_report_start_and_died_with_exit_code() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -497,6 +502,7 @@ fn events_report_start_and_died_with_exit_code() {
 }
 
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn logs_are_demultiplexed_followed_and_tailed() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();
@@ -543,6 +549,7 @@ fn logs_are_demultiplexed_followed_and_tailed() {
 /// of a core, i.e. one `usage()` sample well under 100 µs) and fails only when it is
 /// grossly slower.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn cgroup_sampling_is_cheap() {
     let (_svc, podman) = Service::start();
     let image = TestImage::build();

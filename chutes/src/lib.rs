@@ -12,6 +12,8 @@
 //! * [`lifecycle`]: the per-chute state machine ([`Lifecycle`]): inputs (user requests,
 //!   Podman events, fired timers) in, [`Action`]s out, with restart policy and backoff.
 //! * [`reconcile`]: what to do with each chute when the agent starts again ([`plan`]).
+//! * [`confirm`]: which of Podman's late `start`/`died` events only confirm what the agent
+//!   already did ([`Confirmations`]).
 //!
 //! ```
 //! use chutes::{Action, Amounts, Input, Ledger, Lifecycle, LifecycleConfig, Manifest};
@@ -37,11 +39,13 @@
 //! as inputs. Every data type is `Serialize + Deserialize + Clone + Debug + PartialEq` so
 //! the agent can snapshot it with postcard and print it as JSON.
 
+pub mod confirm;
 pub mod ledger;
 pub mod lifecycle;
 pub mod manifest;
 pub mod reconcile;
 
+pub use confirm::{Confirmations, DiedEvent, StartEvent};
 pub use ledger::{AdmissionError, Amounts, Ledger, Pools, Reservation, Resource, Shortfall};
 pub use lifecycle::{
     Action, BackoffConfig, ChuteState, Input, Lifecycle, LifecycleConfig, LifecycleError,

@@ -402,3 +402,106 @@ proptest! {
         }
     }
 }
+
+// ---------------------------------------------------------------- confirmations
+
+use chutes::{Confirmations, DiedEvent, StartEvent};
+
+/// What can happen to a chute's runs, with Podman timestamps (small, so they collide).
+#[derive(Debug, Clone)]
+enum RunOp {
+    OurStart(i64),
+    OurStop,
+    StartEvent(i64),
+    DiedEvent(i64),
+    Resync,
+    StartObserved,
+}
+
+fn run_op() -> impl Strategy<Value = RunOp> {
+    prop_oneof![
+        (0i64..50).prop_map(RunOp::OurStart),
+        Just(RunOp::OurStop),
+        (0i64..50).prop_map(RunOp::StartEvent),
+        (0i64..50).prop_map(RunOp::DiedEvent),
+        Just(RunOp::Resync),
+        Just(RunOp::StartObserved),
+    ]
+}
+
+proptest! {
+    /// Whatever order Podman's events arrive in relative to the agent's own calls:
+    /// a `died` older than a start already known is never taken for an exit; a `died`
+    /// after our stop (and before any new run) only confirms it; each of our starts
+    /// swallows at most one `start` event, and only until a resync; `starts_seen` grows
+    /// by exactly one per run, never otherwise.
+    #[test]
+    fn confirmations_never_mistake_a_late_event(ops in prop::collection::vec(run_op(), 0..80)) {
+        let mut c = Confirmations::new();
+        let mut latest_start = 0i64;
+        let mut our_unconfirmed = 0u32;
+        let mut stopped_by_us = false;
+        let mut runs = 0u64;
+        for op in ops {
+            let seen_before = c.starts_seen();
+            match op {
+                RunOp::OurStart(t) => {
+                    c.started_by_us(t);
+                    latest_start = latest_start.max(t);
+                    our_unconfirmed += 1;
+                    stopped_by_us = false;
+                    runs += 1;
+                }
+                RunOp::OurStop => {
+                    c.exited_by_us();
+                    stopped_by_us = true;
+                }
+                RunOp::StartEvent(t) => {
+                    let v = c.start_event(t);
+                    latest_start = latest_start.max(t);
+                    if our_unconfirmed > 0 {
+                        prop_assert_eq!(v, StartEvent::Confirms);
+                        our_unconfirmed -= 1;
+                    } else {
+                        prop_assert_eq!(v, StartEvent::NewRun, "no start of ours is pending");
+                        stopped_by_us = false;
+                        runs += 1;
+                    }
+                }
+                RunOp::DiedEvent(t) => {
+                    let v = c.died_event(t);
+                    if t != 0 && t < latest_start {
+                        prop_assert_eq!(v, DiedEvent::Stale, "older than the start at {}", latest_start);
+                    } else if stopped_by_us {
+                        prop_assert_eq!(v, DiedEvent::Confirms);
+                    } else {
+                        prop_assert_eq!(v, DiedEvent::Exited);
+                    }
+                }
+                RunOp::Resync => {
+                    c.resynced();
+                    our_unconfirmed = 0;
+                    stopped_by_us = false;
+                }
+                RunOp::StartObserved => {
+                    c.start_observed();
+                    runs += 1;
+                }
+            }
+            prop_assert!(c.starts_seen() >= seen_before);
+            prop_assert_eq!(c.starts_seen(), runs);
+            prop_assert_eq!(c.last_start_nanos(), latest_start);
+        }
+    }
+
+    /// A refresh asked for is due exactly once.
+    #[test]
+    fn a_refresh_is_taken_once(asks in 0usize..5) {
+        let mut c = Confirmations::new();
+        for _ in 0..asks {
+            c.want_refresh();
+        }
+        prop_assert_eq!(c.take_refresh(), asks > 0);
+        prop_assert!(!c.take_refresh());
+    }
+}

@@ -70,6 +70,7 @@ fn used_memory(w: &World) -> u64 {
 /// its container is removed, its reservation freed and its record purged; the purge
 /// survives an agent restart, and a stop interrupted by an agent crash still ends dead.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn stopped_and_failed_chutes_become_dead_after_the_zombie_timeout() {
     let mut w = World::new(&small_pools_config("zombie_timeout_secs = 2"));
     w.start_agent();
@@ -141,6 +142,7 @@ fn stopped_and_failed_chutes_become_dead_after_the_zombie_timeout() {
 ///   runs the old version's command again with the old reservation (in a re-created
 ///   container), and exactly one container carries its name.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn an_update_that_cannot_start_leaves_the_old_version_running() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -234,6 +236,7 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
 /// Deploying the identical manifest changes nothing; an update that changes only env or
 /// only the restart policy is applied (and the new policy governs the next exit).
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn identical_redeploy_is_a_no_op_and_env_or_policy_only_updates_apply() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -288,6 +291,7 @@ fn identical_redeploy_is_a_no_op_and_env_or_policy_only_updates_apply() {
 /// `always` restarts after exit 0 too, with a backoff that grows and is capped by
 /// backoff_max_ms; the reservation is held throughout.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn always_restarts_clean_exits_with_growing_capped_backoff() {
     let mut w = World::new(
         "backoff_initial_ms = 500\nbackoff_max_ms = 2000\nstop_timeout_secs = 2\n\
@@ -348,6 +352,7 @@ fn always_restarts_clean_exits_with_growing_capped_backoff() {
 /// A chute ignoring SIGTERM is SIGKILLed after stop_timeout_secs; it ends stopped (not
 /// failed, not restarted, even under `always`) and its restart count stays.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_stop_of_a_chute_ignoring_sigterm_honours_the_stop_timeout() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -383,6 +388,7 @@ fn a_stop_of_a_chute_ignoring_sigterm_honours_the_stop_timeout() {
 /// Podman's late events for it (the old run's `died`, the new run's `start`) are not taken
 /// for a crash of the new run.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_restart_gives_the_chute_its_stop_timeout_too() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -422,6 +428,7 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
 /// (under `never`: failed), not the exit of the stop that failed (which would leave it
 /// stopped, or restarted).
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_stop_podman_cannot_carry_out_is_reported_and_the_policy_still_holds() {
     for op in ["stop", "restart"] {
         let mut w = World::new(&small_pools_config(""));
@@ -460,8 +467,9 @@ fn a_stop_podman_cannot_carry_out_is_reported_and_the_policy_still_holds() {
 /// fail at the configured deadline, naming it, instead of blocking the CLI (> 70 s before
 /// deadlines). Once Podman answers again the chute is where it was and can be stopped.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
-    let mut w = World::new(&small_pools_config("podman_timeout_secs = 2"));
+    let mut w = World::new(&small_pools_config("podman_timeout_secs = 4"));
     w.start_agent();
     let name = unique("hung");
     let dir = w.chute_dir(&name, POLITE, &res("0.25", "32MiB", 32));
@@ -478,10 +486,10 @@ fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
         "stop succeeded against a hung Podman"
     );
     assert!(
-        took < Duration::from_secs(10),
-        "stop against a hung Podman took {took:?} (deadline 2 s + stop timeout 2 s)"
+        took < Duration::from_secs(15),
+        "stop against a hung Podman took {took:?} (deadline 4 s + stop timeout 2 s)"
     );
-    assert!(err.contains("did not answer within 4s"), "{err}");
+    assert!(err.contains("did not answer within 6s"), "{err}");
     assert_eq!(w.state(&name), "running", "{err}");
     w.cli(&["stop", &name]);
     assert_eq!(w.state(&name), "stopped");
@@ -492,6 +500,7 @@ fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
 /// connections (the rest are told so and closed), answers idle ones with an error after
 /// 10 s, and a killed chute is still restarted meanwhile.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn idle_admin_connections_cannot_starve_the_agent() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -562,6 +571,7 @@ fn raw_request(socket: &Path, bytes: &[u8], shutdown_write: bool) -> String {
 /// same state dir or the same live socket is refused with a clear message; a stale socket
 /// from a killed agent is replaced; a path that is not a socket is never deleted.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn the_admin_socket_is_private_and_guarded() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -577,10 +587,7 @@ fn the_admin_socket_is_private_and_guarded() {
     );
     let reply = raw_request(&w.admin_socket, b"\xff\xfe\x00garbage\n", false);
     let v: Value = serde_json::from_str(&reply).unwrap();
-    assert!(
-        v["error"].as_str().unwrap().contains("not UTF-8"),
-        "{reply}"
-    );
+    assert!(v["error"].to_string().contains("not UTF-8"), "{reply}");
     let reply = raw_request(&w.admin_socket, br#"{"op":"launch-missiles"}"#, true);
     let v: Value = serde_json::from_str(&reply).unwrap();
     assert!(v["error"].as_str().is_some(), "{reply}");
@@ -651,6 +658,7 @@ fn the_admin_socket_is_private_and_guarded() {
 /// kill -9 of the agent while a chute waits out its backoff: the restarted agent starts
 /// it (same container, reservation held).
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_chute_in_backoff_when_the_agent_dies_ends_running() {
     let mut w = World::new(
         "backoff_initial_ms = 6000\nbackoff_max_ms = 6000\nstop_timeout_secs = 2\n\
@@ -683,6 +691,7 @@ fn a_chute_in_backoff_when_the_agent_dies_ends_running() {
 /// Remove works while restarting (the pending backoff must not bring it back) and while
 /// stopped; errors about names say which chutes exist and what a name may be.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn remove_in_any_state_and_names_are_checked() {
     let mut w = World::new(
         "backoff_initial_ms = 3000\nbackoff_max_ms = 3000\nstop_timeout_secs = 2\n\
@@ -738,6 +747,7 @@ fn remove_in_any_state_and_names_are_checked() {
 /// chute that died while the service was down is restarted on reconnect, and one killed
 /// afterwards is restarted from events.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -775,6 +785,7 @@ fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
 
 /// Usage comes from the chute's cgroup: memory and pids, sampled every second.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn usage_is_sampled_from_the_chutes_cgroup() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -797,6 +808,7 @@ fn usage_is_sampled_from_the_chutes_cgroup() {
 /// (Podman 4.3.1 ends the container at once when the agent's stop request is cut off, so
 /// the restarted agent finds it exited: the snapshot must already say "stopped".)
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_stop_interrupted_by_an_agent_crash_still_ends_stopped() {
     let mut w = World::new(
         "backoff_initial_ms = 300\nbackoff_max_ms = 4000\nstop_timeout_secs = 5\n\
@@ -842,6 +854,7 @@ fn a_stop_interrupted_by_an_agent_crash_still_ends_stopped() {
 /// A second chute asking for a host port another chute holds fails to deploy cleanly:
 /// nothing of it is left (container, reservation, record) and the first one runs on.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_host_port_clash_fails_the_deploy_and_leaves_nothing() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -873,6 +886,7 @@ fn a_host_port_clash_fails_the_deploy_and_leaves_nothing() {
 /// `logs --follow` streams new output as it comes and ends (does not hang) when the chute
 /// is removed.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn logs_follow_streams_and_ends_when_the_chute_is_removed() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();
@@ -927,6 +941,7 @@ fn logs_follow_streams_and_ends_when_the_chute_is_removed() {
 /// re-created and started; a stopped one stays stopped (reservation kept) and is
 /// re-created by the next start.
 #[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn containers_removed_by_hand_while_the_agent_was_down_are_recreated() {
     let mut w = World::new(&small_pools_config(""));
     w.start_agent();

@@ -172,6 +172,7 @@ fn manifest(name: &str, down: &str, up: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root and Podman, netns; scripts/test.sh runs it with --include-ignored"]
 fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
     let _serial = serial();
     let mut w = World::new(&small_pools_config(""));
@@ -217,6 +218,7 @@ fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
 }
 
 #[test]
+#[ignore = "needs root and Podman, netns; scripts/test.sh runs it with --include-ignored"]
 fn two_chutes_shaped_at_different_rates_at_once_each_get_their_own() {
     let _serial = serial();
     let mut w = World::new(&small_pools_config(""));
@@ -244,6 +246,7 @@ fn two_chutes_shaped_at_different_rates_at_once_each_get_their_own() {
 }
 
 #[test]
+#[ignore = "needs root and Podman, netns; scripts/test.sh runs it with --include-ignored"]
 fn shaping_survives_an_agent_restart_without_duplication_and_goes_with_the_chute() {
     let _serial = serial();
     let mut w = World::new(&small_pools_config(""));

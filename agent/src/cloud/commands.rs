@@ -2,30 +2,30 @@
 //! synchronous, before anything runs), then the procedure itself as a task whose
 //! signed result is remembered and sent to every session request waiting for it.
 //!
-//! Result payloads (`Outcome::Ok`) are UTF-8 JSON: for deploy, start, stop, restart,
-//! remove and inspect the same object the local CLI prints with `--json`; `status` adds
-//! `device_id` and `chute_list`; `logs` is `{chute, lines: [{stream, text}],
-//! subscription}`; `update-grant` is `{developer, installed, rights}`. Refusals before
-//! execution are ERROR messages; failures during execution are signed `Outcome::Err`.
+//! Every procedure but `update-grant` runs as a `chute_api::Request` through
+//! `Agent::handle`, like the local CLI's. Result payloads (`Outcome::Ok`) are the UTF-8
+//! JSON of `chute_api` types: for deploy, start, stop, restart, remove and inspect the same
+//! object the local CLI prints with `--json`; `status` is a `DeviceStatus` (the agent's
+//! status plus `device_id` and `chute_list`); `logs` a `LogBatch`; `update-grant` a
+//! `GrantInstalled`. Refusals before execution are ERROR messages; failures during
+//! execution are signed `Outcome::Err`.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use futures_lite::StreamExt;
 use proto::{
     Args, BoundedBytes, BoundedString, Call, CallResult, Chunk, ChuteName, ErrorCode, ErrorMsg,
     LogStream, Message, MessageType, Outcome, Publication, Publish, SignedCommand, SignedResult,
     Unsubscribe, Unsubscribed, MAX_PAYLOAD,
 };
-use serde_json::{json, Value};
 use smol::Task;
 
 use super::images::Expect;
 use super::logs::{LogRing, RING_BYTES, RING_LINES};
 use super::store::StoreError;
 use super::Cloud;
-use crate::podman::{LogLines, LogSource};
-use crate::supervisor::{ChuteOp, OpError};
+use crate::api::Event;
+use chute_api::{ApiError, DeviceStatus, GrantInstalled, LogBatch, LogLine, Request, Response};
 
 /// A deploy's image, as registered when its CALL was accepted.
 type ImageRequest = Result<([u8; 32], Expect), (ErrorCode, String)>;
@@ -44,14 +44,22 @@ pub(super) fn error_msg(
     })
 }
 
-fn op_code(e: &OpError) -> ErrorCode {
-    match e {
-        OpError::Manifest(_) | OpError::HostNetworkRefused { .. } => ErrorCode::InvalidManifest,
-        OpError::Admission(_) => ErrorCode::InsufficientResources,
-        OpError::NoSuchChute { .. } => ErrorCode::NoSuchChute,
-        OpError::Busy { .. } => ErrorCode::Busy,
-        OpError::Timeout { .. } => ErrorCode::Timeout,
-        _ => ErrorCode::Internal,
+/// The wire's code for an API error (the wire's set is older and coarser).
+fn wire_code(code: chute_api::ErrorCode) -> ErrorCode {
+    use chute_api::ErrorCode as Api;
+    match code {
+        Api::InvalidManifest | Api::NotAllowed | Api::BadRequest => ErrorCode::InvalidManifest,
+        Api::InsufficientResources => ErrorCode::InsufficientResources,
+        Api::NoSuchChute => ErrorCode::NoSuchChute,
+        Api::Busy => ErrorCode::Busy,
+        Api::Timeout => ErrorCode::Timeout,
+        Api::DigestMismatch => ErrorCode::DigestMismatch,
+        Api::InvalidState
+        | Api::Image
+        | Api::RolledBack
+        | Api::Podman
+        | Api::Internal
+        | Api::Unknown => ErrorCode::Internal,
     }
 }
 
@@ -62,7 +70,7 @@ fn failed(code: ErrorCode, message: &str) -> Outcome {
     }
 }
 
-fn ok_json(v: &Value) -> Outcome {
+fn ok_json(v: &impl serde::Serialize) -> Outcome {
     let bytes = serde_json::to_vec(v).unwrap_or_default();
     match BoundedBytes::new(bytes) {
         Ok(b) => Outcome::Ok(b),
@@ -70,11 +78,16 @@ fn ok_json(v: &Value) -> Outcome {
     }
 }
 
-fn from_op(r: Result<Value, OpError>) -> Outcome {
+fn from_api(r: Result<Response, ApiError>) -> Outcome {
     match r {
         Ok(v) => ok_json(&v),
-        Err(e) => failed(op_code(&e), &e.to_string()),
+        Err(e) => failed(wire_code(e.code), &e.message),
     }
+}
+
+/// A sink for requests whose events nobody reads (a cloud deploy's progress).
+fn no_events() -> smol::channel::Sender<Event> {
+    smol::channel::bounded(1).0
 }
 
 /// What can be known about a deploy before running it: the manifest parses and names
@@ -93,6 +106,26 @@ fn precheck(a: &proto::DeployArgs) -> Result<(), (ErrorCode, String)> {
         ));
     }
     Ok(())
+}
+
+/// A log line cut into pieces of at most the wire's line length, on character
+/// boundaries (the agent's stream cuts at 64 KiB; a publication carries 2 KiB lines).
+fn wire_pieces(line: &str) -> impl Iterator<Item = &str> {
+    let mut rest = line;
+    let mut first = true;
+    std::iter::from_fn(move || {
+        if rest.is_empty() && !std::mem::take(&mut first) {
+            return None;
+        }
+        first = false;
+        let mut cut = rest.len().min(proto::MAX_LOG_LINE);
+        while !rest.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        let (piece, tail) = rest.split_at(cut);
+        rest = tail;
+        Some(piece)
+    })
 }
 
 /// Live log subscriptions: one tap (Podman follow + ring + drain) per chute, shared by
@@ -264,32 +297,53 @@ impl Cloud {
                         }
                     }
                 };
-                let (ptx, prx) = smol::channel::unbounded::<String>();
-                let r = agent.deploy(a.manifest_toml.to_string(), dir, ptx).await;
-                drop(prx);
+                let req = Request::Deploy {
+                    manifest_toml: a.manifest_toml.to_string(),
+                    dir: dir.map(|d| d.to_string_lossy().into_owned()),
+                };
+                let r = agent.handle(req, &no_events()).await;
                 if let Some(sha) = sha {
                     self.images.borrow_mut().release(&sha);
                 }
-                if let Err(OpError::Image { message, .. }) = &r {
-                    if message.contains("sha256") {
-                        return failed(ErrorCode::DigestMismatch, message);
-                    }
-                }
-                from_op(r)
+                from_api(r)
             }
-            Args::Start(a) => from_op(agent.op(a.chute.as_str(), ChuteOp::Start).await),
+            Args::Start(a) => {
+                self.answer(Request::Start {
+                    name: a.chute.to_string(),
+                })
+                .await
+            }
             // The stop timeout is the agent's configured one (a chute's grace period is
             // the device owner's policy, not the caller's).
-            Args::Stop(a) => from_op(agent.op(a.chute.as_str(), ChuteOp::Stop).await),
-            Args::Restart(a) => from_op(agent.op(a.chute.as_str(), ChuteOp::Restart).await),
-            Args::Remove(a) => from_op(agent.op(a.chute.as_str(), ChuteOp::Remove).await),
-            Args::Inspect(a) => from_op(agent.inspect(a.chute.as_str())),
-            Args::Status => {
-                let mut v = agent.status();
-                v["device_id"] = json!(self.device.device_id().to_hex());
-                v["chute_list"] = json!(agent.list());
-                ok_json(&v)
+            Args::Stop(a) => {
+                self.answer(Request::Stop {
+                    name: a.chute.to_string(),
+                })
+                .await
             }
+            Args::Restart(a) => {
+                self.answer(Request::Restart {
+                    name: a.chute.to_string(),
+                })
+                .await
+            }
+            Args::Remove(a) => {
+                self.answer(Request::Remove {
+                    name: a.chute.to_string(),
+                })
+                .await
+            }
+            Args::Inspect(a) => {
+                self.answer(Request::Inspect {
+                    name: a.chute.to_string(),
+                })
+                .await
+            }
+            Args::Status => ok_json(&DeviceStatus {
+                agent: agent.status(),
+                device_id: self.device.device_id().to_hex(),
+                chute_list: agent.list(),
+            }),
             Args::Logs(a) => self.logs(&a.chute, a.tail, a.follow).await,
             Args::UpdateGrant(a) => {
                 let Some(verifier) = &self.verifier else {
@@ -305,11 +359,11 @@ impl Cloud {
                     );
                 }
                 match self.grants.borrow_mut().install(a.grant.clone()) {
-                    Ok(installed) => ok_json(&json!({
-                        "developer": a.grant.grant.developer.to_hex(),
-                        "installed": installed,
-                        "rights": a.grant.grant.rights.to_string(),
-                    })),
+                    Ok(installed) => ok_json(&GrantInstalled {
+                        developer: a.grant.grant.developer.to_hex(),
+                        installed,
+                        rights: a.grant.grant.rights.to_string(),
+                    }),
                     Err(e) => failed(ErrorCode::Internal, &e.to_string()),
                 }
             }
@@ -349,54 +403,67 @@ impl Cloud {
         }
     }
 
-    /// Past output from Podman (bounded by `tail` and the payload cap); with `follow`,
-    /// a subscription whose batches are published until the cloud unsubscribes or the
-    /// session ends.
-    async fn logs(self: &Rc<Self>, chute: &ChuteName, tail: u32, follow: bool) -> Outcome {
-        let id = match self.agent.view(chute.as_str()) {
-            Ok(v) => v.borrow().container_id.clone(),
-            Err(e) => return failed(op_code(&e), &e.to_string()),
-        };
-        let Some(id) = id else {
-            return failed(
-                ErrorCode::NoSuchChute,
-                &format!("chute `{chute}` has no container"),
-            );
-        };
-        let mut lines: Vec<Value> = Vec::new();
-        let mut budget = MAX_PAYLOAD / 2;
-        if tail > 0 {
-            let mut stream = match self
-                .agent
-                .podman
-                .logs(&id, false, Some(tail.min(10_000)))
-                .await
-            {
-                Ok(s) => s,
-                Err(e) => return failed(ErrorCode::Internal, &format!("chute `{chute}`: {e}")),
-            };
-            let mut split = LogLines::new(proto::MAX_LOG_LINE);
-            let mut keep = |source: LogSource, l: &str| {
-                if budget > l.len() + 32 {
-                    budget -= l.len() + 32;
-                    lines.push(json!({"stream": source.name(), "text": l}));
-                }
-            };
-            while let Some(chunk) = stream.next().await {
-                let Ok(chunk) = chunk else { break };
-                split.feed(&chunk, &mut keep);
-            }
-            split.finish(&mut keep);
-        }
-        let subscription = if follow {
-            Some(self.subscribe_logs(chute.clone(), id))
-        } else {
-            None
-        };
-        ok_json(&json!({ "chute": chute.as_str(), "lines": lines, "subscription": subscription }))
+    /// A request without events, answered as a signed outcome.
+    async fn answer(&self, req: Request) -> Outcome {
+        from_api(self.agent.handle(req, &no_events()).await)
     }
 
-    fn subscribe_logs(self: &Rc<Self>, chute: ChuteName, container: String) -> u64 {
+    /// Past output (bounded by `tail` and the payload cap); with `follow`, a subscription
+    /// whose batches are published until the cloud unsubscribes or the session ends.
+    /// Both through `Agent::handle`'s log stream, like the local `chuted logs`.
+    async fn logs(self: &Rc<Self>, chute: &ChuteName, tail: u32, follow: bool) -> Outcome {
+        // Refuse an unknown chute or one without a container before subscribing.
+        let name = match self.agent.view(chute.as_str()) {
+            Ok(v) if v.borrow().container_id.is_none() => {
+                return failed(
+                    ErrorCode::NoSuchChute,
+                    &format!("chute `{chute}` has no container"),
+                )
+            }
+            Ok(v) => v.borrow().manifest.name.clone(),
+            Err(e) => {
+                let e = ApiError::from(e);
+                return failed(wire_code(e.code), &e.message);
+            }
+        };
+        let mut lines: Vec<LogLine> = Vec::new();
+        if tail > 0 {
+            let (tx, rx) = smol::channel::bounded::<Event>(64);
+            let req = Request::Logs {
+                name: chute.to_string(),
+                follow: false,
+                tail: Some(tail.min(10_000)),
+            };
+            let agent = self.agent.clone();
+            let answer = async move { agent.handle(req, &tx).await };
+            let mut budget = MAX_PAYLOAD / 2;
+            let collect = async {
+                while let Ok(ev) = rx.recv().await {
+                    let Event::Log(l) = ev else { continue };
+                    for piece in wire_pieces(&l.line) {
+                        if budget > piece.len() + 32 {
+                            budget -= piece.len() + 32;
+                            lines.push(LogLine {
+                                stream: l.stream,
+                                line: piece.to_owned(),
+                            });
+                        }
+                    }
+                }
+            };
+            if let (Err(e), ()) = futures_lite::future::zip(answer, collect).await {
+                return failed(wire_code(e.code), &e.message);
+            }
+        }
+        let subscription = follow.then(|| self.subscribe_logs(chute.clone()));
+        ok_json(&LogBatch {
+            chute: name,
+            lines,
+            subscription,
+        })
+    }
+
+    fn subscribe_logs(self: &Rc<Self>, chute: ChuteName) -> u64 {
         let mut taps = self.logs.borrow_mut();
         taps.next_id += 1;
         let id = taps.next_id;
@@ -410,27 +477,31 @@ impl Cloud {
             let this = self.clone();
             let (r1, name1) = (ring.clone(), chute.clone());
             let reader = self.agent.spawn(async move {
-                let mut stream = match this.agent.podman.logs(&container, true, Some(0)).await {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!(chute = %name1, error = %e, "cannot follow logs");
-                        return;
+                let (tx, rx) = smol::channel::bounded::<Event>(64);
+                let req = Request::Logs {
+                    name: name1.to_string(),
+                    follow: true,
+                    tail: Some(0),
+                };
+                let agent = this.agent.clone();
+                let follow = async move { agent.handle(req, &tx).await };
+                let wire = |s| match s {
+                    chute_api::LogStream::Stdout => LogStream::Stdout,
+                    chute_api::LogStream::Stderr => LogStream::Stderr,
+                };
+                let fill = async {
+                    while let Ok(ev) = rx.recv().await {
+                        let Event::Log(l) = ev else { continue };
+                        let ts = super::unix_now().saturating_mul(1000);
+                        for piece in wire_pieces(&l.line) {
+                            r1.borrow_mut().push(ts, wire(l.stream), piece);
+                        }
+                        let _ = bell_tx.try_send(());
                     }
                 };
-                let mut split = LogLines::new(proto::MAX_LOG_LINE);
-                let wire = |source| match source {
-                    LogSource::Stdout => LogStream::Stdout,
-                    LogSource::Stderr => LogStream::Stderr,
-                };
-                while let Some(Ok(chunk)) = stream.next().await {
-                    let ts = super::unix_now().saturating_mul(1000);
-                    split.feed(&chunk, |s, l| r1.borrow_mut().push(ts, wire(s), l));
-                    let _ = bell_tx.try_send(());
+                if let (Err(e), ()) = futures_lite::future::zip(follow, fill).await {
+                    tracing::warn!(chute = %name1, error = %e, "cannot follow logs");
                 }
-                // The container is gone: its last words, newline or not.
-                let ts = super::unix_now().saturating_mul(1000);
-                split.finish(|s, l| r1.borrow_mut().push(ts, wire(s), l));
-                let _ = bell_tx.try_send(());
             });
             let this = self.clone();
             let drain = self.agent.spawn(async move {

@@ -1,0 +1,61 @@
+//! Owns the routing of Podman's event stream to the chute tasks.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use chutes::ChuteName;
+use smol::Timer;
+use tracing::warn;
+
+use super::actor::{ChuteMsg, Happening};
+use super::registry::Agent;
+use super::LABEL_CHUTE;
+
+/// Routes Podman's event stream to the chute tasks, reconnecting with capped backoff.
+/// After every (re)connect each chute resyncs, covering events lost in the gap.
+pub async fn route_events(agent: Rc<Agent>) {
+    use futures_lite::StreamExt;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        match agent.podman.events(&agent.owned_filter()).await {
+            Ok(mut stream) => {
+                backoff = Duration::from_millis(250);
+                let txs: Vec<_> = agent
+                    .chutes
+                    .borrow()
+                    .values()
+                    .map(|h| h.tx.clone())
+                    .collect();
+                for tx in txs {
+                    let _ = tx.send(ChuteMsg::Happened(Happening::Resync)).await;
+                }
+                while let Some(ev) = stream.next().await {
+                    match ev {
+                        Ok(ev) => {
+                            let Some(name) = ev
+                                .labels
+                                .get(LABEL_CHUTE)
+                                .and_then(|n| ChuteName::parse(n).ok())
+                            else {
+                                continue;
+                            };
+                            let tx = agent.chutes.borrow().get(&name).map(|h| h.tx.clone());
+                            if let Some(tx) = tx {
+                                let _ = tx.send(ChuteMsg::Happened(Happening::Event(ev))).await;
+                            }
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "podman event stream broke; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot subscribe to podman events")
+            }
+        }
+        Timer::after(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
