@@ -743,9 +743,9 @@ fn remove_in_any_state_and_names_are_checked() {
     );
 }
 
-/// The Podman service restarting under a running agent: the event stream reconnects, a
-/// chute that died while the service was down is restarted on reconnect, and one killed
-/// afterwards is restarted from events.
+/// The Podman service restarting under a running agent: the event stream reconnects as
+/// soon as Podman answers (not after the backoff), a chute that died while the service was
+/// down is restarted on reconnect, and one killed afterwards is restarted from events.
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
@@ -762,11 +762,13 @@ fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
     w.stop_podman_service();
     // Died while nobody could hear it.
     kill(w.container_pid(&name), "-KILL");
-    std::thread::sleep(Duration::from_secs(1));
+    // Long enough for the resubscribe backoff to reach 16 s (0.25 s doubling): the agent
+    // must still notice Podman's return at once, not at the end of its backoff.
+    std::thread::sleep(Duration::from_secs(20));
     w.start_podman_service();
     wait_until(
-        "restart of a chute that died while podman was down",
-        Duration::from_secs(40),
+        "restart of a chute that died while podman was down, soon after Podman returned",
+        Duration::from_secs(6),
         || {
             let v = w.inspect(&name);
             v["state"] == "running" && v["restarts"].as_u64().unwrap() >= 1
