@@ -106,3 +106,15 @@ c0=$(ticks); sleep "$CPU_SECS"; c1=$(ticks)
 echo "agent CPU with $N chutes sampled every 1 s over $CPU_SECS s: $(awk "BEGIN{printf \"%.3f\", ($c1-$c0)/$HZ/$CPU_SECS*100}")% of one core"
 echo "agent RSS after the CPU run: $(rss) KiB"
 echo "chutes running: $(C list --json | python3 -c 'import json,sys; print(sum(1 for c in json.load(sys.stdin) if c["state"]=="running"))')"
+
+# --- after a crash: kill -9, restart, reconcile adopts every chute ----------------------
+running() { C list --json | python3 -c 'import json,sys; print(sum(1 for c in json.load(sys.stdin) if c["state"]=="running"))'; }
+kill -9 "$AGENT"; wait "$AGENT" 2>/dev/null || true
+t0=$(now)
+"$BIN" --admin-socket "$AS" run --state-dir "$W/state" --podman-socket "$PS" --config "$W/agent.toml" --log-level info 2>>"$W/agent.log" & AGENT=$!
+for _ in $(seq 600); do "$BIN" --admin-socket "$AS" status >/dev/null 2>&1 && break; sleep 0.05; done
+t1=$(now)
+echo "agent back after kill -9 with $N chutes (reconciled, serving): $(( (t1-t0)/1000000 )) ms"
+sleep 2
+echo "agent RSS after kill -9 and restart with $N chutes: $(rss) KiB"
+echo "chutes running after the restart: $(running) (adopted, not restarted)"
