@@ -47,6 +47,7 @@ enum Cmd {
     Validate(ValidateCmd),
     Id(IdCmd),
     Trust(TrustCmd),
+    Revoke(RevokeCmd),
     Selftest(SelftestCmd),
 }
 
@@ -206,6 +207,22 @@ struct TrustCmd {
     owner_key: String,
 }
 
+/// Revoke developer grants on this device: every grant for the key issued until now
+/// stops working at the agent's next command (a newer grant from the owner works).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "revoke")]
+struct RevokeCmd {
+    /// the agent's state directory
+    #[argh(option)]
+    state_dir: PathBuf,
+    /// the developer's Ed25519 public key (64 hex characters)
+    #[argh(option)]
+    developer: Option<String>,
+    /// revoke every developer's grants (also resets an unreadable grant store)
+    #[argh(switch)]
+    all: bool,
+}
+
 /// Check that signing and verification work on this machine (keys, a signed command
 /// through the codec, forged and replayed copies refused).
 #[derive(FromArgs)]
@@ -249,6 +266,17 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<ExitCode> {
             create_state_dir(&t.state_dir)?;
             let path = chuted::identity::trust_owner(&t.state_dir, &owner)?;
             println!("trusting owner {owner} ({})", path.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Revoke(c) => {
+            let now = chuted::cloud::unix_now();
+            let msg = chuted::cloud::grants::revoke_cli(
+                &c.state_dir,
+                c.developer.as_deref(),
+                c.all,
+                now,
+            )?;
+            println!("{msg}");
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Selftest(_) => {
@@ -484,6 +512,7 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
             lc.keepalive = keepalive;
             lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
             lc.ca_file = r.cloud_ca.clone();
+            lc.command_lifetime_secs = cfg.command_lifetime_secs;
             // Refuse a bad URL or unreadable CA file now, not after reconciling.
             chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
             Some(lc)

@@ -347,7 +347,7 @@ fn bad_commands_are_refused_and_change_nothing() {
     let no_remove = c.dev.sign_with(
         remove.clone(),
         Rights::of(&[Procedure::Start, Procedure::Stop]),
-        &[""],
+        &["cl-*"],
     );
     expect_call_refused(
         &mut c.s,
@@ -367,7 +367,7 @@ fn bad_commands_are_refused_and_change_nothing() {
     // A grant the owner never signed (the developer granted itself everything).
     let mut self_granted = c.dev.sign(remove.clone());
     self_granted.grant =
-        proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now).sign(&c.dev.key);
+        proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now).sign(&c.dev.key);
     let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
     expect_call_refused(
         &mut c.s,
@@ -809,7 +809,7 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     // newer, empty grant for the developer.
     let mut admin = Developer::new(c.dev.owner.clone(), c.s.device_id());
     let now = unix_now();
-    let mut revoke = proto::testkit::grant_for(&c.dev.key, Rights::NONE, &[""], now);
+    let mut revoke = proto::testkit::grant_for(&c.dev.key, Rights::NONE, &["cl-*"], now);
     revoke.issued_at = now - 10;
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: revoke.sign(&c.dev.owner),
@@ -817,7 +817,7 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     let v = c.s.call(2, &update, T).ok_json();
     assert_eq!(v["installed"], true, "{v}");
     // A grant not signed by the owner is not installed.
-    let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now + 5);
+    let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now + 5);
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: forged_grant.sign(&c.dev.key),
     }));

@@ -4,7 +4,9 @@
 //!
 //! Result payloads (`Outcome::Ok`) are UTF-8 JSON: for deploy, start, stop, restart,
 //! remove and inspect the same object the local CLI prints with `--json`; `status` adds
-//! `device_id` and `chute_list`; `logs` is `{chute, lines: [{stream, text}],
+//! `device_id`, `clock` (`secs`, `state`: `ok` / `behind floor` / `ahead`, `time_floor`),
+//! `state_dir_bytes` and `chute_list`, where `chute_list` (and the `chutes` count) holds
+//! only the chutes the caller's grant covers; `logs` is `{chute, lines: [{stream, text}],
 //! subscription}`; `update-grant` is `{developer, installed, rights}`. Refusals before
 //! execution are ERROR messages; failures during execution are signed `Outcome::Err`.
 
@@ -123,20 +125,45 @@ impl Cloud {
                 "this device trusts no owner key yet (run `chuted trust --owner-key HEX` or set owner_key); every command is refused",
             );
         };
-        let verified = match verifier.check(&command, now) {
-            Ok(v) => v,
+        // One supersession rule (proto's), from the floors on disk now: a revocation
+        // by `chuted revoke` applies to the very next command.
+        let floors = match self.grants.load() {
+            Ok(f) => f,
             Err(e) => {
-                tracing::info!(request, code = %e.code(), reason = %e, "refused command");
-                return refuse(e.code(), &e.to_string());
+                tracing::warn!(request, error = %e, "refused command: grant store unavailable");
+                return refuse(ErrorCode::GrantStoreUnavailable, &e.to_string());
             }
         };
+        let mut verifier = verifier.clone();
+        verifier.grants = floors;
         let cmd = &command.command;
-        if let Some(newer) = self.grants.borrow().superseded_by(&command.grant.grant) {
-            let msg = format!(
-                "request {}: the grant for {} issued at {} was superseded by one issued at {newer}",
-                cmd.request_id, command.signer, command.grant.grant.issued_at
-            );
-            return refuse(ErrorCode::NotAuthorized, &msg);
+        // Judged at the time floor when the clock is behind it (a clock set back must
+        // not revive expired commands).
+        let judged = self.order.borrow().judge_time(now);
+        let clock_note = if judged != now {
+            format!(" (device clock {now} is behind the time floor {judged} kept from verified commands)")
+        } else {
+            String::new()
+        };
+        let verified = match verifier.check(&command, judged) {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, proto::VerifyError::Expired { .. })
+                    && verifier.check(&command, cmd.issued_at).is_ok()
+                {
+                    // Authentic, but already expired on arrival: evidence the clock is ahead.
+                    self.order
+                        .borrow_mut()
+                        .note_expired_on_arrival(cmd.issued_at);
+                }
+                let msg = format!("{e}{clock_note}");
+                tracing::info!(request, code = %e.code(), reason = %msg, "refused command");
+                return refuse(e.code(), &msg);
+            }
+        };
+        if let Err((code, msg)) = self.order.borrow().check(cmd) {
+            tracing::info!(request, code = %code, reason = %msg, "refused command");
+            return refuse(code, &msg);
         }
         let key = (command.signer, cmd.request_id);
         if let Some(res) = self.results.borrow().get(&key.0, key.1) {
@@ -169,6 +196,11 @@ impl Cloud {
             let msg = format!("request {}: {e}", key.1);
             tracing::info!(request, code = %code, reason = %msg, "refused command");
             return refuse(code, &msg);
+        }
+        if let Err(e) = self.order.borrow_mut().record(cmd) {
+            let msg = format!("request {}: {e}", key.1);
+            tracing::warn!(request, reason = %msg, "refused command");
+            return refuse(ErrorCode::Internal, &msg);
         }
         tracing::info!(request, request_id = key.1, procedure = %verified.procedure,
             signer = %command.signer, chute = ?cmd.args.chute().map(|c| c.as_str()), "running signed command");
@@ -285,9 +317,25 @@ impl Cloud {
             Args::Remove(a) => from_op(agent.op(a.chute.as_str(), ChuteOp::Remove).await),
             Args::Inspect(a) => from_op(agent.inspect(a.chute.as_str())),
             Args::Status => {
+                // A developer sees only the chutes its grant's patterns cover: other
+                // tenants' names, images and states are not its business.
+                let grant = &command.grant.grant;
+                let mine: Vec<_> = agent
+                    .list()
+                    .into_iter()
+                    .filter(|c| grant.covers_chute(&c.name))
+                    .collect();
                 let mut v = agent.status();
                 v["device_id"] = json!(self.device.device_id().to_hex());
-                v["chute_list"] = json!(agent.list());
+                v["chutes"] = json!(mine.len());
+                v["chute_list"] = json!(mine);
+                let (clock, state) = self.clock();
+                v["clock"] = json!({
+                    "secs": clock,
+                    "state": state.as_str(),
+                    "time_floor": self.order.borrow().order().time_floor(),
+                });
+                v["state_dir_bytes"] = json!(super::heartbeat::dir_usage(&agent.state_dir));
                 ok_json(&v)
             }
             Args::Logs(a) => self.logs(&a.chute, a.tail, a.follow).await,
@@ -295,23 +343,26 @@ impl Cloud {
                 let Some(verifier) = &self.verifier else {
                     return failed(ErrorCode::InvalidGrant, "no owner key is trusted");
                 };
-                if !a.grant.is_signed_by(&verifier.owner) {
-                    return failed(
-                        ErrorCode::InvalidGrant,
-                        &format!(
-                            "the grant for {} is not signed by the owner key {}",
-                            a.grant.grant.developer, verifier.owner
-                        ),
-                    );
+                let mut verifier = verifier.clone();
+                verifier.grants = match self.grants.load() {
+                    Ok(f) => f,
+                    Err(e) => return failed(ErrorCode::GrantStoreUnavailable, &e.to_string()),
+                };
+                let installed = match verifier.install_grant(&a.grant) {
+                    Ok(()) => true,
+                    Err(proto::GrantUpdateError::Older { .. }) => false,
+                    Err(e) => return failed(ErrorCode::InvalidGrant, &e.to_string()),
+                };
+                if installed {
+                    if let Err(e) = self.grants.save(&verifier.grants) {
+                        return failed(ErrorCode::Internal, &e.to_string());
+                    }
                 }
-                match self.grants.borrow_mut().install(a.grant.clone()) {
-                    Ok(installed) => ok_json(&json!({
-                        "developer": a.grant.grant.developer.to_hex(),
-                        "installed": installed,
-                        "rights": a.grant.grant.rights.to_string(),
-                    })),
-                    Err(e) => failed(ErrorCode::Internal, &e.to_string()),
-                }
+                ok_json(&json!({
+                    "developer": a.grant.grant.developer.to_hex(),
+                    "installed": installed,
+                    "rights": a.grant.grant.rights.to_string(),
+                }))
             }
         }
     }
