@@ -41,6 +41,7 @@ podman system service --time=0 "unix://$PS" & PODMAN=$!
 for _ in $(seq 50); do [ -S "$PS" ] && break; sleep 0.1; done
 cat > "$W/agent.toml" <<CONF
 stop_timeout_secs = 5
+allow_unpinned_images = true
 [pools]
 cpu = 64.0
 memory = "8GiB"

@@ -116,6 +116,7 @@ struct RawConfig {
     allow_unpinned_images: Option<bool>,
     host_ports: Option<String>,
     host_bind: Option<String>,
+    partial_image_max_age_secs: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -162,6 +163,8 @@ pub struct AgentConfig {
     /// Address published ports bind to (`None`: every interface). The OpenWrt init
     /// passes the LAN address from UCI.
     pub host_bind: Option<std::net::IpAddr>,
+    /// A partial image transfer not resumed for this long is removed (default 24 h).
+    pub partial_image_max_age: Duration,
 }
 
 /// A manifest port outside the owner's allow-list.
@@ -282,6 +285,7 @@ impl AgentConfig {
             allow_unpinned_images: false,
             host_ports: DEFAULT_HOST_PORTS,
             host_bind: None,
+            partial_image_max_age: Duration::from_secs(24 * 3600),
         }
     }
 
@@ -512,6 +516,16 @@ impl AgentConfig {
                     "a range LOW-HIGH of ports 1..=65535, e.g. \"1024-65535\"",
                 )
             })?;
+        }
+        if let Some(s) = raw.partial_image_max_age_secs {
+            if s == 0 {
+                return Err(invalid(
+                    "partial_image_max_age_secs",
+                    s.to_string(),
+                    "seconds >= 1",
+                ));
+            }
+            cfg.partial_image_max_age = Duration::from_secs(s);
         }
         if let Some(b) = raw.host_bind {
             cfg.host_bind = Some(b.parse().map_err(|_| {

@@ -4,6 +4,7 @@ pub mod cgroup;
 pub mod cloud;
 pub mod config;
 pub mod identity;
+pub mod imagepin;
 pub mod podman;
 pub mod server;
 pub mod snapshot;

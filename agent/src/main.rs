@@ -513,6 +513,7 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
             lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
             lc.ca_file = r.cloud_ca.clone();
             lc.command_lifetime_secs = cfg.command_lifetime_secs;
+            lc.image_limits.partial_max_age = cfg.partial_image_max_age;
             // Refuse a bad URL or unreadable CA file now, not after reconciling.
             chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
             Some(lc)

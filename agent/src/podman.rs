@@ -102,6 +102,8 @@ pub struct ContainerSpec {
     pub host_network: bool,
     /// `(host port, container port, "tcp" | "udp")`.
     pub ports: Vec<(u16, u16, String)>,
+    /// Address the host ports bind to; `None`: every interface.
+    pub host_ip: Option<String>,
     /// e.g. `runc`; `None` uses Podman's default.
     pub oci_runtime: Option<String>,
     pub stop_timeout_secs: u32,
@@ -674,6 +676,8 @@ struct Namespace {
 
 #[derive(Serialize)]
 struct PortMapping<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_ip: Option<&'a str>,
     host_port: u16,
     container_port: u16,
     protocol: &'a str,
@@ -719,6 +723,7 @@ impl<'a> From<&'a ContainerSpec> for SpecGenerator<'a> {
                 .ports
                 .iter()
                 .map(|(host, container, proto)| PortMapping {
+                    host_ip: s.host_ip.as_deref(),
                     host_port: *host,
                     container_port: *container,
                     protocol: proto,
@@ -1014,6 +1019,7 @@ mod tests {
             cap_add: vec!["CAP_NET_BIND_SERVICE".into()],
             no_new_privileges: true,
             ports: vec![(8080, 80, "tcp".into())],
+            host_ip: Some("127.0.0.1".into()),
             oci_runtime: Some("runc".into()),
             stop_timeout_secs: 7,
             cgroup_parent: Some("/chuted/chutes".into()),
@@ -1030,6 +1036,7 @@ mod tests {
         assert_eq!(v["cap_add"][0], "CAP_NET_BIND_SERVICE");
         assert_eq!(v["netns"]["nsmode"], "bridge");
         assert_eq!(v["portmappings"][0]["host_port"], 8080);
+        assert_eq!(v["portmappings"][0]["host_ip"], "127.0.0.1");
         assert_eq!(v["oci_runtime"], "runc");
         assert_eq!(v["stop_timeout"], 7);
         assert_eq!(v["cgroup_parent"], "/chuted/chutes");

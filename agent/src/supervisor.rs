@@ -51,6 +51,8 @@ pub enum OpError {
     HostNetworkRefused { chute: String },
     #[error("chute `{chute}`: image: {message}")]
     Image { chute: String, message: String },
+    #[error(transparent)]
+    HostPort(#[from] crate::config::HostPortRefused),
     #[error("chute `{chute}`: podman: {source}")]
     Podman {
         chute: String,
@@ -380,6 +382,17 @@ impl Agent {
                 chute: manifest.name.to_string(),
             });
         }
+        self.cfg.check_host_ports(&manifest)?;
+        crate::imagepin::check_deploy(
+            &self.state_dir,
+            self.cfg.allow_unpinned_images,
+            &manifest,
+            dir.as_deref(),
+        )
+        .map_err(|message| OpError::Image {
+            chute: manifest.name.to_string(),
+            message,
+        })?;
         let name = manifest.name.clone();
         let existing = self.chutes.borrow().get(&name).map(|h| h.tx.clone());
         if let Some(tx) = existing {
@@ -851,6 +864,7 @@ pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> C
             .iter()
             .map(|p| (p.host, p.container, p.protocol.to_string()))
             .collect(),
+        host_ip: cfg.host_bind.map(|ip| ip.to_string()),
         oci_runtime: cfg.oci_runtime.clone(),
         stop_timeout_secs: cfg.lifecycle.stop_timeout_secs,
         cgroup_parent: cfg.cgroup_parent.clone(),
@@ -1318,14 +1332,32 @@ impl Actor {
         }
     }
 
+    async fn pin_image(&self, m: &Manifest, dir: Option<&Path>) -> Result<String, OpError> {
+        crate::imagepin::pin(&self.agent.podman, &self.agent.state_dir, m, dir)
+            .await
+            .map_err(|message| OpError::Image {
+                chute: self.name.to_string(),
+                message,
+            })
+    }
+
     async fn create_container(&mut self) -> Result<String, OpError> {
-        let (spec, name) = {
+        let (mut spec, name, manifest) = {
             let v = self.view.borrow();
             (
                 container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml),
                 v.manifest.name.container_name(),
+                v.manifest.clone(),
             )
         };
+        // Never from a mutable tag: the image id pinned at deploy (see imagepin).
+        spec.image =
+            crate::imagepin::image_for(&self.agent.podman, &self.agent.state_dir, &manifest)
+                .await
+                .map_err(|message| OpError::Image {
+                    chute: self.name.to_string(),
+                    message,
+                })?;
         // A container with our name but not our id is a leftover of an interrupted
         // operation of ours (same name, our labels): replace it.
         if let Ok(info) = self.agent.podman.inspect(&name).await {
@@ -1501,6 +1533,7 @@ impl Actor {
     ) -> Result<Value, OpError> {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
         let _ = progress.try_send(format!(
             "creating container {}",
             manifest.name.container_name()
@@ -1604,6 +1637,7 @@ impl Actor {
             self.agent.ledger.borrow().check_admit(&self.name, &want)?;
         }
         ensure_image(&self.agent.podman, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
 
         let old_manifest = self.view.borrow().manifest.clone();
         let old_toml = self.view.borrow().manifest_toml.clone();

@@ -48,7 +48,9 @@ pub(super) fn error_msg(
 
 fn op_code(e: &OpError) -> ErrorCode {
     match e {
-        OpError::Manifest(_) | OpError::HostNetworkRefused { .. } => ErrorCode::InvalidManifest,
+        OpError::Manifest(_) | OpError::HostNetworkRefused { .. } | OpError::HostPort(_) => {
+            ErrorCode::InvalidManifest
+        }
         OpError::Admission(_) => ErrorCode::InsufficientResources,
         OpError::NoSuchChute { .. } => ErrorCode::NoSuchChute,
         OpError::Busy { .. } => ErrorCode::Busy,
@@ -84,6 +86,18 @@ fn from_op(r: Result<Value, OpError>) -> Outcome {
 fn precheck(a: &proto::DeployArgs) -> Result<(), (ErrorCode, String)> {
     let manifest = chutes::Manifest::from_toml_str(&a.manifest_toml)
         .map_err(|e| (ErrorCode::InvalidManifest, e.to_string()))?;
+    // Over the link an image is always pinned by content (no owner opt-out): the
+    // archive's sha256 in the signed command, or a reference with `@sha256:`.
+    if a.image_sha256.is_none() && !crate::imagepin::is_digest_ref(&manifest.image) {
+        return Err((
+            ErrorCode::InvalidManifest,
+            format!(
+                "image {:?} is a mutable tag: a cloud deploy pins its image by content, either \
+                 an archive (image_sha256 in the command) or a reference NAME@sha256:DIGEST",
+                manifest.image
+            ),
+        ));
+    }
     if manifest.name.as_str() != a.chute.as_str() {
         return Err((
             ErrorCode::InvalidManifest,

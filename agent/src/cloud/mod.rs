@@ -20,7 +20,7 @@ mod backoff;
 mod commands;
 pub mod grants;
 pub mod heartbeat;
-mod images;
+pub mod images;
 mod link;
 pub mod logs;
 mod store;
@@ -69,6 +69,8 @@ pub struct LinkConfig {
     /// Refused CALLs (bad signature, grant, time, replay…) tolerated in one session
     /// before it is closed as abusive: verification costs the device CPU.
     pub max_refused_calls: u32,
+    /// Caps on partial image transfers (count, bytes, age before removal).
+    pub image_limits: images::Limits,
 }
 
 impl LinkConfig {
@@ -87,6 +89,7 @@ impl LinkConfig {
             command_lifetime_secs: proto::DEFAULT_COMMAND_LIFETIME,
             send_timeout: Duration::from_secs(20),
             max_refused_calls: 32,
+            image_limits: images::Limits::default(),
         }
     }
 }
@@ -156,7 +159,7 @@ impl Cloud {
             grants: grants::GrantStore::new(&state_dir),
             results: RefCell::new(store::ResultCache::default()),
             inflight: RefCell::new(BTreeMap::new()),
-            images: RefCell::new(images::Images::new(&state_dir)),
+            images: RefCell::new(images::Images::with_limits(&state_dir, cfg.image_limits)),
             logs: RefCell::new(commands::LogTaps::default()),
             outbox: RefCell::new(None),
             epoch: Cell::new(0),
