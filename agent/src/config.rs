@@ -117,6 +117,7 @@ struct RawConfig {
     host_ports: Option<String>,
     host_bind: Option<String>,
     partial_image_max_age_secs: Option<u64>,
+    userns_base: Option<u32>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -165,6 +166,8 @@ pub struct AgentConfig {
     pub host_bind: Option<std::net::IpAddr>,
     /// A partial image transfer not resumed for this long is removed (default 24 h).
     pub partial_image_max_age: Duration,
+    /// First host id of per-chute user namespaces (65536 ids each); `None`: off.
+    pub userns_base: Option<u32>,
 }
 
 /// A manifest port outside the owner's allow-list.
@@ -286,6 +289,7 @@ impl AgentConfig {
             host_ports: DEFAULT_HOST_PORTS,
             host_bind: None,
             partial_image_max_age: Duration::from_secs(24 * 3600),
+            userns_base: None,
         }
     }
 
@@ -526,6 +530,16 @@ impl AgentConfig {
                 ));
             }
             cfg.partial_image_max_age = Duration::from_secs(s);
+        }
+        if let Some(b) = raw.userns_base {
+            if b < 65536 {
+                return Err(invalid(
+                    "userns_base",
+                    b.to_string(),
+                    "a host id >= 65536, above every real user (e.g. 1000000)",
+                ));
+            }
+            cfg.userns_base = Some(b);
         }
         if let Some(b) = raw.host_bind {
             cfg.host_bind = Some(b.parse().map_err(|_| {

@@ -9,3 +9,4 @@ pub mod podman;
 pub mod server;
 pub mod snapshot;
 pub mod supervisor;
+pub mod userns;

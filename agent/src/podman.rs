@@ -104,6 +104,9 @@ pub struct ContainerSpec {
     pub ports: Vec<(u16, u16, String)>,
     /// Address the host ports bind to; `None`: every interface.
     pub host_ip: Option<String>,
+    /// Own user namespace mapping container ids 0.. to host ids `(first, size)`;
+    /// `None`: the host's.
+    pub userns: Option<(u32, u32)>,
     /// e.g. `runc`; `None` uses Podman's default.
     pub oci_runtime: Option<String>,
     pub stop_timeout_secs: u32,
@@ -633,6 +636,26 @@ struct SpecGenerator<'a> {
     stop_timeout: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup_parent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    userns: Option<Namespace>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idmappings: Option<IdMappings>,
+}
+
+/// libpod's `storage.IDMappingOptions` (Go field names, no json tags upstream).
+#[derive(Serialize)]
+struct IdMappings {
+    #[serde(rename = "UIDMap")]
+    uid_map: [IdMap; 1],
+    #[serde(rename = "GIDMap")]
+    gid_map: [IdMap; 1],
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct IdMap {
+    container_id: u32,
+    host_id: u32,
+    size: u32,
 }
 
 #[derive(Serialize)]
@@ -732,6 +755,18 @@ impl<'a> From<&'a ContainerSpec> for SpecGenerator<'a> {
             oci_runtime: s.oci_runtime.as_deref(),
             stop_timeout: s.stop_timeout_secs,
             cgroup_parent: s.cgroup_parent.as_deref(),
+            userns: s.userns.map(|_| Namespace { nsmode: "private" }),
+            idmappings: s.userns.map(|(host_id, size)| {
+                let m = IdMap {
+                    container_id: 0,
+                    host_id,
+                    size,
+                };
+                IdMappings {
+                    uid_map: [m],
+                    gid_map: [m],
+                }
+            }),
         }
     }
 }

@@ -532,6 +532,8 @@ impl Agent {
                 "free": ledger.free(),
             },
             "unknown_containers": *self.unknown.borrow(),
+            "clock": crate::cloud::clock_status(&self.state_dir),
+            "state_dir_bytes": crate::cloud::heartbeat::dir_usage(&self.state_dir),
         })
     }
 
@@ -865,6 +867,8 @@ pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> C
             .map(|p| (p.host, p.container, p.protocol.to_string()))
             .collect(),
         host_ip: cfg.host_bind.map(|ip| ip.to_string()),
+        // Set per chute by create_container (a persisted slot), not from the config alone.
+        userns: None,
         oci_runtime: cfg.oci_runtime.clone(),
         stop_timeout_secs: cfg.lifecycle.stop_timeout_secs,
         cgroup_parent: cfg.cgroup_parent.clone(),
@@ -1350,6 +1354,12 @@ impl Actor {
                 v.manifest.clone(),
             )
         };
+        if let Some(base) = self.agent.cfg.userns_base {
+            spec.userns = Some(
+                crate::userns::range_for(base, &self.agent.state_dir, self.name.as_str())
+                    .map_err(|message| self.state_err(message))?,
+            );
+        }
         // Never from a mutable tag: the image id pinned at deploy (see imagepin).
         spec.image =
             crate::imagepin::image_for(&self.agent.podman, &self.agent.state_dir, &manifest)

@@ -166,6 +166,7 @@ fn base_spec(image: &TestImage, label: &str, command: &[&str]) -> (ContainerSpec
         host_network: false,
         ports: vec![],
         host_ip: None,
+        userns: None,
         oci_runtime: Some("runc".to_owned()),
         stop_timeout_secs: 2,
         cgroup_parent: None,

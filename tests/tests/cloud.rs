@@ -1036,6 +1036,8 @@ fn order_time_and_revocation_hold_across_restarts() {
     assert_eq!(v["clock"]["state"], "behind floor", "{v}");
     let hb = c.s.next_heartbeat(T);
     assert_eq!(hb.clock, proto::ClockState::BehindFloor);
+    let local = c.w.status();
+    assert_eq!(local["clock"]["state"], "behind floor", "{local}");
     assert!(hb.state_dir_bytes > 0);
     let base = c.dev.sign(Args::Status);
     let mut cmd = base.command.clone();
@@ -1176,4 +1178,67 @@ fn images_are_pinned_by_content_and_archives_tag_only_their_chute() {
     let exists = podman(&["image", "exists", &foreign]);
     assert!(!exists.status.success(), "the foreign tag was applied");
     assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+}
+
+/// Not a link test, but the tenancy one (issue 12): a chute in its own user namespace
+/// (config `userns_base`) keeps its caps, shaping, logs and adoption by a restarted
+/// agent. Prints deploy latency with and without it (`userns latency` lines).
+#[test]
+fn a_chute_in_its_own_user_namespace_keeps_caps_shaping_logs_and_adoption() {
+    let chute_toml = |name: &str| {
+        format!(
+            "name = \"{name}\"\nversion = \"1\"\nimage = \"{IMAGE}\"\n\
+             command = [\"sh\", \"-c\", \"while true; do echo tick; sleep 1; done\"]\n\
+             [resources]\ncpu = 0.2\nmemory = \"32MiB\"\npids = 32\n\
+             [network]\nbandwidth_down = \"8mbit\"\nbandwidth_up = \"4mbit\"\n"
+        )
+    };
+    let mut timings = Vec::new();
+    for base in [None, Some(1_300_000u32)] {
+        let extra = base.map_or(String::new(), |b| format!("userns_base = {b}\n"));
+        let mut w = World::new(&small_pools_config(&extra));
+        w.start_agent();
+        let name = unique("cl-u");
+        let dir = w.chute_dir(&name, "[]", "");
+        std::fs::write(dir.join("chute.toml"), chute_toml(&name)).unwrap();
+        let t = Instant::now();
+        w.deploy(&dir);
+        let deploy = t.elapsed();
+        w.wait_state(&name, "running", T);
+        let t = Instant::now();
+        for _ in 0..5 {
+            w.cli(&["restart", &name]);
+        }
+        timings.push((base.is_some(), deploy, t.elapsed() / 5));
+        let pid = w.container_pid(&name);
+        let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+        let fields: Vec<&str> = uid_map.split_whitespace().collect();
+        match base {
+            Some(b) => assert_eq!(fields, ["0", &b.to_string(), "65536"], "{uid_map}"),
+            None => assert_eq!(fields[..2], ["0", "0"], "{uid_map}"),
+        }
+        let Some(_) = base else { continue };
+        // Caps, shaping and logs as without it.
+        assert_eq!(
+            cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+            (32u64 << 20).to_string()
+        );
+        assert_eq!(cgroup_file(pid, "pids", "pids.max"), "32");
+        let v = w.inspect(&name);
+        assert_eq!(v["net"]["down_rate_bps"], 8_000_000, "{v}");
+        wait_until("log lines", T, || w.cli(&["logs", &name]).contains("tick"));
+        // A restarted agent adopts it without restarting it.
+        let started = w.started_at(&name);
+        w.kill_agent();
+        w.start_agent();
+        w.wait_state(&name, "running", T);
+        assert_eq!(w.started_at(&name), started, "adopted, not restarted");
+        assert_eq!(w.container_pid(&name), pid);
+        assert!(w.cli(&["logs", &name, "--tail", "5"]).contains("tick"));
+    }
+    for (userns, deploy, restart) in timings {
+        println!(
+            "userns latency: userns={userns}: deploy (create + start, first use of the range) {deploy:?}, restart (mean of 5) {restart:?}"
+        );
+    }
 }

@@ -102,6 +102,21 @@ pub fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
+/// The device clock against the time floor kept in `state_dir` (for the local
+/// `status`, which also works without a cloud link): `{secs, state, time_floor}`.
+pub fn clock_status(state_dir: &std::path::Path) -> serde_json::Value {
+    let now = unix_now();
+    let order = std::fs::read(state_dir.join(store::ORDER_FILE))
+        .ok()
+        .and_then(|b| proto::CommandOrder::from_bytes(&b).ok())
+        .unwrap_or_default();
+    serde_json::json!({
+        "secs": now,
+        "state": order.clock_state(now).as_str(),
+        "time_floor": order.time_floor(),
+    })
+}
+
 /// A session request waiting for a running command: (session epoch, request id).
 type Waiting = (u64, u64);
 
