@@ -50,6 +50,7 @@ enum Cmd {
     Validate(ValidateCmd),
     Id(IdCmd),
     Trust(TrustCmd),
+    Revoke(RevokeCmd),
     Selftest(SelftestCmd),
 }
 
@@ -234,6 +235,22 @@ struct TrustCmd {
     owner_key: String,
 }
 
+/// Revoke developer grants on this device: every grant for the key issued until now
+/// stops working at the agent's next command (a newer grant from the owner works).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "revoke")]
+struct RevokeCmd {
+    /// the agent's state directory
+    #[argh(option)]
+    state_dir: PathBuf,
+    /// the developer's Ed25519 public key (64 hex characters)
+    #[argh(option)]
+    developer: Option<String>,
+    /// revoke every developer's grants (also resets an unreadable grant store)
+    #[argh(switch)]
+    all: bool,
+}
+
 /// Check that signing and verification work on this machine (keys, a signed command
 /// through the codec, forged and replayed copies refused).
 #[derive(FromArgs)]
@@ -384,6 +401,13 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
             let path =
                 chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
             println!("trusting owner {owner} ({})", path.display());
+        }
+        Cmd::Revoke(c) => {
+            let now = chuted::cloud::unix_now();
+            let msg =
+                chuted::cloud::grants::revoke_cli(&c.state_dir, c.developer.as_deref(), c.all, now)
+                    .map_err(bad_input)?;
+            println!("{msg}");
         }
         Cmd::Selftest(_) => {
             println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
@@ -599,6 +623,8 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
             lc.keepalive = keepalive;
             lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
             lc.ca_file = r.cloud_ca.clone();
+            lc.command_lifetime_secs = cfg.command_lifetime_secs;
+            lc.image_limits.partial_max_age = cfg.partial_image_max_age;
             // Refuse a bad URL or unreadable CA file now, not after reconciling.
             chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
             Some(lc)

@@ -37,7 +37,13 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // A directory we create is 0700: only root reaches the socket inside it.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         // Only a socket can be a stale admin socket; anything else at this path (a typo
@@ -54,9 +60,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
         }
         std::fs::remove_file(path).map_err(io)?;
     }
-    // Bind under a restrictive umask equivalent: create, then tighten before anyone can
-    // have connected (the directory is root-only too).
-    let listener = UnixListener::bind(path).map_err(io)?;
+    // The socket is born 0600 (umask 0177 around bind; the agent is single-threaded
+    // here, before it serves anything), never briefly open to others.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
 }
@@ -170,4 +179,19 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (result, forwarded) = futures_lite::future::zip(answer, forward).await;
     forwarded?;
     write_reply(&mut writer, &Reply::answer(result)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_socket_is_born_0600_in_a_0700_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run").join("admin.sock");
+        let _l = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+    }
 }

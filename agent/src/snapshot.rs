@@ -162,7 +162,8 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
     })
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` atomically: temp file (created `O_EXCL|O_NOFOLLOW` with
+/// `mode`), fsync, rename, fsync of the directory.
 /// `mode` applies to the new file from its creation (key files are 0600 from birth, never
 /// briefly world-readable).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -173,11 +174,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    // A leftover of a crash (or anything planted there, a symlink included) is removed,
+    // not followed; then the file is created exclusively (O_EXCL|O_NOFOLLOW).
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
@@ -318,5 +325,26 @@ mod tests {
         ));
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn write_atomic_never_follows_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let tmp = d
+            .path()
+            .join(format!(".state.bin.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_atomic(&d.path().join("state.bin"), b"new", 0o600).unwrap();
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"keep",
+            "wrote through the symlink"
+        );
+        let meta = fs::metadata(d.path().join("state.bin")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(d.path().join("state.bin")).unwrap(), b"new");
     }
 }

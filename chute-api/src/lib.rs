@@ -340,6 +340,24 @@ pub struct AgentStatus {
     pub pools: PoolStatus,
     /// Containers with this agent's labels that it does not know: left alone, reported.
     pub unknown_containers: Vec<UnknownContainer>,
+    /// The device clock judged against the latest verified command time (a clock set
+    /// back cannot revive expired commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockStatus>,
+    /// Bytes under the agent's state dir (image transfers land there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir_bytes: Option<u64>,
+}
+
+/// The device clock as the command verifier sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClockStatus {
+    /// The device's wall clock, Unix seconds.
+    pub secs: u64,
+    /// `ok`, `behind floor` (set back below the latest verified command) or `ahead`.
+    pub state: String,
+    /// The latest verified command's `issued_at` (0: none yet).
+    pub time_floor: u64,
 }
 
 /// The device's pools.

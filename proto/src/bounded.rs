@@ -406,9 +406,77 @@ name_type!(
     "chute name",
     false
 );
-name_type!(
-    /// A chute-name prefix in a grant: `[a-z0-9-]`, 0..=40 bytes; empty grants every name.
-    NamePrefix,
-    "chute-name prefix",
-    true
-);
+/// Which chutes a grant covers: an exact chute name (`web` covers `web` only) or a
+/// prefix ending in `-*` (`acme-*` covers `acme-web`, never `acme` nor `acmex`). Other
+/// forms (empty, a bare `*`, `acme*`, a `*` anywhere else) are refused when the pattern
+/// is built (a grant being issued) and when it is decoded (a grant being verified), so
+/// a pattern can never match more than its owner could read in it.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChutePattern(String);
+
+/// What [`ChutePattern::new`] accepts, for error messages.
+pub const CHUTE_PATTERN_ALLOWED: &str =
+    "an exact chute name (`web`) or a prefix ending in `-*` (`acme-*`)";
+
+impl ChutePattern {
+    pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
+        let s = s.into();
+        let invalid = |value: String| FieldError::Invalid {
+            what: "chute pattern",
+            value,
+            why: "a pattern is an exact chute name (`web`) or a prefix ending in `-*` (`acme-*`)",
+        };
+        let stem = s.strip_suffix("-*").unwrap_or(&s);
+        if stem.is_empty() || stem.contains('*') {
+            return Err(invalid(s));
+        }
+        if s.len() > MAX_CHUTE_NAME {
+            return Err(FieldError::TooLong {
+                what: "chute pattern",
+                len: s.len(),
+                max: MAX_CHUTE_NAME,
+            });
+        }
+        check_name_chars("chute pattern", stem)?;
+        Ok(Self(s))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `chute` is this exact name or lies under this `prefix-*` on a `-`
+    /// boundary (with at least one character after it).
+    pub fn covers(&self, chute: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            // `acme-*`: the stem keeps its trailing `-`.
+            Some(stem) => chute.len() > stem.len() && chute.starts_with(stem),
+            None => chute == self.0,
+        }
+    }
+}
+
+impl fmt::Debug for ChutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for ChutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ChutePattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChutePattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = BoundedString::<MAX_CHUTE_NAME>::deserialize(d)?;
+        ChutePattern::new(raw.into_string()).map_err(refuse)
+    }
+}

@@ -130,7 +130,17 @@ impl World {
         let config_path = dir.join("agent.toml");
         // Each test's agent owns only its own containers, though all share one Podman store.
         let instance = unique("e2e-");
-        std::fs::write(&config_path, format!("instance = \"{instance}\"\n{config}")).unwrap();
+        // The tests deploy the test image by its tag; pinning is tested where it is named.
+        let unpinned = if config.contains("allow_unpinned_images") {
+            ""
+        } else {
+            "allow_unpinned_images = true\n"
+        };
+        std::fs::write(
+            &config_path,
+            format!("instance = \"{instance}\"\n{unpinned}{config}"),
+        )
+        .unwrap();
         let w = World {
             instance,
             admin_socket: dir.join("admin.sock"),

@@ -58,9 +58,31 @@ fn net_bytes(pid: u32) -> Option<(u64, u64)> {
         .and_then(|t| parse_net_dev(&t))
 }
 
+/// Bytes used by the regular files under `dir` (symlinks are not followed; unreadable
+/// entries count as nothing). The state dir holds a few files and partial image
+/// transfers, so the walk is short.
+pub fn dir_usage(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else {
+            continue;
+        };
+        if meta.is_dir() {
+            total = total.saturating_add(dir_usage(&entry.path()));
+        } else if meta.is_file() {
+            total = total.saturating_add(meta.len());
+        }
+    }
+    total
+}
+
 /// The agent's current heartbeat. Chutes past the protocol's cap are left out (the
-/// ledger would refuse that many long before).
-pub fn build(agent: &Agent, seq: u64) -> Heartbeat {
+/// ledger would refuse that many long before). `clock` is the device clock and its
+/// state against the time floor.
+pub fn build(agent: &Agent, seq: u64, clock: (u64, proto::ClockState)) -> Heartbeat {
     let resources = {
         let ledger = agent.ledger.borrow();
         let cap = ledger.capacity();
@@ -101,6 +123,9 @@ pub fn build(agent: &Agent, seq: u64) -> Heartbeat {
         agent_version: BoundedString::truncating(env!("CARGO_PKG_VERSION")),
         resources,
         chutes: BoundedVec::new(chutes).expect("cut at MAX_HEARTBEAT_CHUTES above"),
+        clock_secs: clock.0,
+        clock: clock.1,
+        state_dir_bytes: dir_usage(&agent.state_dir),
     }
 }
 

@@ -32,6 +32,12 @@ const OUTBOX: usize = 64;
 /// How often chute states are compared for STATE publications (cheap: a map walk).
 const STATE_POLL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// [`super::LinkConfig::send_timeout`] of the link on this thread (one link per
+    /// agent; set when it starts).
+    static SEND_TIMEOUT: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::from_secs(20)) };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("cloud URL {url:?}: {reason}")]
@@ -220,6 +226,7 @@ impl SessionEnd {
 
 pub(super) async fn run(cloud: Rc<Cloud>) {
     let cfg = &cloud.cfg;
+    SEND_TIMEOUT.with(|t| t.set(cfg.send_timeout));
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     let mut failures = 0u32;
     loop {
@@ -245,6 +252,10 @@ pub(super) async fn run(cloud: Rc<Cloud>) {
     }
 }
 
+fn cfg_close() -> Duration {
+    SEND_TIMEOUT.with(|t| t.get())
+}
+
 async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
     futures_lite::future::or(async { Some(f.await) }, async {
         Timer::after(d).await;
@@ -253,11 +264,26 @@ async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -
     .await
 }
 
+/// One websocket send, given up after `limit`: a peer that stops reading (full TCP
+/// window) must not stall the session loop, which also runs dead-peer detection.
+async fn send_ws(ws: &mut Ws, m: WsMessage, limit: Duration) -> Result<(), String> {
+    match with_timeout(limit, ws.send(m)).await {
+        Some(r) => r.map_err(|e| format!("send: {e}")),
+        None => Err(format!(
+            "send did not complete within {}s; the peer stopped reading",
+            limit.as_secs()
+        )),
+    }
+}
+
 async fn send_msg(ws: &mut Ws, msg: &Message) -> Result<(), String> {
     let frame = proto::encode(msg).map_err(|e| format!("encode {}: {e}", msg.message_type()))?;
-    ws.send(WsMessage::Binary(frame.into()))
-        .await
-        .map_err(|e| format!("send: {e}"))
+    send_ws(
+        ws,
+        WsMessage::Binary(frame.into()),
+        SEND_TIMEOUT.with(|t| t.get()),
+    )
+    .await
 }
 
 /// Reads the next protocol message during the handshake.
@@ -346,7 +372,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
     let welcome = match with_timeout(HANDSHAKE_TIMEOUT, handshake(cloud, &mut ws)).await {
         Some(Ok(w)) => w,
         Some(Err(e)) => {
-            let _ = ws.close(None).await;
+            let _ = with_timeout(cfg_close(), ws.close(None)).await;
             return SessionEnd::early(e);
         }
         None => return SessionEnd::early("handshake timed out".into()),
@@ -369,6 +395,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
         reason: String::new(),
     };
     let mut malformed = 0u32;
+    let mut refused = 0u32;
     let mut last_rx = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let mut next_heartbeat = Instant::now();
@@ -397,7 +424,11 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
             cloud.heartbeat_seq.set(seq);
             let hb = Message::Publish(Publish {
                 request: cloud.next_publish(),
-                publication: Publication::Heartbeat(heartbeat::build(&cloud.agent, seq)),
+                publication: Publication::Heartbeat(heartbeat::build(
+                    &cloud.agent,
+                    seq,
+                    cloud.clock(),
+                )),
             });
             if let Err(e) = send_msg(&mut ws, &hb).await {
                 end.reason = e;
@@ -414,7 +445,13 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                 return end;
             }
             None if now.duration_since(last_rx) >= cfg.keepalive => {
-                if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
+                if let Err(e) = send_ws(
+                    &mut ws,
+                    WsMessage::Ping(Vec::new().into()),
+                    cfg.send_timeout,
+                )
+                .await
+                {
                     end.reason = format!("ping: {e}");
                     return end;
                 }
@@ -442,8 +479,10 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
         match ev {
             Ev::Tick => {}
             Ev::Out(Some(frame)) => {
-                if let Err(e) = ws.send(WsMessage::Binary(frame.into())).await {
-                    end.reason = format!("send: {e}");
+                if let Err(e) =
+                    send_ws(&mut ws, WsMessage::Binary(frame.into()), cfg.send_timeout).await
+                {
+                    end.reason = e;
                     return end;
                 }
             }
@@ -469,7 +508,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                 match msg {
                     WsMessage::Binary(frame) => {
                         let replies = match proto::decode(&frame) {
-                            Ok(m) => dispatch(cloud, m, &mut malformed, &mut end),
+                            Ok(m) => dispatch(cloud, m, &mut malformed, &mut refused, &mut end),
                             Err(e) => {
                                 malformed += 1;
                                 vec![refusal(&frame, &e)]
@@ -482,8 +521,16 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                             }
                         }
                         if !end.reason.is_empty() {
-                            let _ = ws.close(None).await;
+                            let _ = with_timeout(cfg_close(), ws.close(None)).await;
                             return end;
+                        }
+                        if refused > cfg.max_refused_calls {
+                            return abort(
+                                &mut ws,
+                                end,
+                                format!("{refused} refused commands in one session"),
+                            )
+                            .await;
                         }
                         if malformed > MAX_MALFORMED {
                             return abort(
@@ -498,7 +545,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                         return abort(
                             &mut ws,
                             end,
-                            "text frame; chute.v1.postcard is binary only".into(),
+                            format!("text frame; {SUBPROTOCOL} is binary only"),
                         )
                         .await;
                     }
@@ -529,7 +576,7 @@ async fn abort(ws: &mut Ws, mut end: SessionEnd, why: String) -> SessionEnd {
         }),
     )
     .await;
-    let _ = ws.close(None).await;
+    let _ = with_timeout(cfg_close(), ws.close(None)).await;
     end.abusive = true;
     end.reason = why;
     end
@@ -541,10 +588,19 @@ fn dispatch(
     cloud: &Rc<Cloud>,
     msg: Message,
     malformed: &mut u32,
+    refused: &mut u32,
     end: &mut SessionEnd,
 ) -> Vec<Message> {
     match msg {
-        Message::Call(call) => cloud.handle_call(*call, unix_now()).into_iter().collect(),
+        Message::Call(call) => {
+            let reply = cloud.handle_call(*call, unix_now());
+            // Each refusal cost a verification: a peer sending endless bad commands is
+            // cut off (and backs off), not verified forever.
+            if matches!(reply, Some(Message::Error(_))) {
+                *refused += 1;
+            }
+            reply.into_iter().collect()
+        }
         Message::Chunk(chunk) => cloud.handle_chunk(&chunk),
         Message::Unsubscribe(u) => vec![cloud.handle_unsubscribe(u)],
         Message::Subscribe(s) => vec![error_msg(

@@ -462,14 +462,48 @@ impl Actor {
         }
     }
 
+    /// Resolves and records the image id the chute's containers are created from (see
+    /// `imagepin`): after `ensure_image`, before any container exists.
+    pub(super) async fn pin_image(
+        &self,
+        m: &Manifest,
+        dir: Option<&std::path::Path>,
+    ) -> Result<String, OpError> {
+        crate::imagepin::pin(&*self.agent.runtime, &self.agent.state_dir, m, dir)
+            .await
+            .map_err(|message| OpError::Image {
+                chute: self.name.to_string(),
+                message,
+            })
+    }
+
     pub(super) async fn create_container(&mut self) -> Result<String, OpError> {
-        let (spec, name) = {
+        let (mut spec, name, manifest) = {
             let v = self.view.borrow();
             (
                 container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml),
                 v.manifest.name.container_name(),
+                v.manifest.clone(),
             )
         };
+        if let Some(base) = self.agent.cfg.userns_base {
+            spec.userns = Some(
+                crate::userns::range_for(base, &self.agent.state_dir, self.name.as_str()).map_err(
+                    |message| OpError::Userns {
+                        chute: self.name.to_string(),
+                        message: message.to_string(),
+                    },
+                )?,
+            );
+        }
+        // Never from a mutable tag: the image id pinned at deploy (see imagepin).
+        spec.image =
+            crate::imagepin::image_for(&*self.agent.runtime, &self.agent.state_dir, &manifest)
+                .await
+                .map_err(|message| OpError::Image {
+                    chute: self.name.to_string(),
+                    message,
+                })?;
         // A container with our name but not our id is a leftover of an interrupted
         // operation of ours (same name, our labels): replace it.
         if let Ok(info) = self.agent.runtime.inspect(&name).await {

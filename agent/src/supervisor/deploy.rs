@@ -29,6 +29,17 @@ impl Agent {
                 chute: manifest.name.to_string(),
             });
         }
+        self.cfg.check_host_ports(&manifest)?;
+        crate::imagepin::check_deploy(
+            &self.state_dir,
+            self.cfg.allow_unpinned_images,
+            &manifest,
+            dir.as_deref(),
+        )
+        .map_err(|message| OpError::Image {
+            chute: manifest.name.to_string(),
+            message,
+        })?;
         let name = manifest.name.clone();
         let existing = self.chutes.borrow().get(&name).map(|h| h.tx.clone());
         if let Some(tx) = existing {
@@ -107,6 +118,7 @@ impl Actor {
     ) -> Result<Response, OpError> {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
         let _ = progress.try_send(format!(
             "creating container {}",
             manifest.name.container_name()
@@ -204,6 +216,7 @@ impl Actor {
             self.agent.ledger.borrow().check_admit(&self.name, &want)?;
         }
         ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
 
         let old_manifest = self.view.borrow().manifest.clone();
         let old_toml = self.view.borrow().manifest_toml.clone();

@@ -61,6 +61,11 @@ pub enum OpError {
     },
     #[error("chute `{chute}` is busy with another operation; try again")]
     Busy { chute: String },
+    #[error(transparent)]
+    HostPort(#[from] crate::config::HostPortRefused),
+    /// A per-chute user namespace range could not be assigned or recorded.
+    #[error("chute `{chute}`: user namespace: {message}")]
+    Userns { chute: String, message: String },
 }
 
 impl OpError {
@@ -71,7 +76,8 @@ impl OpError {
             OpError::Admission(_) => ErrorCode::InsufficientResources,
             OpError::NoSuchChute { .. } | OpError::Removed { .. } => ErrorCode::NoSuchChute,
             OpError::NoContainer { .. } | OpError::Refused { .. } => ErrorCode::InvalidState,
-            OpError::HostNetworkRefused { .. } => ErrorCode::NotAllowed,
+            OpError::HostNetworkRefused { .. } | OpError::HostPort(_) => ErrorCode::NotAllowed,
+            OpError::Userns { .. } => ErrorCode::Internal,
             OpError::Image { .. } => ErrorCode::Image,
             OpError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             OpError::Podman { .. } | OpError::Bandwidth { .. } => ErrorCode::Podman,

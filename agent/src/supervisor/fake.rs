@@ -235,6 +235,19 @@ impl ContainerRuntime for FakePodman {
         Box::pin(async move { Ok(self.state.borrow().images.contains(reference)) })
     }
 
+    /// In the fake an image's id is its reference.
+    fn image_id<'a>(&'a self, reference: &'a str) -> RtFuture<'a, String> {
+        Box::pin(async move {
+            if self.state.borrow().images.contains(reference) {
+                Ok(reference.to_owned())
+            } else {
+                Err(PodmanError::NotFound {
+                    what: format!("image {reference}"),
+                })
+            }
+        })
+    }
+
     fn image_load<'a>(&'a self, archive: &'a Path) -> RtFuture<'a, Vec<String>> {
         Box::pin(async move {
             self.call("load", &archive.display().to_string());

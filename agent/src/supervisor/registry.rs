@@ -364,6 +364,8 @@ impl Agent {
                 free: ledger.free(),
             },
             unknown_containers: self.unknown.borrow().clone(),
+            clock: Some(crate::cloud::clock_status(&self.state_dir)),
+            state_dir_bytes: Some(crate::cloud::heartbeat::dir_usage(&self.state_dir)),
         }
     }
 }

@@ -24,10 +24,13 @@ struct World {
 
 fn config() -> AgentConfig {
     // 2 cores, 768 MiB of memory for chutes (3/4 of 1 GiB).
-    AgentConfig::defaults(HostFacts {
+    let mut cfg = AgentConfig::defaults(HostFacts {
         cpus: 2,
         memory_bytes: 1 << 30,
-    })
+    });
+    // The fake's images are tags; pinning by content is tested against real Podman.
+    cfg.allow_unpinned_images = true;
+    cfg
 }
 
 impl World {
