@@ -216,6 +216,8 @@ impl Actor {
         let Some(id) = self.container_id() else {
             return;
         };
+        let agent = self.agent.clone();
+        let _turn = agent.resync_gate.acquire().await;
         match self.agent.runtime.inspect(&id).await {
             Ok(info) => {
                 let state = self.lc.state();
