@@ -47,8 +47,12 @@ pub enum Request {
     Start {
         name: String,
     },
+    /// `timeout_secs`: seconds between SIGTERM and SIGKILL; at most the agent's own
+    /// `stop_timeout_secs` (the device owner's policy), which is also the default.
     Stop {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u32>,
     },
     Restart {
         name: String,

@@ -230,6 +230,7 @@ impl Agent {
             restored,
             runs: chutes::Confirmations::new(),
             failed_op: None,
+            stop_timeout: None,
         };
         self.ex.spawn(actor.run()).detach();
         tx
