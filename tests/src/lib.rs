@@ -12,6 +12,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use chute_api::{
+    AgentStatus, ChuteDetail, ChuteState, ChuteSummary, DeployOutcome, DeployResult, RestartPolicy,
+};
 use serde_json::Value;
 
 pub const IMAGE: &str = "localhost/chuted-hello-web:1";
@@ -272,15 +275,34 @@ impl World {
         serde_json::from_str(&self.cli(&a)).unwrap()
     }
 
-    pub fn inspect(&self, name: &str) -> Value {
-        self.json(&["inspect", name])
+    /// A `--json` answer, decoded as the typed API a front end uses.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        serde_json::from_value(self.json(args)).unwrap()
     }
 
-    pub fn state(&self, name: &str) -> String {
-        self.inspect(name)["state"].as_str().unwrap().to_owned()
+    pub fn inspect(&self, name: &str) -> ChuteDetail {
+        self.typed(&["inspect", name])
     }
 
-    pub fn wait_state(&self, name: &str, want: &str, timeout: Duration) {
+    pub fn list(&self) -> Vec<ChuteSummary> {
+        self.typed(&["list"])
+    }
+
+    /// The names `list` shows.
+    pub fn names(&self) -> Vec<String> {
+        self.list().into_iter().map(|c| c.name.to_string()).collect()
+    }
+
+    pub fn state(&self, name: &str) -> ChuteState {
+        self.inspect(name).state
+    }
+
+    /// Memory the pools have handed out.
+    pub fn used_memory(&self) -> u64 {
+        self.status().pools.used.memory_bytes
+    }
+
+    pub fn wait_state(&self, name: &str, want: ChuteState, timeout: Duration) {
         let start = Instant::now();
         loop {
             let s = self.state(name);
@@ -320,8 +342,13 @@ impl World {
         self.containers.push(name.to_owned());
     }
 
-    pub fn deploy(&mut self, dir: &Path) -> Value {
-        self.json(&["deploy", dir.to_str().unwrap()])
+    pub fn deploy(&mut self, dir: &Path) -> DeployResult {
+        self.typed(&["deploy", dir.to_str().unwrap()])
+    }
+
+    /// Deploys and returns the container id.
+    pub fn deploy_id(&mut self, dir: &Path) -> String {
+        self.deploy(dir).chute.container_id.expect("a deployed chute has a container")
     }
 
     pub fn container_pid(&self, name: &str) -> u32 {
@@ -339,8 +366,8 @@ impl World {
         ])
     }
 
-    pub fn status(&self) -> Value {
-        self.json(&["status"])
+    pub fn status(&self) -> AgentStatus {
+        self.typed(&["status"])
     }
 }
 

@@ -212,6 +212,11 @@ impl Reply {
         }
     }
 
+    /// The result decoded as its `chute_api` type.
+    pub fn ok<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_value(self.ok_json()).unwrap()
+    }
+
     pub fn error(&self) -> &ErrorMsg {
         match self {
             Reply::Error(e) => e,

@@ -92,8 +92,8 @@ fn chute_args(chute: &str) -> ChuteArgs {
 }
 
 /// What must not change when a command is refused: the agent's view and Podman's.
-fn observable(w: &World) -> (serde_json::Value, String) {
-    let list = w.json(&["list"]);
+fn observable(w: &World) -> (Vec<ChuteSummary>, String) {
+    let list = w.list();
     let ps = podman_ok(&[
         "ps",
         "-a",
@@ -132,9 +132,11 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
     result
         .verify(&c.s.hello.pubkey, &cmd.command)
         .expect("results are signed by the device key");
-    assert_eq!(reply.ok_json()["state"], "running", "{:?}", reply.ok_json());
-    c.w.wait_state(&chute, "running", T);
-    let container = c.w.inspect(&chute)["container_id"].clone();
+    let deployed: DeployResult = reply.ok();
+    assert_eq!(deployed.chute.state, chute_api::ChuteState::Running, "{deployed:?}");
+    assert_eq!(deployed.outcome, DeployOutcome::Deployed);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
+    let container = c.w.inspect(&chute).container_id.clone();
 
     // The cloud resends the same command: same signed result, no second execution.
     let again = c.s.call(2, &cmd, T);
@@ -142,7 +144,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         panic!("{again:?}")
     };
     assert_eq!(&again, result, "a resend gets the remembered result");
-    assert_eq!(c.w.inspect(&chute)["container_id"], container);
+    assert_eq!(c.w.inspect(&chute).container_id, container);
 
     // Heartbeats report the chute with its usage.
     let start = Instant::now();
@@ -172,12 +174,14 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         );
     }
 
-    let v =
-        c.s.call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
-            .ok_json();
-    assert_eq!(v["name"], chute.as_str());
-    let v = c.s.call(4, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+    let v: ChuteDetail = c
+        .s
+        .call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
+        .ok();
+    assert_eq!(v.name.as_str(), chute.as_str());
+    let v: chute_api::DeviceStatus = c.s.call(4, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
+    assert!(v.chute_list.iter().any(|s| s.name.as_str() == chute));
 
     // Logs stream only while subscribed.
     let logs = c.dev.sign(Args::Logs(LogsArgs {
@@ -185,17 +189,11 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         tail: 3,
         follow: true,
     }));
-    let v = c.s.call(5, &logs, T).ok_json();
-    let sub = v["subscription"]
-        .as_u64()
-        .expect("follow gives a subscription");
+    let v: chute_api::LogBatch = c.s.call(5, &logs, T).ok();
+    let sub = v.subscription.expect("follow gives a subscription");
     assert!(
-        v["lines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["line"] == "tick"),
-        "{v}"
+        v.lines.iter().any(|l| l.line == "tick"),
+        "{v:?}"
     );
     c.s.wait_for("a log batch", T, |m| {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
@@ -240,7 +238,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::State(s) if s.chute.as_str() == chute && s.state == ChuteState::Dead))
     });
-    assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+    assert!(c.w.list().is_empty());
 }
 
 fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode, what: &str) {
@@ -251,17 +249,6 @@ fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode
     assert!(!e.message.is_empty(), "{what}: the refusal explains itself");
 }
 
-/// Sends `cmd` as CALL `request`; it must be refused with `code`.
-fn expect_call_refused(
-    s: &mut Session,
-    request: u64,
-    cmd: &SignedCommand,
-    code: ErrorCode,
-    what: &str,
-) {
-    expect_refused(s, request, call_frame(request, cmd), code, what);
-}
-
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn bad_commands_are_refused_and_change_nothing() {
@@ -270,35 +257,29 @@ fn bad_commands_are_refused_and_change_nothing() {
     c.w.track(&chute);
     c.s.call(1, &c.dev.sign(deploy_args(&chute, None)), T)
         .ok_json();
-    c.w.wait_state(&chute, "running", T);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
     let before = observable(&c.w);
     let remove = Args::Remove(chute_args(&chute));
     let now = unix_now();
 
-    // Garbage and malformed frames.
-    c.s.send_raw(vec![0xde, 0xad, 0xbe, 0xef]);
-    let m =
-        c.s.wait_for("ERROR for garbage", T, |m| matches!(m, Message::Error(_)));
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::UnsupportedVersion, "{}", e.message);
-    c.s.send_raw(vec![proto::VERSION, 0x77, 1, 2, 3]);
-    let m = c.s.wait_for("ERROR for an unknown type", T, |m| {
-        matches!(m, Message::Error(_))
-    });
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::Malformed, "{}", e.message);
+    // Frames that are not a message at all: an ERROR, not tied to a request.
+    for (what, frame, code) in [
+        ("garbage", vec![0xde, 0xad, 0xbe, 0xef], ErrorCode::UnsupportedVersion),
+        ("an unknown message type", vec![proto::VERSION, 0x77, 1, 2, 3], ErrorCode::Malformed),
+    ] {
+        c.s.send_raw(frame);
+        let m = c.s.wait_for(&format!("ERROR for {what}"), T, |m| matches!(m, Message::Error(_)));
+        let Message::Error(e) = m else { unreachable!() };
+        assert_eq!(e.code, code, "{what}: {}", e.message);
+    }
+
+    // Signed commands and broken CALLs, each refused before anything runs. Built first
+    // (the developer signs with fresh request ids), then sent in order.
     let valid = c.dev.sign(remove.clone());
-    let frame = call_frame(11, &valid);
-    expect_refused(
-        &mut c.s,
-        11,
-        frame[..frame.len() / 2].to_vec(),
-        ErrorCode::Malformed,
-        "truncated",
-    );
+    let truncated = call_frame(11, &valid);
+    let truncated = truncated[..truncated.len() / 2].to_vec();
     // Unknown procedure: patch the procedure byte of a valid CALL.
-    let mut frame = call_frame(12, &valid);
-    let varint = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
+    let mut unknown_procedure = call_frame(12, &valid);
     let cmd = &valid.command;
     let pos = 2
         + varint(12)
@@ -306,24 +287,13 @@ fn bad_commands_are_refused_and_change_nothing() {
         + varint(cmd.request_id)
         + varint(cmd.issued_at)
         + varint(cmd.expires_at);
-    assert_eq!(frame[pos], Procedure::Remove.code());
-    frame[pos] = 99;
-    expect_refused(
-        &mut c.s,
-        12,
-        frame,
-        ErrorCode::NoSuchProcedure,
-        "unknown procedure",
-    );
-
-    // Forged: a signature byte flipped.
+    assert_eq!(unknown_procedure[pos], Procedure::Remove.code());
+    unknown_procedure[pos] = 99;
+    // A signature byte flipped; arguments changed after signing.
     let mut forged = c.dev.sign(remove.clone());
     forged.signature.0[0] ^= 1;
-    expect_call_refused(&mut c.s, 13, &forged, ErrorCode::InvalidSignature, "forged");
-    // Forged: arguments changed after signing.
     let mut edited = c.dev.sign(Args::Status);
     edited.command.args = remove.clone();
-    expect_call_refused(&mut c.s, 14, &edited, ErrorCode::InvalidSignature, "edited");
     // `remove`, signed by the developer after `change` to its command.
     let mut altered = |change: &dyn Fn(&mut Command)| {
         let base = c.dev.sign(remove.clone());
@@ -331,53 +301,26 @@ fn bad_commands_are_refused_and_change_nothing() {
         change(&mut command);
         c.dev.resign(&base, command)
     };
-    // Expired and not yet valid.
     let expired = altered(&|cmd| {
         cmd.issued_at = now - 400;
         cmd.expires_at = now - 100;
     });
-    expect_call_refused(&mut c.s, 15, &expired, ErrorCode::Expired, "expired");
     let future = altered(&|cmd| {
         cmd.issued_at = now + 600;
         cmd.expires_at = now + 700;
     });
-    expect_call_refused(&mut c.s, 16, &future, ErrorCode::NotYetValid, "future");
-    // Another device.
-    let other = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
-    expect_call_refused(&mut c.s, 17, &other, ErrorCode::WrongDevice, "wrong device");
-    // Ungranted procedure and chute.
+    let other_device = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
     let no_remove = c.dev.sign_with(
         remove.clone(),
         Rights::of(&[Procedure::Start, Procedure::Stop]),
         &[""],
     );
-    expect_call_refused(
-        &mut c.s,
-        18,
-        &no_remove,
-        ErrorCode::NotAuthorized,
-        "ungranted procedure",
-    );
     let other_prefix = c.dev.sign_with(remove.clone(), Rights::all(), &["zzz-"]);
-    expect_call_refused(
-        &mut c.s,
-        19,
-        &other_prefix,
-        ErrorCode::NotAuthorized,
-        "ungranted chute",
-    );
     // A grant the owner never signed (the developer granted itself everything).
     let mut self_granted = c.dev.sign(remove.clone());
     self_granted.grant =
         proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now).sign(&c.dev.key);
     let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
-    expect_call_refused(
-        &mut c.s,
-        20,
-        &self_granted,
-        ErrorCode::InvalidGrant,
-        "self-granted",
-    );
     // A stranger's signature under the developer's grant.
     let base = c.dev.sign(remove.clone());
     let stranger = SignedCommand::sign(
@@ -385,8 +328,7 @@ fn bad_commands_are_refused_and_change_nothing() {
         &Keypair::generate().unwrap(),
         base.grant.clone(),
     );
-    expect_call_refused(&mut c.s, 21, &stranger, ErrorCode::InvalidGrant, "stranger");
-    // Replayed: a request id already used, now carrying a different command.
+    // A request id already used (by a status that ran), now carrying another command.
     let status = c.dev.sign(Args::Status);
     c.s.call(22, &status, T).ok_json();
     let replay = c.dev.resign(
@@ -396,7 +338,23 @@ fn bad_commands_are_refused_and_change_nothing() {
             ..status.command.clone()
         },
     );
-    expect_call_refused(&mut c.s, 23, &replay, ErrorCode::Replayed, "replayed id");
+    let cases: Vec<(&str, u64, Vec<u8>, ErrorCode)> = vec![
+        ("truncated", 11, truncated, ErrorCode::Malformed),
+        ("unknown procedure", 12, unknown_procedure, ErrorCode::NoSuchProcedure),
+        ("forged", 13, call_frame(13, &forged), ErrorCode::InvalidSignature),
+        ("edited after signing", 14, call_frame(14, &edited), ErrorCode::InvalidSignature),
+        ("expired", 15, call_frame(15, &expired), ErrorCode::Expired),
+        ("issued in the future", 16, call_frame(16, &future), ErrorCode::NotYetValid),
+        ("another device", 17, call_frame(17, &other_device), ErrorCode::WrongDevice),
+        ("ungranted procedure", 18, call_frame(18, &no_remove), ErrorCode::NotAuthorized),
+        ("ungranted chute", 19, call_frame(19, &other_prefix), ErrorCode::NotAuthorized),
+        ("self-granted", 20, call_frame(20, &self_granted), ErrorCode::InvalidGrant),
+        ("a stranger's signature", 21, call_frame(21, &stranger), ErrorCode::InvalidGrant),
+        ("replayed id", 23, call_frame(23, &replay), ErrorCode::Replayed),
+    ];
+    for (what, request, frame, code) in cases {
+        expect_refused(&mut c.s, request, frame, code, what);
+    }
     // Unsigned subscriptions are not a way around the `logs` right.
     c.s.send(&Message::Subscribe(Subscribe {
         request: 24,
@@ -481,7 +439,7 @@ fn heartbeats_resume_after_the_peer_comes_back() {
 
     // Offline: chutes and the local CLI carry on.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(c.w.state(&chute), "running");
+    assert_eq!(c.w.state(&chute), chute_api::ChuteState::Running);
     c.w.cli(&["status"]);
     let attempts = c.w.agent_log().matches("cloud link down").count()
         + c.w.agent_log().matches("cloud still unreachable").count();
@@ -671,9 +629,9 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
     assert!(last.complete, "the last ack reports the verified archive");
     // The original request belonged to the old session: the cloud resends the CALL
     // and gets the one result (the deploy ran once).
-    let v = s.call(2, &cmd, Duration::from_secs(120)).ok_json();
-    assert_eq!(v["state"], "running", "{v}");
-    c.w.wait_state(&chute, "running", T);
+    let v: DeployResult = s.call(2, &cmd, Duration::from_secs(120)).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
 
     // A corrupted archive is refused at the end and deploys nothing.
     let before = observable(&c.w);
@@ -803,8 +761,8 @@ fn wss_session_with_a_private_ca() {
         Peer::bind_tls(&leaf, &key)
     });
     assert!(c.peer.url().starts_with("wss://"));
-    let v = c.s.call(1, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+    let v: chute_api::DeviceStatus = c.s.call(1, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
     c.s.next_heartbeat(T);
     let _ = std::fs::remove_dir_all(&certs);
 }
@@ -823,8 +781,8 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: revoke.sign(&c.dev.owner),
     }));
-    let v = c.s.call(2, &update, T).ok_json();
-    assert_eq!(v["installed"], true, "{v}");
+    let v: chute_api::GrantInstalled = c.s.call(2, &update, T).ok();
+    assert!(v.installed, "{v:?}");
     // A grant not signed by the owner is not installed.
     let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now + 5);
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
@@ -900,9 +858,9 @@ fn image_transfer_resumes_after_an_agent_restart() {
         "resumes after the bytes kept across the restart"
     );
     assert!(archive.finish(&mut s, held, PIECE).complete);
-    let v = match s.reply(2, Duration::from_secs(120)) {
-        r @ Reply::Result(_) => r.ok_json(),
+    let v: DeployResult = match s.reply(2, Duration::from_secs(120)) {
+        r @ Reply::Result(_) => r.ok(),
         Reply::Error(e) => panic!("{e:?}"),
     };
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
 }
