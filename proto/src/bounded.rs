@@ -319,7 +319,7 @@ impl<'de, T: Deserialize<'de>, const MAX: usize> Deserialize<'de> for BoundedVec
 /// Longest chute name (the manifest's rule: `[a-z0-9-]`, 1..=40).
 pub const MAX_CHUTE_NAME: usize = 40;
 
-fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
+pub(crate) fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
     if s.len() > MAX_CHUTE_NAME {
         return Err(FieldError::TooLong {
             what,
@@ -400,12 +400,8 @@ macro_rules! name_type {
     };
 }
 
-name_type!(
-    /// A chute name: `[a-z0-9-]`, 1..=40 bytes (same rule as the manifest).
-    ChuteName,
-    "chute name",
-    false
-);
+/// A chute name: the model's (`chutes::ChuteName`), wrapped for the wire.
+pub use crate::chute::ChuteName;
 name_type!(
     /// A chute-name prefix in a grant: `[a-z0-9-]`, 0..=40 bytes; empty grants every name.
     NamePrefix,

@@ -16,6 +16,7 @@
 //! string and list has a cap checked while decoding (see the `MAX_*` constants).
 
 mod bounded;
+mod chute;
 mod code;
 mod command;
 mod keys;

@@ -290,7 +290,10 @@ impl World {
 
     /// The names `list` shows.
     pub fn names(&self) -> Vec<String> {
-        self.list().into_iter().map(|c| c.name.to_string()).collect()
+        self.list()
+            .into_iter()
+            .map(|c| c.name.to_string())
+            .collect()
     }
 
     pub fn state(&self, name: &str) -> ChuteState {
@@ -348,7 +351,10 @@ impl World {
 
     /// Deploys and returns the container id.
     pub fn deploy_id(&mut self, dir: &Path) -> String {
-        self.deploy(dir).chute.container_id.expect("a deployed chute has a container")
+        self.deploy(dir)
+            .chute
+            .container_id
+            .expect("a deployed chute has a container")
     }
 
     pub fn container_pid(&self, name: &str) -> u32 {

@@ -80,7 +80,10 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     );
 
     // The agent reports the same limits it enforces.
-    let lim = w.inspect(&name).cgroup_limits.expect("a running chute's limits");
+    let lim = w
+        .inspect(&name)
+        .cgroup_limits
+        .expect("a running chute's limits");
     assert_eq!(lim.memory_max, Some(64u64 << 20), "{lim:?}");
     assert_eq!(lim.pids_max, Some(64), "{lim:?}");
 }
@@ -139,7 +142,10 @@ fn chutes_land_under_the_configured_cgroup_parent() {
     );
     assert_eq!(cgroup_file(pid, "pids", "pids.max"), "64");
     // The agent reads usage and limits from where the chute really is.
-    let lim = w.inspect(&name).cgroup_limits.expect("a running chute's limits");
+    let lim = w
+        .inspect(&name)
+        .cgroup_limits
+        .expect("a running chute's limits");
     assert_eq!(lim.memory_max, Some(64u64 << 20), "{lim:?}");
     w.cli(&["remove", &name]);
 }
@@ -230,7 +236,7 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
     );
     let first = w.deploy(&dir);
     let id = first.chute.container_id.clone().unwrap();
-    let used_before = w.status().pools.used.clone();
+    let used_before = w.status().pools.used;
 
     let mut gaps = Vec::new();
     for round in 1..=2u64 {
@@ -242,9 +248,7 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
             .unwrap();
         wait_until("restart", Duration::from_secs(20), || {
             let v = w.inspect(&name);
-            v.state == ChuteState::Running
-                && u64::from(v.restarts) >= round
-                && v.pid != pid
+            v.state == ChuteState::Running && u64::from(v.restarts) >= round && v.pid != pid
         });
         gaps.push(killed.elapsed());
         // While restarting, the reservation never left the ledger.
@@ -444,7 +448,7 @@ fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
     assert_eq!(w.inspect(&again).restarts, 1);
     let v = w.inspect(&gone);
     assert_eq!(v.state, ChuteState::Failed, "{v:?}");
-    assert_eq!(v.reservation_held, false);
+    assert!(!v.reservation_held);
     assert_eq!(
         w.used_memory(),
         32u64 << 20,
@@ -524,7 +528,12 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     w.start_agent();
     let st = w.status();
     let unknown = &st.unknown_containers;
-    assert!(unknown.iter().any(|u| u.chute.as_deref() == Some(stray.as_str())), "{st:?}");
+    assert!(
+        unknown
+            .iter()
+            .any(|u| u.chute.as_deref() == Some(stray.as_str())),
+        "{st:?}"
+    );
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &stray]),
         "true"
@@ -569,13 +578,19 @@ fn cli_contract_socket_in_both_places_people_first_json_on_request_distinct_exit
     let human = w.cli(&["status"]);
     assert!(human.starts_with("chuted "), "{human}");
     assert!(human.contains("POOL"), "{human}");
-    assert!(serde_json::from_str::<serde_json::Value>(&human).is_err(), "{human}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&human).is_err(),
+        "{human}"
+    );
     let st: AgentStatus = w.typed(&["status"]);
     assert_eq!(st.chutes, 0);
     let name = unique("contract");
     let dir = w.chute_dir(&name, SLEEPER, "");
     let human = w.cli(&["deploy", dir.to_str().unwrap()]);
-    assert!(human.starts_with(&format!("deployed {name} (running")), "{human}");
+    assert!(
+        human.starts_with(&format!("deployed {name} (running")),
+        "{human}"
+    );
     let human = w.cli(&["inspect", &name]);
     assert!(human.contains("state:         running"), "{human}");
     let ack: chute_api::ChuteAck = w.typed(&["stop", &name]);
@@ -585,7 +600,11 @@ fn cli_contract_socket_in_both_places_people_first_json_on_request_distinct_exit
     let code = |args: &[&str]| w.try_cli(args).status.code();
     assert_eq!(code(&["inspect", "no-such-chute"]), Some(2));
     assert_eq!(code(&["frobnicate"]), Some(2));
-    assert_eq!(code(&["stop", &name]), Some(4), "stopping a stopped chute is refused");
+    assert_eq!(
+        code(&["stop", &name]),
+        Some(4),
+        "stopping a stopped chute is refused"
+    );
     let unreachable = std::process::Command::new(chuted_bin())
         .args(["--admin-socket", "/nonexistent/chuted.sock", "status"])
         .output()
@@ -617,11 +636,17 @@ fn cli_contract_socket_in_both_places_people_first_json_on_request_distinct_exit
             .output()
             .unwrap()
     };
-    wait_until("the agent on the run form's socket", Duration::from_secs(30), || {
-        answered().status.success()
-    });
+    wait_until(
+        "the agent on the run form's socket",
+        Duration::from_secs(30),
+        || answered().status.success(),
+    );
     let list: Vec<ChuteSummary> = serde_json::from_slice(&answered().stdout).unwrap();
-    assert_eq!(list.len(), 1, "the same state dir, the same chute: {list:?}");
+    assert_eq!(
+        list.len(),
+        1,
+        "the same state dir, the same chute: {list:?}"
+    );
     let _ = agent.kill();
     let _ = agent.wait();
 }

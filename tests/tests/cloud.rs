@@ -133,7 +133,11 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         .verify(&c.s.hello.pubkey, &cmd.command)
         .expect("results are signed by the device key");
     let deployed: DeployResult = reply.ok();
-    assert_eq!(deployed.chute.state, chute_api::ChuteState::Running, "{deployed:?}");
+    assert_eq!(
+        deployed.chute.state,
+        chute_api::ChuteState::Running,
+        "{deployed:?}"
+    );
     assert_eq!(deployed.outcome, DeployOutcome::Deployed);
     c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
     let container = c.w.inspect(&chute).container_id.clone();
@@ -174,10 +178,9 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         );
     }
 
-    let v: ChuteDetail = c
-        .s
-        .call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
-        .ok();
+    let v: ChuteDetail =
+        c.s.call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
+            .ok();
     assert_eq!(v.name.as_str(), chute.as_str());
     let v: chute_api::DeviceStatus = c.s.call(4, &c.dev.sign(Args::Status), T).ok();
     assert_eq!(v.device_id, c.s.device_id().to_hex());
@@ -191,10 +194,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
     }));
     let v: chute_api::LogBatch = c.s.call(5, &logs, T).ok();
     let sub = v.subscription.expect("follow gives a subscription");
-    assert!(
-        v.lines.iter().any(|l| l.line == "tick"),
-        "{v:?}"
-    );
+    assert!(v.lines.iter().any(|l| l.line == "tick"), "{v:?}");
     c.s.wait_for("a log batch", T, |m| {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::Logs(b) if b.chute.as_str() == chute && b.lines.iter().any(|l| l.text.as_str() == "tick")))
@@ -264,11 +264,21 @@ fn bad_commands_are_refused_and_change_nothing() {
 
     // Frames that are not a message at all: an ERROR, not tied to a request.
     for (what, frame, code) in [
-        ("garbage", vec![0xde, 0xad, 0xbe, 0xef], ErrorCode::UnsupportedVersion),
-        ("an unknown message type", vec![proto::VERSION, 0x77, 1, 2, 3], ErrorCode::Malformed),
+        (
+            "garbage",
+            vec![0xde, 0xad, 0xbe, 0xef],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "an unknown message type",
+            vec![proto::VERSION, 0x77, 1, 2, 3],
+            ErrorCode::Malformed,
+        ),
     ] {
         c.s.send_raw(frame);
-        let m = c.s.wait_for(&format!("ERROR for {what}"), T, |m| matches!(m, Message::Error(_)));
+        let m = c.s.wait_for(&format!("ERROR for {what}"), T, |m| {
+            matches!(m, Message::Error(_))
+        });
         let Message::Error(e) = m else { unreachable!() };
         assert_eq!(e.code, code, "{what}: {}", e.message);
     }
@@ -280,6 +290,7 @@ fn bad_commands_are_refused_and_change_nothing() {
     let truncated = truncated[..truncated.len() / 2].to_vec();
     // Unknown procedure: patch the procedure byte of a valid CALL.
     let mut unknown_procedure = call_frame(12, &valid);
+    let varint = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
     let cmd = &valid.command;
     let pos = 2
         + varint(12)
@@ -340,17 +351,67 @@ fn bad_commands_are_refused_and_change_nothing() {
     );
     let cases: Vec<(&str, u64, Vec<u8>, ErrorCode)> = vec![
         ("truncated", 11, truncated, ErrorCode::Malformed),
-        ("unknown procedure", 12, unknown_procedure, ErrorCode::NoSuchProcedure),
-        ("forged", 13, call_frame(13, &forged), ErrorCode::InvalidSignature),
-        ("edited after signing", 14, call_frame(14, &edited), ErrorCode::InvalidSignature),
+        (
+            "unknown procedure",
+            12,
+            unknown_procedure,
+            ErrorCode::NoSuchProcedure,
+        ),
+        (
+            "forged",
+            13,
+            call_frame(13, &forged),
+            ErrorCode::InvalidSignature,
+        ),
+        (
+            "edited after signing",
+            14,
+            call_frame(14, &edited),
+            ErrorCode::InvalidSignature,
+        ),
         ("expired", 15, call_frame(15, &expired), ErrorCode::Expired),
-        ("issued in the future", 16, call_frame(16, &future), ErrorCode::NotYetValid),
-        ("another device", 17, call_frame(17, &other_device), ErrorCode::WrongDevice),
-        ("ungranted procedure", 18, call_frame(18, &no_remove), ErrorCode::NotAuthorized),
-        ("ungranted chute", 19, call_frame(19, &other_prefix), ErrorCode::NotAuthorized),
-        ("self-granted", 20, call_frame(20, &self_granted), ErrorCode::InvalidGrant),
-        ("a stranger's signature", 21, call_frame(21, &stranger), ErrorCode::InvalidGrant),
-        ("replayed id", 23, call_frame(23, &replay), ErrorCode::Replayed),
+        (
+            "issued in the future",
+            16,
+            call_frame(16, &future),
+            ErrorCode::NotYetValid,
+        ),
+        (
+            "another device",
+            17,
+            call_frame(17, &other_device),
+            ErrorCode::WrongDevice,
+        ),
+        (
+            "ungranted procedure",
+            18,
+            call_frame(18, &no_remove),
+            ErrorCode::NotAuthorized,
+        ),
+        (
+            "ungranted chute",
+            19,
+            call_frame(19, &other_prefix),
+            ErrorCode::NotAuthorized,
+        ),
+        (
+            "self-granted",
+            20,
+            call_frame(20, &self_granted),
+            ErrorCode::InvalidGrant,
+        ),
+        (
+            "a stranger's signature",
+            21,
+            call_frame(21, &stranger),
+            ErrorCode::InvalidGrant,
+        ),
+        (
+            "replayed id",
+            23,
+            call_frame(23, &replay),
+            ErrorCode::Replayed,
+        ),
     ];
     for (what, request, frame, code) in cases {
         expect_refused(&mut c.s, request, frame, code, what);

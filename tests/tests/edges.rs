@@ -174,7 +174,7 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
         v.restarts, 0,
         "failed update attempts counted as restarts: {v:?}"
     );
-    assert_eq!(v.reservation_held, true);
+    assert!(v.reservation_held);
     assert_eq!(w.used_memory(), 32 << 20, "old reservation not restored");
     let pid = w.container_pid(&name);
     assert!(pid > 0);
@@ -291,10 +291,11 @@ fn always_restarts_clean_exits_with_growing_capped_backoff() {
         assert!(Instant::now() < deadline, "too few restarts: {seen:?}");
         let v = w.inspect(&name);
         assert_ne!(
-            v.state, ChuteState::Stopped,
+            v.state,
+            ChuteState::Stopped,
             "a clean exit stopped an `always` chute"
         );
-        assert_eq!(v.reservation_held, true);
+        assert!(v.reservation_held);
         let r = v.restarts;
         if seen.last().map(|(n, _)| *n) != Some(r) && r > 0 {
             seen.push((r, Instant::now()));
@@ -395,7 +396,8 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
     std::thread::sleep(Duration::from_millis(1500));
     let v = w.inspect(&name);
     assert_eq!(
-        v.state, ChuteState::Running,
+        v.state,
+        ChuteState::Running,
         "a late event was taken for a crash: {v:?}"
     );
     assert_eq!(v.restarts, 1, "{v:?}");
@@ -565,7 +567,7 @@ fn a_chute_in_backoff_when_the_agent_dies_ends_running() {
     let v = w.inspect(&name);
     assert_eq!(v.container_id.as_deref().unwrap(), id);
     assert!(v.restarts >= 1, "{v:?}");
-    assert_eq!(v.reservation_held, true);
+    assert!(v.reservation_held);
     assert_eq!(w.used_memory(), 32 << 20);
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]),
@@ -661,9 +663,7 @@ fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
     kill(pid, "-KILL");
     wait_until("restart after reconnect", Duration::from_secs(20), || {
         let v = w.inspect(&name);
-        v.state == ChuteState::Running
-            && v.restarts >= 2
-            && v.pid != pid
+        v.state == ChuteState::Running && v.restarts >= 2 && v.pid != pid
     });
     assert_eq!(w.inspect(&name).container_id.as_deref().unwrap(), id);
 }
@@ -728,7 +728,7 @@ fn a_stop_interrupted_by_an_agent_crash_still_ends_stopped() {
     let v = w.inspect(&name);
     assert_eq!(v.state, ChuteState::Stopped, "{v:?}");
     assert_eq!(v.restarts, 0, "{v:?}");
-    assert_eq!(v.reservation_held, true, "{v:?}");
+    assert!(v.reservation_held, "{v:?}");
     assert!(!running(), "the chute was restarted");
     assert_eq!(w.used_memory(), 32 << 20);
     // And it starts again when asked.
@@ -848,7 +848,7 @@ fn containers_removed_by_hand_while_the_agent_was_down_are_recreated() {
     assert!(w.container_pid(&run) > 0);
     let v = w.inspect(&stop);
     assert_eq!(v.state, ChuteState::Stopped, "{v:?}");
-    assert_eq!(v.reservation_held, true, "{v:?}");
+    assert!(v.reservation_held, "{v:?}");
     assert_eq!(w.used_memory(), 48 << 20);
     w.cli(&["start", &stop]);
     assert_eq!(w.state(&stop), ChuteState::Running);

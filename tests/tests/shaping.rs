@@ -214,7 +214,10 @@ fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
     std::fs::write(dir.join("chute.toml"), manifest(&name, "500mbit", "4mbit")).unwrap();
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(err.contains("bandwidth"), "{err}");
-    assert_eq!(w.inspect(&name).net.as_ref().unwrap().down_rate_bps, 2_000_000);
+    assert_eq!(
+        w.inspect(&name).net.as_ref().unwrap().down_rate_bps,
+        2_000_000
+    );
 }
 
 #[test]

@@ -45,6 +45,60 @@ impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
 
 type Ws = WebSocketStream<Box<dyn Io>>;
 
+/// Why a session could not be opened, or a frame not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS server name {host:?}: {reason}")]
+    TlsName { host: String, reason: String },
+    #[error("TLS handshake with {host}: {source}")]
+    TlsHandshake {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("websocket request: {0}")]
+    Request(#[source] WsError),
+    #[error("websocket upgrade: {0}")]
+    Upgrade(#[source] WsError),
+    #[error("the server did not accept subprotocol {SUBPROTOCOL}")]
+    Subprotocol,
+    #[error("encode {kind}: {source}")]
+    Encode {
+        kind: MessageType,
+        source: proto::ProtoError,
+    },
+    #[error("send: {0}")]
+    Send(#[source] WsError),
+    #[error("handshake frame: {0}")]
+    HandshakeFrame(#[source] proto::ProtoError),
+    #[error("text frame during the handshake")]
+    HandshakeText,
+    #[error("closed during the handshake: {0}")]
+    HandshakeClosed(String),
+    #[error("handshake: {0}")]
+    Handshake(#[source] WsError),
+    #[error("connection ended during the handshake")]
+    HandshakeEnded,
+    #[error("realm: {0}")]
+    Realm(#[source] proto::FieldError),
+    #[error("cloud refused the session: {code} {message}")]
+    Refused {
+        code: proto::ErrorCode,
+        message: String,
+    },
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: MessageType,
+    },
+    #[error("WELCOME for session {got} after a challenge for session {challenged}")]
+    WrongSession { got: u64, challenged: u64 },
+}
+
 /// A parsed cloud URL and, for wss://, the TLS client configuration.
 pub struct Endpoint {
     url: String,
@@ -111,10 +165,13 @@ impl Endpoint {
         }
     }
 
-    async fn connect(&self) -> Result<Ws, String> {
+    async fn connect(&self) -> Result<Ws, SessionError> {
         let tcp = smol::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
+            .map_err(|source| SessionError::Connect {
+                addr: format!("{}:{}", self.host, self.port),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         #[cfg(feature = "tls")]
         let io: Box<dyn Io> = match &self.tls {
@@ -127,7 +184,7 @@ impl Endpoint {
             .url
             .as_str()
             .into_client_request()
-            .map_err(|e| format!("websocket request: {e}"))?;
+            .map_err(SessionError::Request)?;
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
@@ -137,15 +194,13 @@ impl Endpoint {
             .max_frame_size(Some(MAX_FRAME));
         let (ws, response) = async_tungstenite::client_async_with_config(request, io, Some(config))
             .await
-            .map_err(|e| format!("websocket upgrade: {e}"))?;
+            .map_err(SessionError::Upgrade)?;
         let proto_ok = response
             .headers()
             .get("Sec-WebSocket-Protocol")
             .is_some_and(|v| v.as_bytes() == SUBPROTOCOL.as_bytes());
         if !proto_ok {
-            return Err(format!(
-                "the server did not accept subprotocol {SUBPROTOCOL}"
-            ));
+            return Err(SessionError::Subprotocol);
         }
         Ok(ws)
     }
@@ -160,7 +215,7 @@ mod tls {
     use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
     use futures_rustls::rustls::{ClientConfig, RootCertStore};
 
-    use super::LinkError;
+    use super::{LinkError, SessionError};
 
     pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, LinkError> {
         let err = |reason: String| LinkError::Tls {
@@ -190,13 +245,18 @@ mod tls {
         cfg: Arc<ClientConfig>,
         host: &str,
         tcp: smol::net::TcpStream,
-    ) -> Result<futures_rustls::client::TlsStream<smol::net::TcpStream>, String> {
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| format!("TLS server name {host:?}: {e}"))?;
+    ) -> Result<futures_rustls::client::TlsStream<smol::net::TcpStream>, SessionError> {
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| SessionError::TlsName {
+            host: host.to_owned(),
+            reason: e.to_string(),
+        })?;
         futures_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {host}: {e}"))
+            .map_err(|source| SessionError::TlsHandshake {
+                host: host.to_owned(),
+                source,
+            })
     }
 }
 
@@ -253,35 +313,38 @@ async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -
     .await
 }
 
-async fn send_msg(ws: &mut Ws, msg: &Message) -> Result<(), String> {
-    let frame = proto::encode(msg).map_err(|e| format!("encode {}: {e}", msg.message_type()))?;
+async fn send_msg(ws: &mut Ws, msg: &Message) -> Result<(), SessionError> {
+    let frame = proto::encode(msg).map_err(|source| SessionError::Encode {
+        kind: msg.message_type(),
+        source,
+    })?;
     ws.send(WsMessage::Binary(frame.into()))
         .await
-        .map_err(|e| format!("send: {e}"))
+        .map_err(SessionError::Send)
 }
 
 /// Reads the next protocol message during the handshake.
-async fn recv_msg(ws: &mut Ws) -> Result<Message, String> {
+async fn recv_msg(ws: &mut Ws) -> Result<Message, SessionError> {
     loop {
         match ws.next().await {
             Some(Ok(WsMessage::Binary(b))) => {
-                return proto::decode(&b).map_err(|e| format!("handshake frame: {e}"))
+                return proto::decode(&b).map_err(SessionError::HandshakeFrame)
             }
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-            Some(Ok(WsMessage::Text(_))) => return Err("text frame during the handshake".into()),
+            Some(Ok(WsMessage::Text(_))) => return Err(SessionError::HandshakeText),
             Some(Ok(WsMessage::Close(c))) => {
-                return Err(format!("closed during the handshake: {c:?}"))
+                return Err(SessionError::HandshakeClosed(format!("{c:?}")))
             }
-            Some(Err(e)) => return Err(format!("handshake: {e}")),
-            None => return Err("connection ended during the handshake".into()),
+            Some(Err(e)) => return Err(SessionError::Handshake(e)),
+            None => return Err(SessionError::HandshakeEnded),
         }
     }
 }
 
-async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, String> {
+async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, SessionError> {
     let realm = cloud.cfg.realm.as_str();
     let hello = Message::Hello(Hello {
-        realm: BoundedString::new(realm).map_err(|e| format!("realm: {e}"))?,
+        realm: BoundedString::new(realm).map_err(SessionError::Realm)?,
         pubkey: cloud.device.public(),
         agent_version: BoundedString::truncating(env!("CARGO_PKG_VERSION")),
         auth_method: AuthMethod::Cryptosign,
@@ -290,26 +353,34 @@ async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, String>
     let challenge = match recv_msg(ws).await? {
         Message::Challenge(c) => c,
         Message::Abort(a) => {
-            return Err(format!(
-                "cloud refused the session: {} {}",
-                a.code, a.message
-            ))
+            return Err(SessionError::Refused {
+                code: a.code,
+                message: a.message.to_string(),
+            })
         }
-        other => return Err(format!("expected CHALLENGE, got {}", other.message_type())),
+        other => {
+            return Err(SessionError::Unexpected {
+                expected: "CHALLENGE",
+                got: other.message_type(),
+            })
+        }
     };
     let answer = Authenticate::answer(&cloud.device, realm, &challenge);
     send_msg(ws, &Message::Authenticate(answer)).await?;
     match recv_msg(ws).await? {
         Message::Welcome(w) if w.session_id == challenge.session_id => Ok(w),
-        Message::Welcome(w) => Err(format!(
-            "WELCOME for session {} after a challenge for session {}",
-            w.session_id, challenge.session_id
-        )),
-        Message::Abort(a) => Err(format!(
-            "cloud refused the session: {} {}",
-            a.code, a.message
-        )),
-        other => Err(format!("expected WELCOME, got {}", other.message_type())),
+        Message::Welcome(w) => Err(SessionError::WrongSession {
+            got: w.session_id,
+            challenged: challenge.session_id,
+        }),
+        Message::Abort(a) => Err(SessionError::Refused {
+            code: a.code,
+            message: a.message.to_string(),
+        }),
+        other => Err(SessionError::Unexpected {
+            expected: "WELCOME",
+            got: other.message_type(),
+        }),
     }
 }
 
@@ -340,14 +411,14 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
     let cfg = &cloud.cfg;
     let mut ws = match with_timeout(HANDSHAKE_TIMEOUT, cloud.endpoint.connect()).await {
         Some(Ok(ws)) => ws,
-        Some(Err(e)) => return SessionEnd::early(e),
+        Some(Err(e)) => return SessionEnd::early(e.to_string()),
         None => return SessionEnd::early("connect timed out".into()),
     };
     let welcome = match with_timeout(HANDSHAKE_TIMEOUT, handshake(cloud, &mut ws)).await {
         Some(Ok(w)) => w,
         Some(Err(e)) => {
             let _ = ws.close(None).await;
-            return SessionEnd::early(e);
+            return SessionEnd::early(e.to_string());
         }
         None => return SessionEnd::early("handshake timed out".into()),
     };
@@ -385,7 +456,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                     publication: Publication::State(change),
                 });
                 if let Err(e) = send_msg(&mut ws, &msg).await {
-                    end.reason = e;
+                    end.reason = e.to_string();
                     return end;
                 }
             }
@@ -400,7 +471,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                 publication: Publication::Heartbeat(heartbeat::build(&cloud.agent, seq)),
             });
             if let Err(e) = send_msg(&mut ws, &hb).await {
-                end.reason = e;
+                end.reason = e.to_string();
                 return end;
             }
             next_heartbeat = now + heartbeat_every;
@@ -477,7 +548,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                         };
                         for r in replies {
                             if let Err(e) = send_msg(&mut ws, &r).await {
-                                end.reason = e;
+                                end.reason = e.to_string();
                                 return end;
                             }
                         }

@@ -164,7 +164,7 @@ impl Actor {
             let _ = self.apply_shaping().await;
             return Err(OpError::Bandwidth {
                 chute: self.name.to_string(),
-                message: e,
+                source: e,
             });
         }
         self.agent.ledger.borrow_mut().resize(&self.name, want)?;

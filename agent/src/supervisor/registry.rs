@@ -296,7 +296,7 @@ impl Agent {
                 chute_interface: shaping.chute_ifname,
             });
             match tc_shaper::chute_stats(Path::new(&netns)).await {
-                Ok(stats) => d.net = Some(net_sample(&stats)),
+                Ok(stats) => d.net = net_sample(d.pid, Some(&stats)),
                 Err(e) => d.net_error = Some(e.to_string()),
             }
         }
