@@ -297,7 +297,7 @@ pub struct ShapingInfo {
 }
 
 /// Limits the kernel enforces; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CgroupLimits {
     pub memory_max: Option<u64>,
     pub memory_swap_max: Option<u64>,

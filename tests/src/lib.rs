@@ -110,6 +110,8 @@ pub struct World {
     pub run_args: Vec<String>,
     /// Extra environment for `chuted run`.
     pub agent_env: Vec<(String, String)>,
+    /// Pass `--admin-socket` after `run` (a service file's form) instead of before it.
+    pub admin_socket_after_run: bool,
     /// Top-level cgroups this test had Podman create (a `cgroup_parent`); removed in Drop.
     cgroup_trees: Vec<String>,
 }
@@ -143,6 +145,7 @@ impl World {
             containers: Vec::new(),
             run_args: Vec::new(),
             agent_env: Vec::new(),
+            admin_socket_after_run: false,
             cgroup_trees: Vec::new(),
             dir,
         };
@@ -159,10 +162,16 @@ impl World {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
+        let socket_flag = ["--admin-socket".as_ref(), self.admin_socket.as_os_str()];
+        let (before, after) = if self.admin_socket_after_run {
+            (&[][..], &socket_flag[..])
+        } else {
+            (&socket_flag[..], &[][..])
+        };
         let child = Command::new(chuted_bin())
-            .arg("--admin-socket")
-            .arg(&self.admin_socket)
+            .args(before)
             .arg("run")
+            .args(after)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--podman-socket")

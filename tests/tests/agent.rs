@@ -614,39 +614,8 @@ fn cli_contract_socket_in_both_places_people_first_json_on_request_distinct_exit
     w.kill_agent();
 
     // `chuted run --admin-socket PATH ...`: the form a service file writes.
-    let socket = w.dir.join("run-form.sock");
-    let mut agent = std::process::Command::new(chuted_bin())
-        .arg("run")
-        .arg("--state-dir")
-        .arg(&w.state_dir)
-        .arg("--podman-socket")
-        .arg(&w.podman_socket)
-        .arg("--config")
-        .arg(&w.config)
-        .arg("--admin-socket")
-        .arg(&socket)
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let answered = || {
-        std::process::Command::new(chuted_bin())
-            .arg("--admin-socket")
-            .arg(&socket)
-            .args(["list", "--json"])
-            .output()
-            .unwrap()
-    };
-    wait_until(
-        "the agent on the run form's socket",
-        Duration::from_secs(30),
-        || answered().status.success(),
-    );
-    let list: Vec<ChuteSummary> = serde_json::from_slice(&answered().stdout).unwrap();
-    assert_eq!(
-        list.len(),
-        1,
-        "the same state dir, the same chute: {list:?}"
-    );
-    let _ = agent.kill();
-    let _ = agent.wait();
+    w.admin_socket = w.dir.join("run-form.sock");
+    w.admin_socket_after_run = true;
+    w.start_agent();
+    assert_eq!(w.names(), vec![name], "the same state dir, the same chute");
 }

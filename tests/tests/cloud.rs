@@ -349,72 +349,23 @@ fn bad_commands_are_refused_and_change_nothing() {
             ..status.command.clone()
         },
     );
-    let cases: Vec<(&str, u64, Vec<u8>, ErrorCode)> = vec![
-        ("truncated", 11, truncated, ErrorCode::Malformed),
-        (
-            "unknown procedure",
-            12,
-            unknown_procedure,
-            ErrorCode::NoSuchProcedure,
-        ),
-        (
-            "forged",
-            13,
-            call_frame(13, &forged),
-            ErrorCode::InvalidSignature,
-        ),
-        (
-            "edited after signing",
-            14,
-            call_frame(14, &edited),
-            ErrorCode::InvalidSignature,
-        ),
-        ("expired", 15, call_frame(15, &expired), ErrorCode::Expired),
-        (
-            "issued in the future",
-            16,
-            call_frame(16, &future),
-            ErrorCode::NotYetValid,
-        ),
-        (
-            "another device",
-            17,
-            call_frame(17, &other_device),
-            ErrorCode::WrongDevice,
-        ),
-        (
-            "ungranted procedure",
-            18,
-            call_frame(18, &no_remove),
-            ErrorCode::NotAuthorized,
-        ),
-        (
-            "ungranted chute",
-            19,
-            call_frame(19, &other_prefix),
-            ErrorCode::NotAuthorized,
-        ),
-        (
-            "self-granted",
-            20,
-            call_frame(20, &self_granted),
-            ErrorCode::InvalidGrant,
-        ),
-        (
-            "a stranger's signature",
-            21,
-            call_frame(21, &stranger),
-            ErrorCode::InvalidGrant,
-        ),
-        (
-            "replayed id",
-            23,
-            call_frame(23, &replay),
-            ErrorCode::Replayed,
-        ),
+    expect_refused(&mut c.s, 11, truncated, ErrorCode::Malformed, "truncated");
+    let code = ErrorCode::NoSuchProcedure;
+    expect_refused(&mut c.s, 12, unknown_procedure, code, "unknown procedure");
+    let cases: [(&str, &SignedCommand, ErrorCode); 10] = [
+        ("forged", &forged, ErrorCode::InvalidSignature),
+        ("edited after signing", &edited, ErrorCode::InvalidSignature),
+        ("expired", &expired, ErrorCode::Expired),
+        ("issued in the future", &future, ErrorCode::NotYetValid),
+        ("another device", &other_device, ErrorCode::WrongDevice),
+        ("ungranted procedure", &no_remove, ErrorCode::NotAuthorized),
+        ("ungranted chute", &other_prefix, ErrorCode::NotAuthorized),
+        ("self-granted", &self_granted, ErrorCode::InvalidGrant),
+        ("a stranger's signature", &stranger, ErrorCode::InvalidGrant),
+        ("replayed id", &replay, ErrorCode::Replayed),
     ];
-    for (what, request, frame, code) in cases {
-        expect_refused(&mut c.s, request, frame, code, what);
+    for (request, (what, cmd, code)) in (30u64..).zip(cases) {
+        expect_refused(&mut c.s, request, call_frame(request, cmd), code, what);
     }
     // Unsigned subscriptions are not a way around the `logs` right.
     c.s.send(&Message::Subscribe(Subscribe {
