@@ -133,17 +133,9 @@ pub struct Usage {
     pub pids: u64,
 }
 
-/// Limits as the kernel enforces them; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub memory_max: Option<u64>,
-    /// Swap allowed beyond `memory_max` (v1: `memsw - mem`; v2: `memory.swap.max`).
-    /// `None` if unlimited or not accounted by this kernel.
-    pub memory_swap_max: Option<u64>,
-    pub cpu_quota_us: Option<i64>,
-    pub cpu_period_us: u64,
-    pub pids_max: Option<u64>,
-}
+/// Limits as the kernel enforces them; `None` means unlimited. The API's type: what
+/// `inspect` shows is what was read.
+pub use chute_api::CgroupLimits as Limits;
 
 /// v1 "unlimited" memory is `PAGE_COUNTER_MAX * PAGE_SIZE`, just under `i64::MAX`; any
 /// value this large cannot be a real limit.

@@ -1,21 +1,17 @@
-//! `chuted`: the agent daemon (`chuted run`) and its local admin CLI.
+//! `chuted`: the agent daemon (`chuted run`) and its local admin CLI. Flag definitions
+//! and wiring only: the daemon starts in `chuted::daemon`, requests and answers are
+//! `chute_api` types, and the human output is `chute_api::render`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::rc::Rc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Context;
 use argh::FromArgs;
 use chute_api::admin::Reply;
 use chute_api::{render, ApiError, ErrorClass, LogLine, Request, Response};
-use chuted::config::{AgentConfig, HostFacts};
-use chuted::podman::Podman;
-use chuted::supervisor::{self, Agent};
-
-const DEFAULT_ADMIN_SOCKET: &str = "/run/chuted/admin.sock";
-const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+use chuted::daemon::{self, DEFAULT_ADMIN_SOCKET};
 
 /// chuted runs third-party containers ("chutes") under Podman with enforced CPU, memory,
 /// pids and bandwidth caps. `chuted run` is the agent; the other commands talk to a running
@@ -182,6 +178,10 @@ struct StopTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// seconds between SIGTERM and SIGKILL (default and maximum: the agent's
+    /// stop_timeout_secs)
+    #[argh(option)]
+    timeout: Option<u32>,
     /// print the result as JSON
     #[argh(switch)]
     json: bool,
@@ -351,13 +351,13 @@ fn main() -> ExitCode {
 
 /// `--admin-socket` may be given before the subcommand (every command) or after `run`
 /// (where a service file naturally writes it); two different paths are refused.
-fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf> {
+fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> anyhow::Result<PathBuf> {
     let local = match cmd {
         Cmd::Run(r) => r.admin_socket.clone(),
         _ => None,
     };
     match (global, local) {
-        (Some(g), Some(l)) if g != l => bail!(
+        (Some(g), Some(l)) if g != l => anyhow::bail!(
             "--admin-socket given twice with different paths ({} before `run`, {} after it); give it once",
             g.display(),
             l.display()
@@ -457,7 +457,13 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
             });
         }
         Cmd::Start(c) => lifecycle(admin, Request::Start { name: c.name }, c.json)?,
-        Cmd::Stop(c) => lifecycle(admin, Request::Stop { name: c.name }, c.json)?,
+        Cmd::Stop(c) => {
+            let req = Request::Stop {
+                name: c.name,
+                timeout_secs: c.timeout,
+            };
+            lifecycle(admin, req, c.json)?
+        }
         Cmd::Restart(c) => lifecycle(admin, Request::Restart { name: c.name }, c.json)?,
         Cmd::Remove(c) => lifecycle(admin, Request::Remove { name: c.name }, c.json)?,
         Cmd::Logs(l) => {
@@ -552,137 +558,40 @@ fn call(
     Err(anyhow::anyhow!("the agent closed the connection without answering").into())
 }
 
-fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
+/// `chuted run`: the daemon, configured from the flags.
+fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
     let level: tracing::Level = r.log_level.parse().map_err(|_| {
-        anyhow::anyhow!(
+        bad_input(anyhow::anyhow!(
             "--log-level {:?}: expected error, warn, info, debug or trace",
             r.log_level
-        )
+        ))
     })?;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-
-    match chuted::limits::raise_nofile() {
-        Ok(l) => tracing::info!(
-            nofile = l.soft,
-            before = l.soft_before,
-            chutes_carried = chuted::limits::chutes_carried(l.soft),
-            "open-files limit"
-        ),
-        Err(e) => tracing::warn!(error = %e, "keeping the open-files limit"),
-    }
-    let host = HostFacts::detect();
-    let mut cfg = match &r.config {
-        Some(p) => AgentConfig::load(p, host)?,
-        None => AgentConfig::defaults(host),
+    let opts = daemon::Options {
+        state_dir: r.state_dir,
+        admin_socket: admin.to_owned(),
+        podman_socket: r
+            .podman_socket
+            .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_PODMAN_SOCKET)),
+        config: r.config,
+        cloud: r.cloud,
+        cloud_ca: r.cloud_ca,
+        cloud_realm: r.cloud_realm,
+        cloud_keepalive: std::time::Duration::from_secs(r.cloud_keepalive_secs),
     };
-    // Set by the OpenWrt init, which made that cgroup beside the agent's own; it wins over
-    // the file so a package's config cannot put chutes outside the subtree procd manages.
-    if let Some(cg) = std::env::var_os("CHUTED_CGROUP_PARENT").filter(|v| !v.is_empty()) {
-        let cg = cg.to_string_lossy().into_owned();
-        if !chuted::config::check_cgroup_parent(&cg) {
-            bail!(
-                "CHUTED_CGROUP_PARENT={cg:?}: expected {}",
-                chuted::config::CGROUP_PARENT_ALLOWED
-            );
+    daemon::run(opts).map_err(|e| {
+        if e.is_bad_input() {
+            bad_input(e)
+        } else {
+            CliError::Internal(e.into())
         }
-        cfg.cgroup_parent = Some(cg);
-    }
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&r.state_dir)
-            .with_context(|| format!("cannot create state dir {}", r.state_dir.display()))?;
-    }
-    let lock_path = r.state_dir.join("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
-            "another chuted is already running with state dir {}",
-            r.state_dir.display()
-        );
-    }
-    let device = chuted::identity::load_or_create_device_key(&r.state_dir)?;
-    let owner = chuted::identity::owner_key(&r.state_dir, cfg.owner_key.as_deref())?;
-    let link_cfg = match r.cloud.clone().or_else(|| cfg.cloud.clone()) {
-        Some(url) => {
-            let keepalive = std::time::Duration::from_secs(r.cloud_keepalive_secs.max(1));
-            let mut lc = chuted::cloud::LinkConfig::new(url);
-            lc.realm = r.cloud_realm.clone();
-            lc.heartbeat = cfg.heartbeat;
-            lc.keepalive = keepalive;
-            lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
-            lc.ca_file = r.cloud_ca.clone();
-            lc.command_lifetime_secs = cfg.command_lifetime_secs;
-            lc.image_limits.partial_max_age = cfg.partial_image_max_age;
-            // Refuse a bad URL or unreadable CA file now, not after reconciling.
-            chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
-            Some(lc)
-        }
-        None => None,
-    };
-
-    let podman_socket = r
-        .podman_socket
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PODMAN_SOCKET));
-    let podman = Podman::new(&podman_socket).with_timeouts(cfg.podman_timeout, cfg.image_timeout);
-    let ex = Rc::new(smol::LocalExecutor::new());
-    let ex2 = ex.clone();
-    let admin = admin.to_owned();
-    smol::block_on(ex.run(async move {
-        // A Podman just started (socket activation at boot) can take longer than one
-        // call's deadline to answer its first request.
-        let first_call = podman.clone().with_timeouts(
-            cfg.podman_timeout.max(std::time::Duration::from_secs(30)),
-            cfg.image_timeout,
-        );
-        let version = first_call.version().await.with_context(|| {
-            format!(
-                "Podman API at {} (start it with `podman system service --time=0 unix://{}`)",
-                podman_socket.display(),
-                podman_socket.display()
-            )
-        })?;
-        tracing::info!(podman = %version, state_dir = %r.state_dir.display(), "chuted {} starting", env!("CARGO_PKG_VERSION"));
-        let agent = Agent::new(podman, cfg, r.state_dir.clone(), ex2);
-        agent
-            .reconcile()
-            .await
-            .map_err(|e| anyhow::anyhow!("reconciliation failed: {e}"))?;
-        let listener = chuted::server::bind(&admin)?;
-        tracing::info!(admin_socket = %admin.display(), chutes = agent.list().len(), "ready");
-        agent.spawn(supervisor::route_events(agent.clone())).detach();
-        agent.spawn(supervisor::sample_usage(agent.clone())).detach();
-        tracing::info!(device = %device.device_id(), owner = ?owner.map(|o| o.to_hex()), "identity");
-        if let Some(lc) = link_cfg {
-            if owner.is_none() {
-                tracing::warn!("no owner key trusted: every cloud command will be refused (run `chuted trust`)");
-            }
-            let cloud = chuted::cloud::Cloud::new(agent.clone(), device, owner, lc)?;
-            agent.spawn(cloud.run()).detach();
-        }
-        chuted::server::serve(agent, listener).await;
-        drop(lock);
-        Ok(ExitCode::SUCCESS)
-    }))
+    })
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create state dir {}", dir.display()))
-        .map_err(CliError::Internal)
+    daemon::create_state_dir(dir).map_err(|e| CliError::Internal(e.into()))
 }

@@ -62,7 +62,13 @@ mod tests {
             r#"{"error":{"code":"no-such-chute","message":"no chute named `x`"}}"#
         );
         let req: Request = serde_json::from_str(r#"{"op":"stop","name":"web"}"#).expect("reads");
-        assert_eq!(req, Request::Stop { name: "web".into() });
+        assert_eq!(
+            req,
+            Request::Stop {
+                name: "web".into(),
+                timeout_secs: None
+            }
+        );
     }
 
     #[test]
@@ -77,7 +83,7 @@ mod tests {
         let Reply::Ok(v) = serde_json::from_slice(&line).expect("reads") else {
             panic!("not an ok line");
         };
-        let kind = Request::Stop { name: "web".into() }.kind();
+        let kind = Request::Restart { name: "web".into() }.kind();
         assert_eq!(
             Response::from_json(kind, v).expect("decodes"),
             Response::Chute(ack)

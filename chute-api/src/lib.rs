@@ -47,8 +47,12 @@ pub enum Request {
     Start {
         name: String,
     },
+    /// `timeout_secs`: seconds between SIGTERM and SIGKILL; at most the agent's own
+    /// `stop_timeout_secs` (the device owner's policy), which is also the default.
     Stop {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u32>,
     },
     Restart {
         name: String,
@@ -293,7 +297,7 @@ pub struct ShapingInfo {
 }
 
 /// Limits the kernel enforces; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CgroupLimits {
     pub memory_max: Option<u64>,
     pub memory_swap_max: Option<u64>,

@@ -319,7 +319,7 @@ impl<'de, T: Deserialize<'de>, const MAX: usize> Deserialize<'de> for BoundedVec
 /// Longest chute name (the manifest's rule: `[a-z0-9-]`, 1..=40).
 pub const MAX_CHUTE_NAME: usize = 40;
 
-fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
+pub(crate) fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
     if s.len() > MAX_CHUTE_NAME {
         return Err(FieldError::TooLong {
             what,
@@ -340,72 +340,8 @@ fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-macro_rules! name_type {
-    ($(#[$doc:meta])* $ty:ident, $what:literal, $allow_empty:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $ty(String);
-
-        impl $ty {
-            pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
-                let s = s.into();
-                if !$allow_empty && s.is_empty() {
-                    return Err(FieldError::Invalid {
-                        what: $what,
-                        value: s,
-                        why: "must not be empty",
-                    });
-                }
-                check_name_chars($what, &s)?;
-                Ok(Self(s))
-            }
-
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl Deref for $ty {
-            type Target = str;
-            fn deref(&self) -> &str {
-                &self.0
-            }
-        }
-
-        impl fmt::Debug for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&self.0, f)
-            }
-        }
-
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
-        }
-
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                // The cap is checked on the borrowed length before anything is copied.
-                let raw = BoundedString::<MAX_CHUTE_NAME>::deserialize(d)?;
-                $ty::new(raw.into_string()).map_err(refuse)
-            }
-        }
-    };
-}
-
-name_type!(
-    /// A chute name: `[a-z0-9-]`, 1..=40 bytes (same rule as the manifest).
-    ChuteName,
-    "chute name",
-    false
-);
+/// A chute name: the model's (`chutes::ChuteName`), wrapped for the wire.
+pub use crate::chute::ChuteName;
 /// Which chutes a grant covers: an exact chute name (`web` covers `web` only) or a
 /// prefix ending in `-*` (`acme-*` covers `acme-web`, never `acme` nor `acmex`). Other
 /// forms (empty, a bare `*`, `acme*`, a `*` anywhere else) are refused when the pattern

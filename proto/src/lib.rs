@@ -34,6 +34,7 @@
 //!   [`ReplayWindow`].
 
 mod bounded;
+mod chute;
 mod code;
 mod command;
 mod keys;

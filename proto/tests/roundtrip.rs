@@ -6,7 +6,7 @@ use proto::testkit;
 use proto::*;
 
 fn chute_name() -> impl Strategy<Value = ChuteName> {
-    "[a-z0-9-]{1,40}".prop_map(|s| ChuteName::new(s).expect("matches the rule"))
+    "[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?".prop_map(|s| ChuteName::new(s).expect("matches the rule"))
 }
 
 fn text() -> impl Strategy<Value = Text> {

@@ -212,6 +212,11 @@ impl Reply {
         }
     }
 
+    /// The result decoded as its `chute_api` type.
+    pub fn ok<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_value(self.ok_json()).unwrap()
+    }
+
     pub fn error(&self) -> &ErrorMsg {
         match self {
             Reply::Error(e) => e,
@@ -359,6 +364,9 @@ impl Session {
     /// Waits until the agent closes the connection.
     pub fn wait_closed(&mut self, timeout: Duration) {
         let start = Instant::now();
+        // Set aside what earlier waits kept, or `recv` would hand it back forever
+        // without reading the socket.
+        let mut kept: VecDeque<Message> = self.backlog.drain(..).collect();
         while !self.closed {
             assert!(
                 start.elapsed() < timeout,
@@ -366,10 +374,11 @@ impl Session {
             );
             if let Some(m) = self.recv(Duration::from_millis(100)) {
                 if !is_heartbeat(&m) {
-                    self.backlog.push_back(m);
+                    kept.push_back(m);
                 }
             }
         }
+        self.backlog = kept;
     }
 }
 

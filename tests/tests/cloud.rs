@@ -110,8 +110,8 @@ fn chute_args(chute: &str) -> ChuteArgs {
 }
 
 /// What must not change when a command is refused: the agent's view and Podman's.
-fn observable(w: &World) -> (serde_json::Value, String) {
-    let list = w.json(&["list"]);
+fn observable(w: &World) -> (Vec<ChuteSummary>, String) {
+    let list = w.list();
     let ps = podman_ok(&[
         "ps",
         "-a",
@@ -150,9 +150,15 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
     result
         .verify(&c.s.hello.pubkey, &cmd.command)
         .expect("results are signed by the device key");
-    assert_eq!(reply.ok_json()["state"], "running", "{:?}", reply.ok_json());
-    c.w.wait_state(&chute, "running", T);
-    let container = c.w.inspect(&chute)["container_id"].clone();
+    let deployed: DeployResult = reply.ok();
+    assert_eq!(
+        deployed.chute.state,
+        chute_api::ChuteState::Running,
+        "{deployed:?}"
+    );
+    assert_eq!(deployed.outcome, DeployOutcome::Deployed);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
+    let container = c.w.inspect(&chute).container_id.clone();
 
     // The cloud resends the same command: same signed result, no second execution.
     let again = c.s.call(2, &cmd, T);
@@ -160,7 +166,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         panic!("{again:?}")
     };
     assert_eq!(&again, result, "a resend gets the remembered result");
-    assert_eq!(c.w.inspect(&chute)["container_id"], container);
+    assert_eq!(c.w.inspect(&chute).container_id, container);
 
     // Heartbeats report the chute with its usage.
     let start = Instant::now();
@@ -190,12 +196,13 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         );
     }
 
-    let v =
+    let v: ChuteDetail =
         c.s.call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
-            .ok_json();
-    assert_eq!(v["name"], chute.as_str());
-    let v = c.s.call(4, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+            .ok();
+    assert_eq!(v.name.as_str(), chute.as_str());
+    let v: chute_api::DeviceStatus = c.s.call(4, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
+    assert!(v.chute_list.iter().any(|s| s.name.as_str() == chute));
 
     // Logs stream only while subscribed.
     let logs = c.dev.sign(Args::Logs(LogsArgs {
@@ -203,18 +210,9 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         tail: 3,
         follow: true,
     }));
-    let v = c.s.call(5, &logs, T).ok_json();
-    let sub = v["subscription"]
-        .as_u64()
-        .expect("follow gives a subscription");
-    assert!(
-        v["lines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["line"] == "tick"),
-        "{v}"
-    );
+    let v: chute_api::LogBatch = c.s.call(5, &logs, T).ok();
+    let sub = v.subscription.expect("follow gives a subscription");
+    assert!(v.lines.iter().any(|l| l.line == "tick"), "{v:?}");
     c.s.wait_for("a log batch", T, |m| {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::Logs(b) if b.chute.as_str() == chute && b.lines.iter().any(|l| l.text.as_str() == "tick")))
@@ -258,7 +256,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::State(s) if s.chute.as_str() == chute && s.state == ChuteState::Dead))
     });
-    assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+    assert!(c.w.list().is_empty());
 }
 
 fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode, what: &str) {
@@ -269,17 +267,6 @@ fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode
     assert!(!e.message.is_empty(), "{what}: the refusal explains itself");
 }
 
-/// Sends `cmd` as CALL `request`; it must be refused with `code`.
-fn expect_call_refused(
-    s: &mut Session,
-    request: u64,
-    cmd: &SignedCommand,
-    code: ErrorCode,
-    what: &str,
-) {
-    expect_refused(s, request, call_frame(request, cmd), code, what);
-}
-
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn bad_commands_are_refused_and_change_nothing() {
@@ -288,34 +275,39 @@ fn bad_commands_are_refused_and_change_nothing() {
     c.w.track(&chute);
     c.s.call(1, &c.dev.sign(deploy_args(&chute, None)), T)
         .ok_json();
-    c.w.wait_state(&chute, "running", T);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
     let before = observable(&c.w);
     let remove = Args::Remove(chute_args(&chute));
     let now = unix_now();
 
-    // Garbage and malformed frames.
-    c.s.send_raw(vec![0xde, 0xad, 0xbe, 0xef]);
-    let m =
-        c.s.wait_for("ERROR for garbage", T, |m| matches!(m, Message::Error(_)));
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::UnsupportedVersion, "{}", e.message);
-    c.s.send_raw(vec![proto::VERSION, 0x77, 1, 2, 3]);
-    let m = c.s.wait_for("ERROR for an unknown type", T, |m| {
-        matches!(m, Message::Error(_))
-    });
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::Malformed, "{}", e.message);
+    // Frames that are not a message at all: an ERROR, not tied to a request.
+    for (what, frame, code) in [
+        (
+            "garbage",
+            vec![0xde, 0xad, 0xbe, 0xef],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "an unknown message type",
+            vec![proto::VERSION, 0x77, 1, 2, 3],
+            ErrorCode::Malformed,
+        ),
+    ] {
+        c.s.send_raw(frame);
+        let m = c.s.wait_for(&format!("ERROR for {what}"), T, |m| {
+            matches!(m, Message::Error(_))
+        });
+        let Message::Error(e) = m else { unreachable!() };
+        assert_eq!(e.code, code, "{what}: {}", e.message);
+    }
+
+    // Signed commands and broken CALLs, each refused before anything runs. Built first
+    // (the developer signs with fresh request ids), then sent in order.
     let valid = c.dev.sign(remove.clone());
-    let frame = call_frame(11, &valid);
-    expect_refused(
-        &mut c.s,
-        11,
-        frame[..frame.len() / 2].to_vec(),
-        ErrorCode::Malformed,
-        "truncated",
-    );
+    let truncated = call_frame(11, &valid);
+    let truncated = truncated[..truncated.len() / 2].to_vec();
     // Unknown procedure: patch the procedure byte of a valid CALL.
-    let mut frame = call_frame(12, &valid);
+    let mut unknown_procedure = call_frame(12, &valid);
     let varint = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
     let cmd = &valid.command;
     let pos = 2
@@ -324,24 +316,13 @@ fn bad_commands_are_refused_and_change_nothing() {
         + varint(cmd.request_id)
         + varint(cmd.issued_at)
         + varint(cmd.expires_at);
-    assert_eq!(frame[pos], Procedure::Remove.code());
-    frame[pos] = 99;
-    expect_refused(
-        &mut c.s,
-        12,
-        frame,
-        ErrorCode::NoSuchProcedure,
-        "unknown procedure",
-    );
-
-    // Forged: a signature byte flipped.
+    assert_eq!(unknown_procedure[pos], Procedure::Remove.code());
+    unknown_procedure[pos] = 99;
+    // A signature byte flipped; arguments changed after signing.
     let mut forged = c.dev.sign(remove.clone());
     forged.signature.0[0] ^= 1;
-    expect_call_refused(&mut c.s, 13, &forged, ErrorCode::InvalidSignature, "forged");
-    // Forged: arguments changed after signing.
     let mut edited = c.dev.sign(Args::Status);
     edited.command.args = remove.clone();
-    expect_call_refused(&mut c.s, 14, &edited, ErrorCode::InvalidSignature, "edited");
     // `remove`, signed by the developer after `change` to its command.
     let mut altered = |change: &dyn Fn(&mut Command)| {
         let base = c.dev.sign(remove.clone());
@@ -349,53 +330,26 @@ fn bad_commands_are_refused_and_change_nothing() {
         change(&mut command);
         c.dev.resign(&base, command)
     };
-    // Expired and not yet valid.
     let expired = altered(&|cmd| {
         cmd.issued_at = now - 400;
         cmd.expires_at = now - 100;
     });
-    expect_call_refused(&mut c.s, 15, &expired, ErrorCode::Expired, "expired");
     let future = altered(&|cmd| {
         cmd.issued_at = now + 600;
         cmd.expires_at = now + 700;
     });
-    expect_call_refused(&mut c.s, 16, &future, ErrorCode::NotYetValid, "future");
-    // Another device.
-    let other = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
-    expect_call_refused(&mut c.s, 17, &other, ErrorCode::WrongDevice, "wrong device");
-    // Ungranted procedure and chute.
+    let other_device = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
     let no_remove = c.dev.sign_with(
         remove.clone(),
         Rights::of(&[Procedure::Start, Procedure::Stop]),
         &["cl-*"],
     );
-    expect_call_refused(
-        &mut c.s,
-        18,
-        &no_remove,
-        ErrorCode::NotAuthorized,
-        "ungranted procedure",
-    );
     let other_prefix = c.dev.sign_with(remove.clone(), Rights::all(), &["zzz-"]);
-    expect_call_refused(
-        &mut c.s,
-        19,
-        &other_prefix,
-        ErrorCode::NotAuthorized,
-        "ungranted chute",
-    );
     // A grant the owner never signed (the developer granted itself everything).
     let mut self_granted = c.dev.sign(remove.clone());
     self_granted.grant =
         proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now).sign(&c.dev.key);
     let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
-    expect_call_refused(
-        &mut c.s,
-        20,
-        &self_granted,
-        ErrorCode::InvalidGrant,
-        "self-granted",
-    );
     // A stranger's signature under the developer's grant.
     let base = c.dev.sign(remove.clone());
     let stranger = SignedCommand::sign(
@@ -403,8 +357,7 @@ fn bad_commands_are_refused_and_change_nothing() {
         &Keypair::generate().unwrap(),
         base.grant.clone(),
     );
-    expect_call_refused(&mut c.s, 21, &stranger, ErrorCode::InvalidGrant, "stranger");
-    // Replayed: a request id already used, now carrying a different command.
+    // A request id already used (by a status that ran), now carrying another command.
     let status = c.dev.sign(Args::Status);
     c.s.call(22, &status, T).ok_json();
     let replay = c.dev.resign(
@@ -414,7 +367,24 @@ fn bad_commands_are_refused_and_change_nothing() {
             ..status.command.clone()
         },
     );
-    expect_call_refused(&mut c.s, 23, &replay, ErrorCode::Replayed, "replayed id");
+    expect_refused(&mut c.s, 11, truncated, ErrorCode::Malformed, "truncated");
+    let code = ErrorCode::NoSuchProcedure;
+    expect_refused(&mut c.s, 12, unknown_procedure, code, "unknown procedure");
+    let cases: [(&str, &SignedCommand, ErrorCode); 10] = [
+        ("forged", &forged, ErrorCode::InvalidSignature),
+        ("edited after signing", &edited, ErrorCode::InvalidSignature),
+        ("expired", &expired, ErrorCode::Expired),
+        ("issued in the future", &future, ErrorCode::NotYetValid),
+        ("another device", &other_device, ErrorCode::WrongDevice),
+        ("ungranted procedure", &no_remove, ErrorCode::NotAuthorized),
+        ("ungranted chute", &other_prefix, ErrorCode::NotAuthorized),
+        ("self-granted", &self_granted, ErrorCode::InvalidGrant),
+        ("a stranger's signature", &stranger, ErrorCode::InvalidGrant),
+        ("replayed id", &replay, ErrorCode::Replayed),
+    ];
+    for (request, (what, cmd, code)) in (30u64..).zip(cases) {
+        expect_refused(&mut c.s, request, call_frame(request, cmd), code, what);
+    }
     // Unsigned subscriptions are not a way around the `logs` right.
     c.s.send(&Message::Subscribe(Subscribe {
         request: 24,
@@ -499,7 +469,7 @@ fn heartbeats_resume_after_the_peer_comes_back() {
 
     // Offline: chutes and the local CLI carry on.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(c.w.state(&chute), "running");
+    assert_eq!(c.w.state(&chute), chute_api::ChuteState::Running);
     c.w.cli(&["status"]);
     let attempts = c.w.agent_log().matches("cloud link down").count()
         + c.w.agent_log().matches("cloud still unreachable").count();
@@ -689,9 +659,9 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
     assert!(last.complete, "the last ack reports the verified archive");
     // The original request belonged to the old session: the cloud resends the CALL
     // and gets the one result (the deploy ran once).
-    let v = s.call(2, &cmd, Duration::from_secs(120)).ok_json();
-    assert_eq!(v["state"], "running", "{v}");
-    c.w.wait_state(&chute, "running", T);
+    let v: DeployResult = s.call(2, &cmd, Duration::from_secs(120)).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
 
     // A corrupted archive is refused at the end and deploys nothing.
     let before = observable(&c.w);
@@ -821,8 +791,8 @@ fn wss_session_with_a_private_ca() {
         Peer::bind_tls(&leaf, &key)
     });
     assert!(c.peer.url().starts_with("wss://"));
-    let v = c.s.call(1, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+    let v: chute_api::DeviceStatus = c.s.call(1, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
     c.s.next_heartbeat(T);
     let _ = std::fs::remove_dir_all(&certs);
 }
@@ -841,8 +811,8 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: revoke.sign(&c.dev.owner),
     }));
-    let v = c.s.call(2, &update, T).ok_json();
-    assert_eq!(v["installed"], true, "{v}");
+    let v: chute_api::GrantInstalled = c.s.call(2, &update, T).ok();
+    assert!(v.installed, "{v:?}");
     // A grant not signed by the owner is not installed.
     let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now + 5);
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
@@ -918,11 +888,11 @@ fn image_transfer_resumes_after_an_agent_restart() {
         "resumes after the bytes kept across the restart"
     );
     assert!(archive.finish(&mut s, held, PIECE).complete);
-    let v = match s.reply(2, Duration::from_secs(120)) {
-        r @ Reply::Result(_) => r.ok_json(),
+    let v: DeployResult = match s.reply(2, Duration::from_secs(120)) {
+        r @ Reply::Result(_) => r.ok(),
         Reply::Error(e) => panic!("{e:?}"),
     };
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
 }
 
 /// A developer holding a grant for exactly `chute` on the setup's device.
@@ -951,8 +921,8 @@ fn tenants_see_and_touch_only_their_own_chutes() {
     let (mut dev_a, mut dev_b) = (tenant(&c, &a), tenant(&c, &b));
     c.s.call(1, &dev_a.sign(deploy_args(&a, None)), T).ok_json();
     c.s.call(2, &dev_b.sign(deploy_args(&b, None)), T).ok_json();
-    c.w.wait_state(&a, "running", T);
-    c.w.wait_state(&b, "running", T);
+    c.w.wait_state(&a, e2e::ChuteState::Running, T);
+    c.w.wait_state(&b, e2e::ChuteState::Running, T);
     // The container runs the image id pinned at deploy (the one its digest names).
     let pins = std::fs::read_to_string(c.w.state_dir.join("image-pins.json")).unwrap();
     let image = podman_ok(&["inspect", "-f", "{{.Image}}", &format!("chute-{a}")]);
@@ -1003,7 +973,7 @@ fn order_time_and_revocation_hold_across_restarts() {
     // Deploy v2 (issued now), then the older v1 arrives late: refused as stale.
     let v2 = c.dev.sign(deploy_args(&chute, None));
     c.s.call(1, &v2, T).ok_json();
-    c.w.wait_state(&chute, "running", T);
+    c.w.wait_state(&chute, e2e::ChuteState::Running, T);
     let older = |c: &mut Cloudy, args: Args, issued_at: u64| {
         let base = c.dev.sign(args);
         let mut cmd = base.command.clone();
@@ -1047,7 +1017,11 @@ fn order_time_and_revocation_hold_across_restarts() {
     let hb = c.s.next_heartbeat(T);
     assert_eq!(hb.clock, proto::ClockState::BehindFloor);
     let local = c.w.status();
-    assert_eq!(local["clock"]["state"], "behind floor", "{local}");
+    assert_eq!(
+        local.clock.as_ref().map(|c| c.state.as_str()),
+        Some("behind floor"),
+        "{local:?}"
+    );
     assert!(hb.state_dir_bytes > 0);
     let base = c.dev.sign(Args::Status);
     let mut cmd = base.command.clone();
@@ -1214,7 +1188,7 @@ fn a_chute_in_its_own_user_namespace_keeps_caps_shaping_logs_and_adoption() {
         let t = Instant::now();
         w.deploy(&dir);
         let deploy = t.elapsed();
-        w.wait_state(&name, "running", T);
+        w.wait_state(&name, e2e::ChuteState::Running, T);
         let t = Instant::now();
         for _ in 0..5 {
             w.cli(&["restart", &name]);
@@ -1235,13 +1209,17 @@ fn a_chute_in_its_own_user_namespace_keeps_caps_shaping_logs_and_adoption() {
         );
         assert_eq!(cgroup_file(pid, "pids", "pids.max"), "32");
         let v = w.inspect(&name);
-        assert_eq!(v["net"]["down_rate_bps"], 8_000_000, "{v}");
+        assert_eq!(
+            v.net.as_ref().map(|n| n.down_rate_bps),
+            Some(8_000_000),
+            "{v:?}"
+        );
         wait_until("log lines", T, || w.cli(&["logs", &name]).contains("tick"));
         // A restarted agent adopts it without restarting it.
         let started = w.started_at(&name);
         w.kill_agent();
         w.start_agent();
-        w.wait_state(&name, "running", T);
+        w.wait_state(&name, e2e::ChuteState::Running, T);
         assert_eq!(w.started_at(&name), started, "adopted, not restarted");
         assert_eq!(w.container_pid(&name), pid);
         assert!(w.cli(&["logs", &name, "--tail", "5"]).contains("tick"));

@@ -357,11 +357,12 @@ impl Cloud {
                 })
                 .await
             }
-            // The stop timeout is the agent's configured one (a chute's grace period is
-            // the device owner's policy, not the caller's).
+            // The caller's grace period, capped at the agent's configured one (the
+            // device owner's policy).
             Args::Stop(a) => {
                 self.answer(Request::Stop {
                     name: a.chute.to_string(),
+                    timeout_secs: Some(a.timeout_secs),
                 })
                 .await
             }

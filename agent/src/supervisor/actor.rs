@@ -38,7 +38,10 @@ pub enum ChuteOp {
         progress: Sender<String>,
     },
     Start,
-    Stop,
+    /// `timeout_secs`: the caller's grace period, capped at the configured one.
+    Stop {
+        timeout_secs: Option<u32>,
+    },
     Restart,
     Remove,
 }
@@ -77,12 +80,14 @@ pub(super) struct Actor {
     pub(super) runs: Confirmations,
     /// Why the Podman call behind the request being handled failed, for its caller.
     pub(super) failed_op: Option<OpError>,
+    /// The grace period asked for by the stop being handled, if any.
+    pub(super) stop_timeout: Option<u32>,
 }
 
 impl Actor {
     pub(super) async fn run(mut self) {
         if self.restored {
-            for action in self.lc.resume(self.agent.now_ms()) {
+            for action in self.lc.resume() {
                 self.execute(action).await;
             }
         }
@@ -314,6 +319,10 @@ impl Actor {
                 return vec![Input::ContainerStarted];
             }
             Action::StopContainer { timeout_secs } => {
+                // A caller may shorten the grace period, never lengthen it.
+                let timeout_secs = self
+                    .stop_timeout
+                    .map_or(timeout_secs, |t| t.min(timeout_secs));
                 if let Some(id) = self.container_id() {
                     if let Err(e) = podman.stop(&id, timeout_secs).await {
                         warn!(chute = %self.name, error = %e, "stop failed");
@@ -344,7 +353,6 @@ impl Actor {
                 self.agent.ledger.borrow_mut().release(&self.name);
                 self.view.borrow_mut().reservation_held = false;
             }
-            Action::PurgeConfig => {}
             Action::SetTimer { token, after_ms } => {
                 self.timers.clear();
                 let tx = self.tx.clone();
@@ -618,11 +626,13 @@ impl Actor {
                 .await?;
                 Ok(Response::Chute(self.ack()))
             }
-            ChuteOp::Stop => {
+            ChuteOp::Stop { timeout_secs } => {
                 self.lc
                     .check(&Input::StopRequested)
                     .map_err(|e| self.refused(e))?;
+                self.stop_timeout = timeout_secs;
                 self.feed(Input::StopRequested).await;
+                self.stop_timeout = None;
                 if let Some(e) = self.failed_op.take() {
                     return Err(e);
                 }

@@ -62,23 +62,13 @@ impl Agent {
             chutes::format_bytes(manifest.resources.memory_bytes),
             manifest.resources.pids
         ));
-        let view = ChuteView {
-            manifest: manifest.clone(),
+        let view = ChuteView::new(
+            manifest.clone(),
             manifest_toml,
-            container_id: None,
-            state: ChuteState::Installing,
-            durable_state: ChuteState::Installing,
-            restarts: 0,
-            reservation_held: true,
-            last_exit_code: None,
-            last_error: None,
-            pid: 0,
-            sandbox_key: None,
-            cgroup: None,
-            usage: None,
-            shaping: None,
-            net: None,
-        };
+            ChuteState::Installing,
+            true,
+            None,
+        );
         let lc = Lifecycle::new(manifest.restart, self.lifecycle_config());
         let tx = self.spawn_actor(view, lc);
         self.ask(tx, ChuteOp::Install { dir, progress }, name.as_str())
@@ -176,7 +166,7 @@ impl Actor {
             let _ = self.apply_shaping().await;
             return Err(OpError::Bandwidth {
                 chute: self.name.to_string(),
-                message: e,
+                source: e,
             });
         }
         self.agent.ledger.borrow_mut().resize(&self.name, want)?;

@@ -35,8 +35,12 @@ pub enum OpError {
         version: String,
         why: String,
     },
-    #[error("chute `{chute}`: cannot change bandwidth: {message}; previous rates kept")]
-    Bandwidth { chute: String, message: String },
+    #[error("chute `{chute}`: cannot change bandwidth: {source}; previous rates kept")]
+    Bandwidth {
+        chute: String,
+        #[source]
+        source: super::shaping::ShapingError,
+    },
     #[error("chute `{chute}` asks for the host network, which this agent's config does not allow (set allow_host_network = true to permit it)")]
     HostNetworkRefused { chute: String },
     #[error("chute `{chute}`: image: {message}")]

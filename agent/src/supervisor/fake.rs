@@ -147,8 +147,9 @@ impl ContainerRuntime for FakePodman {
         })
     }
 
-    fn stop<'a>(&'a self, id: &'a str, _timeout_secs: u32) -> RtFuture<'a, ()> {
+    fn stop<'a>(&'a self, id: &'a str, timeout_secs: u32) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            self.call("stop-timeout", &timeout_secs.to_string());
             self.with("stop", id, |c| {
                 c.running = false;
                 c.exit_code = 0;

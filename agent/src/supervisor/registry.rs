@@ -49,6 +49,33 @@ pub struct ChuteView {
 }
 
 impl ChuteView {
+    /// A chute's view before its task has run: nothing known about a run yet.
+    pub(super) fn new(
+        manifest: Manifest,
+        manifest_toml: String,
+        state: ChuteState,
+        reservation_held: bool,
+        container_id: Option<String>,
+    ) -> Self {
+        ChuteView {
+            manifest,
+            manifest_toml,
+            container_id,
+            state,
+            durable_state: state,
+            restarts: 0,
+            reservation_held,
+            last_exit_code: None,
+            last_error: None,
+            pid: 0,
+            sandbox_key: None,
+            cgroup: None,
+            usage: None,
+            shaping: None,
+            net: None,
+        }
+    }
+
     pub(super) fn record(&self) -> ChuteRecord {
         ChuteRecord {
             name: self.manifest.name.to_string(),
@@ -155,28 +182,25 @@ impl Agent {
         }
     }
 
-    pub(super) fn sender(&self, name: &str) -> Result<Sender<ChuteMsg>, OpError> {
+    /// What `pick` takes from the handle of the chute called `name`.
+    fn lookup<T>(&self, name: &str, pick: impl Fn(&ChuteHandle) -> T) -> Result<T, OpError> {
         let parsed = ChuteName::parse(name)?;
         self.chutes
             .borrow()
             .get(&parsed)
-            .map(|h| h.tx.clone())
+            .map(pick)
             .ok_or_else(|| OpError::NoSuchChute {
                 name: name.to_owned(),
                 known: self.known_names(),
             })
     }
 
+    pub(super) fn sender(&self, name: &str) -> Result<Sender<ChuteMsg>, OpError> {
+        self.lookup(name, |h| h.tx.clone())
+    }
+
     pub fn view(&self, name: &str) -> Result<Rc<RefCell<ChuteView>>, OpError> {
-        let parsed = ChuteName::parse(name)?;
-        self.chutes
-            .borrow()
-            .get(&parsed)
-            .map(|h| h.view.clone())
-            .ok_or_else(|| OpError::NoSuchChute {
-                name: name.to_owned(),
-                known: self.known_names(),
-            })
+        self.lookup(name, |h| h.view.clone())
     }
 
     pub fn views(&self) -> Vec<Rc<RefCell<ChuteView>>> {
@@ -238,6 +262,7 @@ impl Agent {
             restored,
             runs: chutes::Confirmations::new(),
             failed_op: None,
+            stop_timeout: None,
         };
         self.ex.spawn(actor.run()).detach();
         tx
@@ -303,7 +328,7 @@ impl Agent {
                 chute_interface: shaping.chute_ifname,
             });
             match tc_shaper::chute_stats(Path::new(&netns)).await {
-                Ok(stats) => d.net = Some(net_sample(&stats)),
+                Ok(stats) => d.net = net_sample(d.pid, Some(&stats)),
                 Err(e) => d.net_error = Some(e.to_string()),
             }
         }
@@ -342,15 +367,7 @@ impl Agent {
             last_error: v.last_error.clone(),
             usage: v.usage.clone(),
             net: v.net.clone(),
-            cgroup_limits: v.cgroup.as_ref().and_then(|c| c.limits().ok()).map(|l| {
-                chute_api::CgroupLimits {
-                    memory_max: l.memory_max,
-                    memory_swap_max: l.memory_swap_max,
-                    cpu_quota_us: l.cpu_quota_us,
-                    cpu_period_us: l.cpu_period_us,
-                    pids_max: l.pids_max,
-                }
-            }),
+            cgroup_limits: v.cgroup.as_ref().and_then(|c| c.limits().ok()),
             shaping: None,
             net_error: None,
         })
