@@ -744,6 +744,17 @@ mod tests {
     }
 
     #[test]
+    fn userns_is_off_by_default_and_its_base_above_real_users() {
+        assert_eq!(parse("").unwrap().userns_base, None);
+        assert_eq!(
+            parse("userns_base = 1000000\n").unwrap().userns_base,
+            Some(1_000_000)
+        );
+        let e = parse("userns_base = 1000\n").unwrap_err().to_string();
+        assert!(e.contains("userns_base") && e.contains(">= 65536"), "{e}");
+    }
+
+    #[test]
     fn memtotal_is_read_from_meminfo() {
         assert_eq!(
             parse_memtotal("MemTotal:       16384 kB\nMemFree: 1 kB\n"),

@@ -44,6 +44,14 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
             .mode(0o700)
             .create(dir)
             .map_err(io)?;
+        // An existing directory is not ours to change (it may be /tmp); say so when it
+        // lets others in, since the socket's 0600 is then the only gate.
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "admin socket directory is open to others; a root-only 0700 directory is safer");
+            }
+        }
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         // Only a socket can be a stale admin socket; anything else at this path (a typo

@@ -1123,6 +1123,18 @@ fn images_are_pinned_by_content_and_archives_tag_only_their_chute() {
         e.contains("mutable tag") && e.contains("allow_unpinned_images"),
         "{e}"
     );
+    // A host port outside the owner's range (default 1024-65535) is refused, named.
+    let low = unique("cl-");
+    let dir = c.w.chute_dir(
+        &low,
+        "[\"sleep\", \"600\"]",
+        "[network]\nports = [\"80:8080/tcp\"]\n",
+    );
+    let e = c.w.cli_err(&["deploy", dir.to_str().unwrap()]);
+    assert!(
+        e.contains("host port 80") && e.contains("1024-65535"),
+        "{e}"
+    );
 
     // An archive that also tags another name is refused naming it, and never loaded.
     let foreign = format!("localhost/{}:1", unique("tenant-foreign-"));

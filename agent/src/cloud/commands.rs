@@ -206,10 +206,6 @@ impl Cloud {
                 return refuse(e.code(), &msg);
             }
         };
-        if let Err((code, msg)) = self.order.borrow().check(cmd) {
-            tracing::info!(request, code = %code, reason = %msg, "refused command");
-            return refuse(code, &msg);
-        }
         let key = (command.signer, cmd.request_id);
         if let Some(res) = self.results.borrow().get(&key.0, key.1) {
             if res.command_digest == verified.command_digest {
@@ -228,6 +224,12 @@ impl Cloud {
             // Still running: this session request gets the result when it is ready.
             waiters.push((self.epoch.get(), request));
             return None;
+        }
+        // After the resend paths: a resent command gets its result even when a later
+        // one has changed the chute since.
+        if let Err((code, msg)) = self.order.borrow().check(cmd) {
+            tracing::info!(request, code = %code, reason = %msg, "refused command");
+            return refuse(code, &msg);
         }
         if let Err(e) = self
             .replay

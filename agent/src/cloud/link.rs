@@ -729,6 +729,64 @@ mod tests {
         assert!(matches!(e, Err(LinkError::Tls { .. })));
     }
 
+    /// A peer that stops reading: every write stays pending.
+    struct Stalled;
+
+    impl AsyncRead for Stalled {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Stalled {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_send_to_a_peer_that_stopped_reading_times_out() {
+        smol::block_on(async {
+            let io: Box<dyn Io> = Box::new(Stalled);
+            let mut ws = WebSocketStream::from_raw_socket(
+                io,
+                async_tungstenite::tungstenite::protocol::Role::Client,
+                None,
+            )
+            .await;
+            let started = Instant::now();
+            let e = send_ws(
+                &mut ws,
+                WsMessage::Binary(vec![1, 2, 3].into()),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap_err();
+            assert!(e.contains("did not complete"), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+        });
+    }
+
     #[test]
     fn undecodable_call_error_names_its_request() {
         let frame = [proto::VERSION, MessageType::Call.code(), 42, 0xff];

@@ -3,10 +3,12 @@
 //! which the agent publishes heartbeats and logs and runs signed commands.
 //!
 //! Trust: the cloud is a relay. Every command is verified end to end (developer
-//! signature, expiry, device id, owner-signed grant, rights and chute prefix, replay
-//! window) before anything happens, the replay window is on disk before a command runs,
-//! and results are signed by the device key. A command runs at most once: a resend gets
-//! the remembered result, or a refusal.
+//! signature over the command and its grant's digest, lifetime judged at the time floor,
+//! device id, owner-signed grant not superseded per `grants.bin`, rights and chute
+//! pattern, per-chute order, replay window) before anything happens; the replay window
+//! and the command order are on disk before a command runs, and results are signed by
+//! the device key. A command runs at most once: a resend gets the remembered result, or
+//! a refusal. A developer's `status` shows only the chutes its grant covers.
 //!
 //! Offline is normal: the link is a few tasks on the agent's executor that touch chutes
 //! only through the same `Agent` calls the local CLI uses, so losing the cloud changes
