@@ -782,7 +782,7 @@ mod tests {
             )
             .await
             .unwrap_err();
-            assert!(e.contains("did not complete"), "{e}");
+            assert!(e.to_string().contains("did not complete"), "{e}");
             assert!(started.elapsed() < Duration::from_secs(5));
         });
     }
