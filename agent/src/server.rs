@@ -82,7 +82,10 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
     }
 }
 
-async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+async fn write_reply<T: serde::Serialize>(
+    w: &mut UnixStream,
+    reply: &Reply<T>,
+) -> std::io::Result<()> {
     w.write_all(&reply.to_line()).await
 }
 
@@ -93,7 +96,9 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
     let mut line = String::new();
     reader.read_line(&mut line).await?;
-    let bad = |message: String| Reply::Error(ApiError::new(ErrorCode::BadRequest, message));
+    let bad = |message: String| -> Reply<()> {
+        Reply::Error(ApiError::new(ErrorCode::BadRequest, message))
+    };
     if !line.ends_with('\n') {
         let msg = if line.len() >= MAX_REQUEST {
             format!("request larger than {MAX_REQUEST} bytes")
@@ -112,7 +117,7 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut w2 = writer.clone();
     let forward = async move {
         while let Ok(ev) = rx.recv().await {
-            let reply = match ev {
+            let reply: Reply<()> = match ev {
                 Event::Progress(p) => Reply::Progress(p),
                 Event::Log(l) => Reply::Log(l),
             };
