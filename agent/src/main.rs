@@ -10,8 +10,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use argh::FromArgs;
 use chute_api::admin::Reply;
-use chute_api::{render, ApiError, ErrorClass, LogLine, Request, Response};
+use chute_api::{render, ApiError, ErrorClass, LogLine, Request};
 use chuted::daemon::{self, DEFAULT_ADMIN_SOCKET};
+use serde::de::DeserializeOwned;
 
 /// chuted runs third-party containers ("chutes") under Podman with enforced CPU, memory,
 /// pids and bandwidth caps. `chuted run` is the agent; the other commands talk to a running
@@ -367,13 +368,21 @@ fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> anyhow::Result<PathBuf> {
     }
 }
 
-/// Prints an answer: JSON with `--json`, else the renderer's text.
-fn print(json: bool, resp: &Response, human: impl FnOnce(&Response) -> String) {
+/// Asks and prints the answer: the agent's JSON as sent with `--json`, else the
+/// renderer's text of the answer decoded as `T`.
+fn show<T: DeserializeOwned>(
+    admin: &Path,
+    req: &Request,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
     if json {
-        println!("{}", resp.to_json());
-    } else {
-        print!("{}", human(resp));
+        let v: Option<serde_json::Value> = call(admin, req, |_| true)?;
+        println!("{}", v.unwrap_or_default());
+    } else if let Some(answer) = call::<T>(admin, req, |_| true)? {
+        print!("{}", human(&answer));
     }
+    Ok(())
 }
 
 fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
@@ -429,33 +438,16 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
                 manifest_toml,
                 dir: Some(dir.to_string_lossy().into_owned()),
             };
-            let resp = call(admin, &req, |_| true)?;
-            print(d.json, &resp, |r| match r {
-                Response::Deploy(d) => render::deploy(d),
-                _ => String::new(),
-            });
+            show(admin, &req, d.json, render::deploy)?
         }
-        Cmd::List(l) => {
-            let resp = call(admin, &Request::List, |_| true)?;
-            print(l.json, &resp, |r| match r {
-                Response::List(list) => render::list(list),
-                _ => String::new(),
-            });
-        }
-        Cmd::Inspect(i) => {
-            let resp = call(admin, &Request::Inspect { name: i.name }, |_| true)?;
-            print(i.json, &resp, |r| match r {
-                Response::Inspect(d) => render::inspect(d),
-                _ => String::new(),
-            });
-        }
-        Cmd::Status(s) => {
-            let resp = call(admin, &Request::Status, |_| true)?;
-            print(s.json, &resp, |r| match r {
-                Response::Status(st) => render::status(st),
-                _ => String::new(),
-            });
-        }
+        Cmd::List(l) => show(admin, &Request::List, l.json, |v: &Vec<_>| render::list(v))?,
+        Cmd::Inspect(i) => show(
+            admin,
+            &Request::Inspect { name: i.name },
+            i.json,
+            render::inspect,
+        )?,
+        Cmd::Status(s) => show(admin, &Request::Status, s.json, render::status)?,
         Cmd::Start(c) => lifecycle(admin, Request::Start { name: c.name }, c.json)?,
         Cmd::Stop(c) => {
             let req = Request::Stop {
@@ -474,7 +466,7 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
             };
             let stdout = std::io::stdout();
             let json = l.json;
-            call(admin, &req, |line| {
+            call::<serde_json::Value>(admin, &req, |line| {
                 let mut out = stdout.lock();
                 let written = if json {
                     serde_json::to_string(&line)
@@ -513,21 +505,17 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
 }
 
 fn lifecycle(admin: &Path, req: Request, json: bool) -> Result<(), CliError> {
-    let resp = call(admin, &req, |_| true)?;
-    print(json, &resp, |r| match r {
-        Response::Chute(a) => render::ack(a),
-        _ => String::new(),
-    });
-    Ok(())
+    show(admin, &req, json, render::ack)
 }
 
-/// Sends one request and decodes its answer; progress goes to stderr as it arrives, log
-/// lines to `on_log` (which returns false to stop reading).
-fn call(
+/// Sends one request and decodes its answer as `T` (the type the request's kind names, or
+/// `serde_json::Value`); progress goes to stderr as it arrives, log lines to `on_log`
+/// (which returns false to stop reading: the answer is then `None`).
+fn call<T: DeserializeOwned>(
     admin: &Path,
     req: &Request,
     mut on_log: impl FnMut(LogLine) -> bool,
-) -> Result<Response, CliError> {
+) -> Result<Option<T>, CliError> {
     let mut stream = UnixStream::connect(admin).map_err(|source| CliError::Unreachable {
         path: admin.to_owned(),
         source,
@@ -538,20 +526,16 @@ fn call(
     let reader = BufReader::new(stream);
     for line in reader.lines() {
         let line = line.context("reading the agent's reply")?;
-        let reply: Reply = serde_json::from_str(&line)
+        let reply: Reply<T> = serde_json::from_str(&line)
             .with_context(|| format!("unreadable reply from the agent: {line}"))?;
         match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
             Reply::Log(l) => {
                 if !on_log(l) {
-                    return Ok(Response::LogsEnd);
+                    return Ok(None);
                 }
             }
-            Reply::Ok(v) => {
-                return Response::from_json(req.kind(), v)
-                    .context("unreadable answer from the agent")
-                    .map_err(CliError::Internal);
-            }
+            Reply::Ok(answer) => return Ok(Some(answer)),
             Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }

@@ -98,7 +98,7 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
                         "too many admin connections ({MAX_ADMIN_CONNECTIONS} open); try again when one ends"
                     );
                     // Best effort and bounded: a client that does not read is dropped.
-                    let refusal = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
+                    let refusal: Reply<()> = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
                     let reply = write_reply(&mut stream, &refusal);
                     let _ = smol::future::or(async { reply.await.map(Some) }, async {
                         smol::Timer::after(std::time::Duration::from_millis(100)).await;
@@ -127,7 +127,10 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
     }
 }
 
-async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+async fn write_reply<T: serde::Serialize>(
+    w: &mut UnixStream,
+    reply: &Reply<T>,
+) -> std::io::Result<()> {
     w.write_all(&reply.to_line()).await
 }
 
@@ -145,7 +148,9 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         },
     )
     .await?;
-    let bad = |message: String| Reply::Error(ApiError::new(ErrorCode::BadRequest, message));
+    let bad = |message: String| -> Reply<()> {
+        Reply::Error(ApiError::new(ErrorCode::BadRequest, message))
+    };
     if read.is_none() {
         let msg = format!(
             "no complete request line within {}s; send one JSON request ending in a newline",
@@ -175,7 +180,7 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut w2 = writer.clone();
     let forward = async move {
         while let Ok(ev) = rx.recv().await {
-            let reply = match ev {
+            let reply: Reply<()> = match ev {
                 Event::Progress(p) => Reply::Progress(p),
                 Event::Log(l) => Reply::Log(l),
             };

@@ -560,7 +560,11 @@ fn the_admin_socket_is_private_and_guarded() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
-    let refusal = |reply: &str| match serde_json::from_str(reply).unwrap() {
+    let refusal = |reply: &str| match serde_json::from_str::<
+        chute_api::admin::Reply<serde_json::Value>,
+    >(reply)
+    .unwrap()
+    {
         chute_api::admin::Reply::Error(e) => {
             assert_eq!(e.code, chute_api::ErrorCode::BadRequest, "{reply}");
             e.message
