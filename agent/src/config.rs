@@ -62,6 +62,7 @@ struct RawConfig {
     cap_add: Option<Vec<String>>,
     instance: Option<String>,
     cgroup_parent: Option<String>,
+    image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -98,6 +99,10 @@ pub struct AgentConfig {
     /// Podman's cgroupfs manager, a `.slice` for systemd's. `None`: Podman's default.
     /// The OpenWrt init sets it (`CHUTED_CGROUP_PARENT`) so chutes sit beside the agent.
     pub cgroup_parent: Option<String>,
+    /// Where image archives received from the cloud are kept (up to 1 GiB each): beside
+    /// Podman's storage, not in the state dir, which on OpenWrt is on `/etc` flash and
+    /// kept across sysupgrade. `None`: `<state_dir>/images`.
+    pub image_dir: Option<PathBuf>,
 }
 
 /// What [`check_cgroup_parent`] accepts, for error messages.
@@ -180,7 +185,15 @@ impl AgentConfig {
             cap_add: DEFAULT_CAPS.iter().map(|s| s.to_string()).collect(),
             instance: "default".to_owned(),
             cgroup_parent: None,
+            image_dir: None,
         }
+    }
+
+    /// The directory image archives go to: `image_dir`, else `<state_dir>/images`.
+    pub fn image_dir(&self, state_dir: &Path) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("images"))
     }
 
     pub fn load(path: &Path, host: HostFacts) -> Result<Self, ConfigError> {
@@ -356,6 +369,16 @@ impl AgentConfig {
             }
             cfg.cgroup_parent = Some(cg);
         }
+        if let Some(d) = raw.image_dir {
+            if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(
+                    "image_dir",
+                    format!("{:?}", d.display().to_string()),
+                    "an absolute directory without \"..\", e.g. \"/opt/podman/chuted-images\"",
+                ));
+            }
+            cfg.image_dir = Some(d);
+        }
         if let Some(caps) = raw.cap_add {
             for c in &caps {
                 let bare = c.trim_start_matches("CAP_");
@@ -470,6 +493,28 @@ mod tests {
                 .to_string();
             assert!(
                 e.contains("cgroup_parent") && e.contains("/chuted/chutes"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    /// Image archives (up to 1 GiB) go where `image_dir` says, not into the state dir
+    /// that OpenWrt keeps on flash across sysupgrade.
+    #[test]
+    fn image_dir_is_configurable_and_absolute() {
+        let state = Path::new("/etc/chuted");
+        assert_eq!(
+            parse("").unwrap().image_dir(state),
+            Path::new("/etc/chuted/images")
+        );
+        let c = parse("image_dir = \"/opt/podman/chuted-images\"\n").unwrap();
+        assert_eq!(c.image_dir(state), Path::new("/opt/podman/chuted-images"));
+        for bad in ["images", "/opt/../etc/chuted", ""] {
+            let e = parse(&format!("image_dir = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("image_dir") && e.contains("absolute directory"),
                 "{bad:?}: {e}"
             );
         }

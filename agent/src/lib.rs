@@ -3,6 +3,7 @@ pub mod admin;
 pub mod cgroup;
 pub mod cloud;
 pub mod config;
+pub mod controllers;
 pub mod identity;
 pub mod podman;
 pub mod server;

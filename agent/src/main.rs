@@ -452,6 +452,10 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
         }
         cfg.cgroup_parent = Some(cg);
     }
+    // Podman drops a cap whose controller is missing; say so at start (deploys are refused).
+    for m in chuted::controllers::check(cfg.cgroup_parent.as_deref()) {
+        tracing::error!(controller = m.controller, reason = %m.reason, "chutes cannot be capped: deploys are refused until this is fixed");
+    }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -467,7 +471,9 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
         .write(true)
         .open(&lock_path)
         .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
+    // flock(2) through rustix (already in the tree via async-io) rather than
+    // File::try_lock, which needs Rust 1.89; the OpenWrt 23.05 feed builds with 1.85.
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         bail!(
             "another chuted is already running with state dir {}",
             r.state_dir.display()

@@ -68,6 +68,8 @@ pub enum OpError {
     },
     #[error("chute `{chute}` is busy with another operation; try again")]
     Busy { chute: String },
+    #[error(transparent)]
+    Uncappable(#[from] crate::controllers::Uncappable),
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -380,6 +382,8 @@ impl Agent {
                 chute: manifest.name.to_string(),
             });
         }
+        // A chute whose caps Podman would silently drop is refused, naming the controller.
+        crate::controllers::require(manifest.name.as_str(), self.cfg.cgroup_parent.as_deref())?;
         let name = manifest.name.clone();
         let existing = self.chutes.borrow().get(&name).map(|h| h.tx.clone());
         if let Some(tx) = existing {
@@ -1853,7 +1857,7 @@ pub async fn sample_usage(agent: Rc<Agent>) {
     loop {
         Timer::after(interval).await;
         tick += 1;
-        if tick.is_multiple_of(NET_EVERY) {
+        if tick % NET_EVERY == 0 {
             let shaped: Vec<_> = agent
                 .views()
                 .into_iter()

@@ -137,7 +137,7 @@ impl Cloud {
             grants: RefCell::new(store::GrantStore::load(&state_dir)),
             results: RefCell::new(store::ResultCache::default()),
             inflight: RefCell::new(BTreeMap::new()),
-            images: RefCell::new(images::Images::new(&state_dir)),
+            images: RefCell::new(images::Images::new(&agent.cfg.image_dir(&state_dir))),
             logs: RefCell::new(commands::LogTaps::default()),
             outbox: RefCell::new(None),
             epoch: Cell::new(0),
