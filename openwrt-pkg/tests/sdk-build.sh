@@ -15,8 +15,8 @@
 # lang/rust is the real one when OPENWRT_RUST_DIR points at a packages feed's lang/rust,
 # else the stand-in in tests/sdk/ (the SDK's profile overrides restated). rules.mk and
 # package.mk are always stand-ins (tests/sdk/): host paths, the x86_64 target, the host cc.
-# The SDK's RUSTFLAGS reach the baseline too, so cargo reuses its artifacts when the
-# profiles agree and the comparison costs one release build, not two.
+# The baseline runs in the SDK's environment minus its CARGO_PROFILE_* variables, so
+# cargo reuses its artifacts when the profiles agree: one release build, not two.
 #
 # Prints both sizes; fails if they differ by more than SIZE_TOLERANCE_PCT (default 2) or
 # if rustc was asked for overflow checks. Work dir: target/sdk-equiv (CHUTED_SDK_WORK).
@@ -54,9 +54,12 @@ version=$(sed -n 's/^PKG_VERSION:=//p' "$PKGROOT/chuted/Makefile")
 src=$W/build/chuted-$version
 
 export CARGO_TARGET_DIR=$W/cargo-target
-rustflags="-Ctarget-feature=-crt-static -Clink-arg=-fuse-ld=bfd"
-echo "baseline: cargo build --release --locked -p chuted --target $TRIPLE ($(cargo --version))"
-(cd "$src" && RUSTFLAGS="$rustflags" cargo build -q --release --locked -p chuted --bin chuted --target "$TRIPLE")
+# The baseline gets the SDK's environment minus its CARGO_PROFILE_* overrides, so only
+# the profile differs and cargo shares every artifact when the profiles agree.
+vars=$(mk print-cargo-vars)
+base_vars=$(printf '%s\n' "$vars" | sed 's/CARGO_PROFILE_[A-Z_]*=[^ ]*//g')
+echo "baseline: cargo build --release --locked -p chuted ($(cargo --version)), SDK environment without CARGO_PROFILE_*"
+(cd "$src" && eval "$base_vars cargo build -q --release --locked -p chuted --bin chuted")
 base=$CARGO_TARGET_DIR/$TRIPLE/release/chuted
 cp "$base" "$W/chuted.release"
 

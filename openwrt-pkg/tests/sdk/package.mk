@@ -19,6 +19,8 @@ prepare: download
 	@for f in $(PKG_LICENSE_FILES); do test -f $(PKG_BUILD_DIR)/$$$$f || { echo "PKG_LICENSE_FILES: no $$$$f in the source" >&2; exit 1; }; done
 compile:
 	$(Build/Compile)
+print-cargo-vars:
+	@echo '$(CARGO_PKG_VARS)'
 install:
 	rm -rf $(W)/root && mkdir -p $(W)/root
 	$(call Package/$(1)/install,$(W)/root)
