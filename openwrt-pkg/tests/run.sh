@@ -25,7 +25,8 @@ SHELLS="sh"
 command -v busybox >/dev/null && busybox sh -c 'exit 0' 2>/dev/null && SHELLS="$SHELLS busybox-ash"
 shell_cmd() { if [ "$1" = busybox-ash ]; then echo "busybox sh"; else echo "$1"; fi; }
 
-for f in "$INIT" "$FILES/chuted-cgexec" "$PKGROOT/build-ipk.sh"; do
+for f in "$INIT" "$FILES/chuted-cgexec" "$PKGROOT/build-ipk.sh" "$PKGROOT/make-source.sh" \
+    "$HERE/sdk-build.sh" "$ROOT/cross/rust-1.85.sh"; do
     for s in $SHELLS; do
         check "$s -n $(basename "$f")" $(shell_cmd "$s") -n "$f"
     done
