@@ -308,15 +308,15 @@ impl CgroupPaths {
     }
 }
 
-struct Mount {
-    root: String,
-    point: PathBuf,
-    options: String,
-    v2: bool,
+pub(crate) struct Mount {
+    pub(crate) root: String,
+    pub(crate) point: PathBuf,
+    pub(crate) options: String,
+    pub(crate) v2: bool,
 }
 
 /// Cgroup mounts from mountinfo: `id parent dev root point opts [tags] - fstype src super`.
-fn parse_mountinfo(s: &str) -> Vec<Mount> {
+pub(crate) fn parse_mountinfo(s: &str) -> Vec<Mount> {
     s.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
@@ -362,7 +362,7 @@ fn unescape(s: &str) -> String {
 
 /// The cgroup path relative to the mount's root (they differ inside a cgroup namespace
 /// or when a subtree is bind-mounted).
-fn relative<'a>(cg_path: &'a str, mount_root: &str) -> &'a str {
+pub(crate) fn relative<'a>(cg_path: &'a str, mount_root: &str) -> &'a str {
     let rel = if mount_root == "/" {
         cg_path
     } else {

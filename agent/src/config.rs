@@ -120,6 +120,7 @@ struct RawConfig {
     host_bind: Option<String>,
     partial_image_max_age_secs: Option<u64>,
     userns_base: Option<u32>,
+    image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -175,6 +176,10 @@ pub struct AgentConfig {
     pub partial_image_max_age: Duration,
     /// First host id of per-chute user namespaces (65536 ids each); `None`: off.
     pub userns_base: Option<u32>,
+    /// Where image archives received from the cloud are kept (up to 1 GiB each): beside
+    /// Podman's storage, not in the state dir, which on OpenWrt is on `/etc` flash and
+    /// kept across sysupgrade. `None`: `<state_dir>/images`.
+    pub image_dir: Option<PathBuf>,
 }
 
 /// A manifest port outside the owner's allow-list.
@@ -299,7 +304,15 @@ impl AgentConfig {
             host_bind: None,
             partial_image_max_age: Duration::from_secs(24 * 3600),
             userns_base: None,
+            image_dir: None,
         }
+    }
+
+    /// The directory image archives go to: `image_dir`, else `<state_dir>/images`.
+    pub fn image_dir(&self, state_dir: &Path) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("images"))
     }
 
     pub fn load(path: &Path, host: HostFacts) -> Result<Self, ConfigError> {
@@ -487,6 +500,16 @@ impl AgentConfig {
             }
             cfg.cgroup_parent = Some(cg);
         }
+        if let Some(d) = raw.image_dir {
+            if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(
+                    "image_dir",
+                    format!("{:?}", d.display().to_string()),
+                    "an absolute directory without \"..\", e.g. \"/opt/podman/chuted-images\"",
+                ));
+            }
+            cfg.image_dir = Some(d);
+        }
         if let Some(caps) = raw.cap_add {
             for c in &caps {
                 let bare = c.trim_start_matches("CAP_");
@@ -656,6 +679,28 @@ mod tests {
                 .to_string();
             assert!(
                 e.contains("cgroup_parent") && e.contains("/chuted/chutes"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    /// Image archives (up to 1 GiB) go where `image_dir` says, not into the state dir
+    /// that OpenWrt keeps on flash across sysupgrade.
+    #[test]
+    fn image_dir_is_configurable_and_absolute() {
+        let state = Path::new("/etc/chuted");
+        assert_eq!(
+            parse("").unwrap().image_dir(state),
+            Path::new("/etc/chuted/images")
+        );
+        let c = parse("image_dir = \"/opt/podman/chuted-images\"\n").unwrap();
+        assert_eq!(c.image_dir(state), Path::new("/opt/podman/chuted-images"));
+        for bad in ["images", "/opt/../etc/chuted", ""] {
+            let e = parse(&format!("image_dir = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("image_dir") && e.contains("absolute directory"),
                 "{bad:?}: {e}"
             );
         }

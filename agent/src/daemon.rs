@@ -113,6 +113,10 @@ pub fn run(opts: Options) -> Result<(), StartError> {
         }
         cfg.cgroup_parent = Some(cg);
     }
+    // Podman drops a cap whose controller is missing; say so at start (deploys are refused).
+    for m in crate::controllers::check(cfg.cgroup_parent.as_deref()) {
+        tracing::error!(controller = m.controller, reason = %m.reason, "chutes cannot be capped: deploys are refused until this is fixed");
+    }
     create_state_dir(&opts.state_dir)?;
     let lock_path = opts.state_dir.join("lock");
     let lock = std::fs::OpenOptions::new()
@@ -124,7 +128,9 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             path: lock_path.clone(),
             source,
         })?;
-    if lock.try_lock().is_err() {
+    // flock(2) through rustix (already in the tree via async-io) rather than
+    // File::try_lock, which needs Rust 1.89; the OpenWrt 23.05 feed builds with 1.85.
+    if rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive).is_err() {
         return Err(StartError::Locked {
             path: opts.state_dir.clone(),
         });

@@ -3,6 +3,7 @@ pub mod api;
 pub mod cgroup;
 pub mod cloud;
 pub mod config;
+pub mod controllers;
 pub mod daemon;
 pub mod identity;
 pub mod imagepin;

@@ -1,7 +1,9 @@
 //! Receiving image archives for signed deploys: resumable, content-addressed by the
 //! sha256 in the signed command, verified before anything loads them.
 //!
-//! Layout under `<state>/images/`: `<sha>.part` while bytes arrive (kept across
+//! Layout under the image directory (config `image_dir`, default `<state>/images`; on
+//! OpenWrt beside Podman's storage, never in the state dir on `/etc` flash, which
+//! sysupgrade would copy into RAM): `<sha>.part` while bytes arrive (kept across
 //! restarts, so a re-issued deploy resumes where the last one stopped), then
 //! `<sha>/image.tar` + `<sha>/image.tar.sha256`, the directory form `deploy` already
 //! loads (and hashes once more right before loading). Chunks are accepted only for a
@@ -100,13 +102,14 @@ pub struct Images {
 }
 
 impl Images {
-    pub fn new(state_dir: &Path) -> Self {
-        Self::with_limits(state_dir, Limits::default())
+    /// `dir`: where archives go, [`AgentConfig::image_dir`](crate::config::AgentConfig::image_dir).
+    pub fn new(dir: &Path) -> Self {
+        Self::with_limits(dir, Limits::default())
     }
 
-    pub fn with_limits(state_dir: &Path, limits: Limits) -> Self {
+    pub fn with_limits(dir: &Path, limits: Limits) -> Self {
         let imgs = Self {
-            dir: state_dir.join("images"),
+            dir: dir.to_path_buf(),
             pending: BTreeMap::new(),
             limits,
         };
@@ -474,6 +477,34 @@ mod tests {
         assert!(matches!(imgs.expect(sha, total), Ok(Expect::Ready(_))));
     }
 
+    /// Archives land in the directory the agent is given (config `image_dir`), nothing
+    /// in the state dir.
+    #[test]
+    fn archives_go_to_the_image_dir_not_the_state_dir() {
+        let state = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::AgentConfig::defaults(crate::config::HostFacts {
+            cpus: 1,
+            memory_bytes: 1 << 30,
+        });
+        cfg.image_dir = Some(store.path().join("chuted-images"));
+        let data = b"an image archive".to_vec();
+        let sha: [u8; 32] = sha2::Sha256::digest(&data).into();
+        let mut imgs = Images::new(&cfg.image_dir(state.path()));
+        let Expect::Pending(rx, _) = imgs.expect(sha, data.len() as u64).unwrap() else {
+            panic!()
+        };
+        imgs.accept(&chunk(sha, data.len() as u64, 0, &data))
+            .unwrap();
+        let ready = rx.try_recv().unwrap().unwrap();
+        assert!(
+            ready.starts_with(store.path().join("chuted-images")),
+            "{ready:?}"
+        );
+        assert_eq!(std::fs::read(ready.join("image.tar")).unwrap(), data);
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+    }
+
     #[test]
     fn partial_transfers_are_capped_and_stale_ones_removed() {
         let dir = tempfile::tempdir().unwrap();
@@ -507,12 +538,7 @@ mod tests {
             },
         );
         drop(old);
-        assert_eq!(
-            std::fs::read_dir(dir.path().join("images"))
-                .unwrap()
-                .count(),
-            0
-        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         imgs.expect([3; 32], 10).unwrap();
         // Free space: refused with the numbers when the rest would not fit.
         let free = free_bytes(dir.path()).unwrap();
@@ -551,7 +577,6 @@ mod tests {
         );
         assert!(!dir
             .path()
-            .join("images")
             .join(format!("{}.part", hex_encode(&sha)))
             .exists());
         assert!(imgs.expect(sha, 0).is_err());

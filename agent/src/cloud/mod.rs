@@ -176,7 +176,10 @@ impl Cloud {
             grants: grants::GrantStore::new(&state_dir),
             results: RefCell::new(store::ResultCache::default()),
             inflight: RefCell::new(BTreeMap::new()),
-            images: RefCell::new(images::Images::with_limits(&state_dir, cfg.image_limits)),
+            images: RefCell::new(images::Images::with_limits(
+                &agent.cfg.image_dir(&state_dir),
+                cfg.image_limits,
+            )),
             logs: RefCell::new(commands::LogTaps::default()),
             outbox: RefCell::new(None),
             epoch: Cell::new(0),

@@ -29,6 +29,8 @@ impl Agent {
                 chute: manifest.name.to_string(),
             });
         }
+        // A chute whose caps Podman would silently drop is refused, naming the controller.
+        crate::controllers::require(manifest.name.as_str(), self.cfg.cgroup_parent.as_deref())?;
         self.cfg.check_host_ports(&manifest)?;
         crate::imagepin::check_deploy(
             &self.state_dir,

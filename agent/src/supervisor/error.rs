@@ -67,6 +67,8 @@ pub enum OpError {
     Busy { chute: String },
     #[error(transparent)]
     HostPort(#[from] crate::config::HostPortRefused),
+    #[error(transparent)]
+    Uncappable(#[from] crate::controllers::Uncappable),
     /// A per-chute user namespace range could not be assigned or recorded.
     #[error("chute `{chute}`: user namespace: {message}")]
     Userns { chute: String, message: String },
@@ -80,7 +82,9 @@ impl OpError {
             OpError::Admission(_) => ErrorCode::InsufficientResources,
             OpError::NoSuchChute { .. } | OpError::Removed { .. } => ErrorCode::NoSuchChute,
             OpError::NoContainer { .. } | OpError::Refused { .. } => ErrorCode::InvalidState,
-            OpError::HostNetworkRefused { .. } | OpError::HostPort(_) => ErrorCode::NotAllowed,
+            OpError::HostNetworkRefused { .. } | OpError::HostPort(_) | OpError::Uncappable(_) => {
+                ErrorCode::NotAllowed
+            }
             OpError::Userns { .. } => ErrorCode::Internal,
             OpError::Image { .. } => ErrorCode::Image,
             OpError::DigestMismatch { .. } => ErrorCode::DigestMismatch,

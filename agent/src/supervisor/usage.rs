@@ -88,7 +88,7 @@ pub async fn sample_usage(agent: Rc<Agent>) {
     loop {
         Timer::after(interval).await;
         tick += 1;
-        if tick.is_multiple_of(NET_EVERY) {
+        if tick % NET_EVERY == 0 {
             for view in agent.views() {
                 let (pid, netns) = {
                     let b = view.borrow();
