@@ -911,8 +911,8 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
-    /// The example from DESIGN.md, verbatim.
-    const DESIGN_EXAMPLE: &str = r#"
+    /// A manifest with every section and key.
+    const FULL_EXAMPLE: &str = r#"
 name = "hello-web"                 # [a-z0-9-], 1..=40; container is named chute-<name>
 version = "1.0.0"
 image = "localhost/hello-web:1"    # present locally, pulled, or loaded from an archive
@@ -935,7 +935,7 @@ policy = "on-failure"              # always | on-failure | never
 
     #[test]
     fn design_example_parses_to_exact_values() {
-        let m = Manifest::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        let m = Manifest::from_toml_str(FULL_EXAMPLE).unwrap();
         let want = Manifest {
             name: ChuteName::parse("hello-web").unwrap(),
             version: "1.0.0".into(),
@@ -1485,7 +1485,7 @@ policy = "on-failure"              # always | on-failure | never
 
     #[test]
     fn manifest_roundtrips_through_postcard_and_json() {
-        let m = Manifest::from_toml_str(DESIGN_EXAMPLE).unwrap();
+        let m = Manifest::from_toml_str(FULL_EXAMPLE).unwrap();
         let bytes = postcard::to_stdvec(&m).unwrap();
         assert_eq!(postcard::from_bytes::<Manifest>(&bytes).unwrap(), m);
         let json = serde_json::to_string(&m).unwrap();
