@@ -81,6 +81,9 @@ struct RunCmd {
     /// after an unanswered ping (default 60)
     #[argh(option, default = "60")]
     cloud_keepalive_secs: u64,
+    /// single-use claim token from the cloud owner: accepted on first connect
+    #[argh(option)]
+    claim: Option<String>,
 }
 
 /// Deploy or update the chute in DIR (chute.toml, optional image.tar + image.tar.sha256).
@@ -484,6 +487,7 @@ fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
             lc.keepalive = keepalive;
             lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
             lc.ca_file = r.cloud_ca.clone();
+            lc.claim = r.claim.clone();
             // Refuse a bad URL or unreadable CA file now, not after reconciling.
             chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
             Some(lc)

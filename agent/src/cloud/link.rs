@@ -48,6 +48,8 @@ type Ws = WebSocketStream<Box<dyn Io>>;
 /// A parsed cloud URL and, for wss://, the TLS client configuration.
 pub struct Endpoint {
     url: String,
+    /// Claim token for the upgrade request (see `LinkConfig::claim`).
+    pub(super) claim: Option<String>,
     host: String,
     port: u16,
     #[cfg(feature = "tls")]
@@ -89,6 +91,7 @@ impl Endpoint {
             }
             Ok(Self {
                 url: url.to_owned(),
+                claim: None,
                 host,
                 port,
             })
@@ -104,6 +107,7 @@ impl Endpoint {
             };
             Ok(Self {
                 url: url.to_owned(),
+                claim: None,
                 host,
                 port,
                 tls,
@@ -132,6 +136,11 @@ impl Endpoint {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
+        if let Some(claim) = &self.claim {
+            let value = HeaderValue::from_str(claim)
+                .map_err(|_| "claim token: not a valid header value".to_owned())?;
+            request.headers_mut().insert("X-Chute-Claim", value);
+        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME))
             .max_frame_size(Some(MAX_FRAME));

@@ -59,6 +59,9 @@ pub struct LinkConfig {
     pub transfer_stall: Duration,
     /// PEM file of CA certificates for wss:// (default: the system bundle).
     pub ca_file: Option<PathBuf>,
+    /// Single-use claim token sent with the websocket upgrade (`X-Chute-Claim`), so a
+    /// cloud accepts this device on first connect without the owner approving it.
+    pub claim: Option<String>,
 }
 
 impl LinkConfig {
@@ -74,6 +77,7 @@ impl LinkConfig {
             stable_after: Duration::from_secs(10),
             transfer_stall: Duration::from_secs(600),
             ca_file: None,
+            claim: None,
         }
     }
 }
@@ -125,7 +129,8 @@ impl Cloud {
         owner: Option<PublicKey>,
         cfg: LinkConfig,
     ) -> Result<Rc<Self>, LinkError> {
-        let endpoint = Endpoint::parse(&cfg.url, cfg.ca_file.as_deref())?;
+        let mut endpoint = Endpoint::parse(&cfg.url, cfg.ca_file.as_deref())?;
+        endpoint.claim = cfg.claim.clone();
         let verifier = owner.map(|o| Verifier::new(o, device.device_id()));
         let skew = verifier
             .as_ref()

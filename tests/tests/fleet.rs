@@ -1,0 +1,332 @@
+//! chute-cloud + chutectl end to end: a real chuted on real Podman, managed through a
+//! real chute-cloud with the developer CLI, the way a fleet owner and a developer use
+//! them. Needs `cargo build -p chuted -p chute-cloud -p chutectl` first.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use e2e::*;
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(60);
+
+fn bin(name: &str) -> PathBuf {
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| workspace_root().join("target"));
+    let p = target.join("debug").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: run `cargo build -p chute-cloud -p chutectl` first",
+        p.display()
+    );
+    p
+}
+
+/// A chute-cloud process on a free port, killed on drop.
+struct Cloud {
+    child: Child,
+    port: u16,
+    data: PathBuf,
+    log: PathBuf,
+}
+
+impl Cloud {
+    fn start(dir: &Path) -> Cloud {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let data = dir.join("cloud");
+        let log = dir.join("cloud.log");
+        let child = Command::new(bin("chute-cloud"))
+            .args(["serve", "--data-dir"])
+            .arg(&data)
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--log-level",
+                "debug",
+            ])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start chute-cloud");
+        let c = Cloud {
+            child,
+            port,
+            data,
+            log,
+        };
+        wait_until("chute-cloud /healthz", T, || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+                && c.data.join("admin.token").exists()
+        });
+        c
+    }
+
+    fn http(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn agent_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/agent", self.port)
+    }
+
+    fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cloud {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// chutectl with this test's cloud, token and a HOME of its own.
+struct Ctl {
+    cloud: String,
+    token: String,
+    home: PathBuf,
+}
+
+impl Ctl {
+    fn run(&self, key: &Path, args: &[&str]) -> Output {
+        Command::new(bin("chutectl"))
+            .arg("--key")
+            .arg(key)
+            .args(args)
+            .env("HOME", &self.home)
+            .env("CHUTECTL_CLOUD", &self.cloud)
+            .env("CHUTECTL_TOKEN", &self.token)
+            .output()
+            .expect("run chutectl")
+    }
+
+    /// Runs with `--json` (at the end, as users type it); returns (success, JSON).
+    fn json(&self, key: &Path, args: &[&str]) -> (bool, Value) {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let o = self.run(key, &a);
+        let out = String::from_utf8_lossy(&o.stdout);
+        let v = serde_json::from_str(&out).unwrap_or_else(|_| {
+            panic!(
+                "chutectl {args:?}: not JSON: {out}\nstderr: {}",
+                String::from_utf8_lossy(&o.stderr)
+            )
+        });
+        (o.status.success(), v)
+    }
+
+    fn ok(&self, key: &Path, args: &[&str]) -> Value {
+        let (ok, v) = self.json(key, args);
+        assert!(ok, "chutectl {args:?} failed: {v}");
+        v
+    }
+}
+
+fn device_entry(ctl: &Ctl, key: &Path, id: &str) -> Option<Value> {
+    let list = ctl.ok(key, &["device", "list"]);
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == id)
+        .cloned()
+}
+
+#[test]
+fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
+    let mut w = World::new(&small_pools_config("heartbeat_secs = 1\nsample_secs = 1\n"));
+    let cloud = Cloud::start(&w.dir);
+    let ctl = Ctl {
+        cloud: cloud.http(),
+        token: cloud.token(),
+        home: w.dir.join("home"),
+    };
+    let owner_key = w.dir.join("owner.key");
+    let dev_key = w.dir.join("dev.key");
+
+    // The owner registers the fleet key and the device trusts it.
+    ctl.ok(&owner_key, &["keygen"]);
+    let init = ctl.ok(&owner_key, &["owner", "init"]);
+    let owner_hex = init["owner_key"].as_str().unwrap().to_owned();
+    assert!(init["trust_command"].as_str().unwrap().contains(&owner_hex));
+    let state = w.state_dir.to_str().unwrap().to_owned();
+    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
+    let id_out = w.cli(&["id", "--state-dir", &state]);
+    let device = id_out
+        .lines()
+        .find_map(|l| l.strip_prefix("device_id "))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // An unknown device appears pending, with a fingerprint the owner can compare.
+    w.run_args = vec!["--cloud".into(), cloud.agent_url()];
+    w.start_agent();
+    wait_until("the device to appear pending", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["status"] == "pending")
+    });
+    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    assert_eq!(d["connected"], true, "{d}");
+    assert!(
+        device.starts_with(&d["fingerprint"].as_str().unwrap().replace('-', "")),
+        "{d}"
+    );
+    for field in ["id", "status", "connected", "fingerprint", "last_heartbeat"] {
+        assert!(d.get(field).is_some(), "device list lacks {field}: {d}");
+    }
+
+    // Accepted: heartbeats are recorded from then on.
+    ctl.ok(&owner_key, &["device", "accept", &device]);
+    wait_until("a heartbeat after acceptance", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+            d["status"] == "accepted"
+                && d["last_heartbeat"].is_i64()
+                && d["agent_version"].is_string()
+        })
+    });
+    ctl.ok(&owner_key, &["device", "tag", &device, "lab", "e2e"]);
+
+    // The owner grants a developer key every procedure on chutes `<prefix>*` only.
+    let prefix = unique("fl");
+    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let patterns = format!("{prefix}-*");
+    ctl.ok(
+        &owner_key,
+        &[
+            "grant",
+            "issue",
+            "--to",
+            &dev_pub,
+            "--procedures",
+            "deploy,start,stop,restart,remove,logs,status",
+            "--chutes",
+            &patterns,
+        ],
+    );
+
+    // The developer pushes a chute directory with an image archive: the image goes to
+    // the cloud's blob store, then to the device over the chunk transfer.
+    let name = format!("{prefix}-web");
+    let dir = w.chute_dir(
+        &name,
+        r#"["sh", "-c", "echo hello-from-the-cloud; while true; do sleep 1; done"]"#,
+        "[resources]\ncpu = 0.25\nmemory = \"48MiB\"\npids = 48\n",
+    );
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        dir.join("image.tar").to_str().unwrap(),
+        IMAGE,
+    ]);
+    let started = Instant::now();
+    let pushed = ctl.ok(&dev_key, &["push", dir.to_str().unwrap(), "--tag", "lab"]);
+    let push_secs = started.elapsed().as_secs_f64();
+    let r = &pushed["results"][0];
+    assert_eq!(
+        r["status"],
+        "succeeded",
+        "{pushed}\ncloud log:\n{}",
+        tail(&cloud.log(), 30)
+    );
+    assert_eq!(r["verified"], true, "{r}");
+    assert_eq!(r["device"], device.as_str());
+    let timeline: Vec<&str> = r["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(timeline, ["queued", "sent", "succeeded"], "{r}");
+    eprintln!("push round trip (upload + transfer + deploy + verified result): {push_secs:.2}s");
+
+    // It runs on the agent, with the caps of its manifest.
+    w.wait_state(&name, "running", T);
+    let pid = w.container_pid(&name);
+    assert_eq!(cgroup_file(pid, "pids", "pids.max"), "48");
+    let mem = cgroup_file(pid, "memory", "memory.limit_in_bytes");
+    assert_eq!(mem, (48u64 << 20).to_string());
+
+    // stop / start / logs, each a signed command with a verified result.
+    let r = ctl.ok(&dev_key, &["stop", "--device", &device, &name]);
+    assert_eq!(r["verified"], true, "{r}");
+    w.wait_state(&name, "stopped", T);
+    let r = ctl.ok(&dev_key, &["start", "--device", &device, &name]);
+    assert_eq!(r["verified"], true, "{r}");
+    w.wait_state(&name, "running", T);
+    let mut logs = Value::Null;
+    wait_until("the chute's output in its logs", T, || {
+        logs = ctl.ok(&dev_key, &["logs", "--device", &device, &name]);
+        logs.to_string().contains("hello-from-the-cloud")
+    });
+    assert_eq!(logs["verified"], true, "{logs}");
+    let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
+    assert_eq!(listed["verified"], true, "{listed}");
+    assert!(listed.to_string().contains(&name), "{listed}");
+
+    // Honest status: running/total from heartbeats.
+    wait_until("heartbeats to count the running chute", T, || {
+        device_entry(&ctl, &owner_key, &device)
+            .is_some_and(|d| d["chutes_running"] == 1 && d["chutes_total"] == 1)
+    });
+
+    // A chute outside the grant's pattern is refused, with the reason, and nothing runs.
+    let other = unique("outside");
+    let odir = w.chute_dir(&other, r#"["sleep", "3600"]"#, "");
+    let (ok, refused) = ctl.json(
+        &dev_key,
+        &["push", odir.to_str().unwrap(), "--device", &device],
+    );
+    assert!(!ok, "{refused}");
+    let r = &refused["results"][0];
+    assert_eq!(r["status"], "refused", "{refused}");
+    let reason = r["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("not_authorized") && reason.contains(&other),
+        "{reason}"
+    );
+    assert!(w.try_cli(&["inspect", &other]).status.code() != Some(0));
+
+    // Deployments count per-device outcomes; the audit log saw the owner's calls.
+    let deps = ctl.ok(&owner_key, &["deployment", "list"]);
+    let first = deps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["chute"] == name.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (first["targeted"].as_i64(), first["succeeded"].as_i64()),
+        (Some(1), Some(1)),
+        "{first}"
+    );
+    let shown = ctl.ok(
+        &owner_key,
+        &["deployment", "show", &first["id"].to_string()],
+    );
+    assert_eq!(shown["devices"][0]["device_id"], device.as_str());
+
+    // Clean up through the cloud too.
+    let r = ctl.ok(&dev_key, &["remove", "--device", &device, &name]);
+    assert_eq!(r["verified"], true, "{r}");
+}
