@@ -16,6 +16,7 @@ scripts/setup.sh
 examples/hello-web/build-image.sh
 
 run "cargo fmt --check" cargo fmt --all --check
+run "chuted dependency check (no cloud stack in the router binary)" scripts/check-deps.sh
 run "cargo clippy" cargo clippy --workspace --all-targets -q -- -D warnings
 step "cargo build"
 cargo build --workspace -q

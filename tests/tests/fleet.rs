@@ -330,3 +330,320 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     let r = ctl.ok(&dev_key, &["remove", "--device", &device, &name]);
     assert_eq!(r["verified"], true, "{r}");
 }
+
+/// A scripted device speaking the protocol over a real websocket: what a hostile or
+/// simply offline-and-back device looks like to the cloud, without Podman.
+mod fake {
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    use proto::{AuthMethod, Authenticate, BoundedString, Hello, Keypair, Message};
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::http::HeaderValue;
+    use tungstenite::{Message as WsMessage, WebSocket};
+
+    pub type Ws = WebSocket<TcpStream>;
+
+    pub fn open(url: &str, claim: Option<&str>) -> Ws {
+        let mut req = url.into_client_request().unwrap();
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            HeaderValue::from_static(proto::SUBPROTOCOL),
+        );
+        if let Some(c) = claim {
+            req.headers_mut()
+                .insert("X-Chute-Claim", HeaderValue::from_str(c).unwrap());
+        }
+        let host = req.uri().authority().unwrap().as_str().to_owned();
+        let tcp = TcpStream::connect(host).unwrap();
+        tcp.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        tungstenite::client::client(req, tcp)
+            .expect("websocket upgrade")
+            .0
+    }
+
+    pub fn send(ws: &mut Ws, m: &Message) {
+        ws.send(WsMessage::Binary(proto::encode(m).unwrap().into()))
+            .unwrap();
+    }
+
+    /// The next protocol message; `None` when the cloud closed the session.
+    pub fn recv(ws: &mut Ws) -> Option<Message> {
+        loop {
+            match ws.read() {
+                Ok(WsMessage::Binary(b)) => return Some(proto::decode(&b).unwrap()),
+                Ok(WsMessage::Close(_)) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// HELLO, answer the CHALLENGE; returns what came after (WELCOME or ABORT).
+    pub fn handshake(ws: &mut Ws, key: &Keypair) -> Option<Message> {
+        send(
+            ws,
+            &Message::Hello(Hello {
+                realm: BoundedString::new("default").unwrap(),
+                pubkey: key.public(),
+                agent_version: BoundedString::new("fake-1").unwrap(),
+                auth_method: AuthMethod::Cryptosign,
+            }),
+        );
+        let Some(Message::Challenge(c)) = recv(ws) else {
+            panic!("no CHALLENGE")
+        };
+        send(
+            ws,
+            &Message::Authenticate(Authenticate::answer(key, "default", &c)),
+        );
+        recv(ws)
+    }
+
+    pub fn connect(url: &str, key: &Keypair, claim: Option<&str>) -> (Ws, Option<Message>) {
+        let mut ws = open(url, claim);
+        let m = handshake(&mut ws, key);
+        (ws, m)
+    }
+}
+
+fn status_of(ctl: &Ctl, key: &Path, id: &str) -> String {
+    device_entry(ctl, key, id)
+        .map(|d| d["status"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[test]
+fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
+    use proto::{BoundedBytes, CallResult, ErrorCode, Keypair, Message, Outcome, SignedResult};
+    let dir = std::env::temp_dir().join(unique("chute-cloud-adm-"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cloud = Cloud::start(&dir);
+    let ctl = Ctl {
+        cloud: cloud.http(),
+        token: cloud.token(),
+        home: dir.join("home"),
+    };
+    let owner_key = dir.join("owner.key");
+    let dev_key = dir.join("dev.key");
+    ctl.ok(&owner_key, &["keygen"]);
+    ctl.ok(&owner_key, &["owner", "init"]);
+    let url = cloud.agent_url();
+
+    // Unknown key: welcomed but pending; what it publishes is not recorded.
+    let a = Keypair::generate().unwrap();
+    let a_id = a.device_id().to_hex();
+    let (mut wa, m) = fake::connect(&url, &a, None);
+    assert!(matches!(m, Some(Message::Welcome(_))), "{m:?}");
+    assert_eq!(status_of(&ctl, &owner_key, &a_id), "pending");
+
+    // A claim token accepts a new key on its first connect, once.
+    let claim = ctl.ok(&owner_key, &["device", "claim-token", "--expires", "10m"]);
+    let token = claim["token"].as_str().unwrap().to_owned();
+    let b = Keypair::generate().unwrap();
+    let b_id = b.device_id().to_hex();
+    let (wb, m) = fake::connect(&url, &b, Some(&token));
+    assert!(matches!(m, Some(Message::Welcome(_))), "{m:?}");
+    assert_eq!(status_of(&ctl, &owner_key, &b_id), "accepted");
+    let c = Keypair::generate().unwrap();
+    let (_wc, _) = fake::connect(&url, &c, Some(&token));
+    assert_eq!(
+        status_of(&ctl, &owner_key, &c.device_id().to_hex()),
+        "pending",
+        "a claim token is single-use"
+    );
+    drop(wb);
+
+    // Rejecting a device closes its session and refuses it from then on.
+    ctl.ok(&owner_key, &["device", "reject", &a_id]);
+    let mut closed = false;
+    for _ in 0..5 {
+        match fake::recv(&mut wa) {
+            Some(Message::Abort(ab)) => {
+                assert_eq!(ab.code, ErrorCode::NotAuthorized);
+                closed = true;
+                break;
+            }
+            None => {
+                closed = true;
+                break;
+            }
+            Some(_) => {}
+        }
+    }
+    assert!(closed, "a rejected device's session stays open");
+    let (_w, m) = fake::connect(&url, &a, None);
+    assert!(
+        matches!(m, Some(Message::Abort(_))),
+        "rejected device welcomed again: {m:?}"
+    );
+
+    // Hostile peers: a bad challenge answer, garbage frames, a text frame.
+    let mut w = fake::open(&url, None);
+    fake::send(
+        &mut w,
+        &Message::Hello(proto::Hello {
+            realm: proto::BoundedString::new("default").unwrap(),
+            pubkey: Keypair::generate().unwrap().public(),
+            agent_version: proto::BoundedString::new("x").unwrap(),
+            auth_method: proto::AuthMethod::Cryptosign,
+        }),
+    );
+    let _challenge = fake::recv(&mut w);
+    fake::send(
+        &mut w,
+        &Message::Authenticate(proto::Authenticate {
+            signature: proto::SignatureBytes([7; 64]),
+        }),
+    );
+    assert!(
+        matches!(fake::recv(&mut w), Some(Message::Abort(ab)) if ab.code == ErrorCode::AuthenticationFailed)
+    );
+    let mut w = fake::open(&url, None);
+    w.send(tungstenite::Message::Binary(
+        vec![0xde, 0xad, 0xbe, 0xef].into(),
+    ))
+    .unwrap();
+    assert!(
+        matches!(fake::recv(&mut w), None | Some(Message::Abort(_))),
+        "garbage instead of HELLO must end the session"
+    );
+    let mut w = fake::open(&url, None);
+    let _ = w.send(tungstenite::Message::Binary(
+        vec![1u8; 2 * proto::MAX_FRAME].into(),
+    ));
+    assert!(
+        matches!(fake::recv(&mut w), None | Some(Message::Abort(_))),
+        "an oversized frame must end the session"
+    );
+    assert!(fake::recv(&mut w).is_none(), "and close the socket");
+    let devices = ctl.ok(&owner_key, &["device", "list"]);
+    assert_eq!(
+        devices.as_array().unwrap().len(),
+        3,
+        "hostile peers created devices: {devices}"
+    );
+
+    // Offline delivery: commands queued while B is away arrive in order when it returns,
+    // and chutectl verifies the device-signed results.
+    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    ctl.ok(
+        &owner_key,
+        &[
+            "grant",
+            "issue",
+            "--to",
+            &dev_pub,
+            "--procedures",
+            "start,stop",
+            "--chutes",
+            "app-*",
+        ],
+    );
+    let spawn = |op: &str| {
+        Command::new(bin("chutectl"))
+            .args([
+                "--key",
+                dev_key.to_str().unwrap(),
+                op,
+                "--device",
+                &b_id,
+                "app-one",
+                "--json",
+            ])
+            .env("HOME", &ctl.home)
+            .env("CHUTECTL_CLOUD", &ctl.cloud)
+            .env("CHUTECTL_TOKEN", &ctl.token)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let stop = spawn("stop");
+    wait_until("the stop command queued", T, || {
+        cloud_commands(&ctl, &b_id).len() == 1
+    });
+    let start = spawn("start");
+    wait_until("the start command queued", T, || {
+        cloud_commands(&ctl, &b_id).len() == 2
+    });
+    let (mut wb, m) = fake::connect(&url, &b, None);
+    assert!(matches!(m, Some(Message::Welcome(_))));
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        if let Message::Call(call) =
+            fake::recv(&mut wb).expect("the cloud delivers queued commands")
+        {
+            {
+                seen.push(call.command.command.procedure().as_str().to_owned());
+                let result = SignedResult::sign(
+                    &b,
+                    &call.command.command,
+                    Outcome::Ok(BoundedBytes::new(b"{}".to_vec()).unwrap()),
+                );
+                fake::send(
+                    &mut wb,
+                    &Message::Result(CallResult {
+                        request: call.request,
+                        result,
+                    }),
+                );
+            }
+        }
+    }
+    assert_eq!(
+        seen,
+        ["stop", "start"],
+        "delivered in the order they were queued"
+    );
+    for child in [stop, start] {
+        let o = child.wait_with_output().unwrap();
+        let v: Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert!(o.status.success(), "{v}");
+        assert_eq!(v["verified"], true, "{v}");
+        let t: Vec<&str> = v["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["status"].as_str().unwrap())
+            .collect();
+        assert_eq!(t, ["queued", "sent", "succeeded"], "{v}");
+    }
+
+    // A result signed by another key is stored by the relay but refused by chutectl.
+    let forged = spawn("stop");
+    let Some(Message::Call(call)) = fake::recv(&mut wb) else {
+        panic!("no CALL")
+    };
+    let result = SignedResult::sign(
+        &c,
+        &call.command.command,
+        Outcome::Ok(BoundedBytes::new(b"{}".to_vec()).unwrap()),
+    );
+    fake::send(
+        &mut wb,
+        &Message::Result(CallResult {
+            request: call.request,
+            result,
+        }),
+    );
+    let o = forged.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("NOT signed by the device"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn cloud_commands(ctl: &Ctl, device: &str) -> Vec<Value> {
+    let o = Command::new("curl")
+        .args(["-sf", "-H", &format!("Authorization: Bearer {}", ctl.token)])
+        .arg(format!("{}/api/v1/devices/{device}/commands", ctl.cloud))
+        .output()
+        .unwrap();
+    serde_json::from_slice::<Value>(&o.stdout)
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+}
