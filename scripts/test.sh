@@ -29,6 +29,7 @@ if [ -z "${CHUTED_SKIP_CROSS:-}" ]; then
   run "cross smoke (qemu-user)" cross/smoke.sh
 fi
 run "openwrt-pkg tests" openwrt-pkg/tests/run.sh
+run "chute-cloud API fuzz (schemathesis, from its OpenAPI document)" scripts/fuzz-api.sh
 
 step "summary"
 if [ ${#FAILED[@]} -ne 0 ]; then
