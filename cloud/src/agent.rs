@@ -318,6 +318,7 @@ async fn run(
     let mut inflight: Option<Inflight> = None;
     let mut tick = tokio::time::interval(POLL);
     let mut last_rx = Instant::now();
+    let mut held_heartbeat: Option<Message> = None;
     loop {
         if *accepted && inflight.is_none() {
             match next_command(app, device).await {
@@ -359,7 +360,12 @@ async fn run(
                     }
                 };
                 if !*accepted {
-                    // A pending device is heard but not recorded: it cannot fill the store.
+                    // A pending device is heard but not recorded (it cannot fill the
+                    // store); its latest heartbeat is kept in memory for the moment it
+                    // is accepted, so its status is known at once.
+                    if is_heartbeat(&msg) {
+                        held_heartbeat = Some(msg);
+                    }
                     continue;
                 }
                 match handle(ws, app, device, msg, &mut inflight).await {
@@ -380,7 +386,16 @@ async fn run(
                     return "replaced by a newer session".into();
                 }
                 match app.store.device_get(device).await {
-                    Ok(Some(d)) if d.status == "accepted" => *accepted = true,
+                    Ok(Some(d)) if d.status == "accepted" => {
+                        if !*accepted {
+                            if let Some(hb) = held_heartbeat.take() {
+                                if let Err(e) = handle(ws, app, device, hb, &mut inflight).await {
+                                    return e;
+                                }
+                            }
+                        }
+                        *accepted = true;
+                    }
                     Ok(Some(d)) if d.status == "rejected" => {
                         abort(ws, ErrorCode::NotAuthorized, "this device was rejected by the fleet owner").await;
                         return "rejected".into();
@@ -395,6 +410,10 @@ async fn run(
             }
         }
     }
+}
+
+fn is_heartbeat(m: &Message) -> bool {
+    matches!(m, Message::Publish(p) if matches!(p.publication, Publication::Heartbeat(_)))
 }
 
 /// The next command to deliver, marking expired ones on the way.

@@ -445,13 +445,39 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     assert!(matches!(m, Some(Message::Welcome(_))), "{m:?}");
     assert_eq!(status_of(&ctl, &owner_key, &b_id), "accepted");
     let c = Keypair::generate().unwrap();
-    let (_wc, _) = fake::connect(&url, &c, Some(&token));
+    let c_id = c.device_id().to_hex();
+    let (mut wc, _) = fake::connect(&url, &c, Some(&token));
     assert_eq!(
-        status_of(&ctl, &owner_key, &c.device_id().to_hex()),
+        status_of(&ctl, &owner_key, &c_id),
         "pending",
         "a claim token is single-use"
     );
     drop(wb);
+
+    // A pending device's heartbeat is not recorded, but it is shown the moment the
+    // owner accepts the device.
+    fake::send(
+        &mut wc,
+        &Message::Publish(proto::Publish {
+            request: 1,
+            publication: proto::Publication::Heartbeat(proto::Heartbeat {
+                seq: 1,
+                uptime_secs: 5,
+                agent_version: proto::BoundedString::new("fake-2").unwrap(),
+                resources: Default::default(),
+                chutes: Default::default(),
+            }),
+        }),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    assert!(d["last_heartbeat"].is_null(), "{d}");
+    ctl.ok(&owner_key, &["device", "accept", &c_id]);
+    wait_until("the held heartbeat recorded on acceptance", T, || {
+        device_entry(&ctl, &owner_key, &c_id).is_some_and(|d| {
+            d["last_heartbeat"].is_i64() && d["agent_version"] == "fake-2" && d["chutes_total"] == 0
+        })
+    });
 
     // Rejecting a device closes its session and refuses it from then on.
     ctl.ok(&owner_key, &["device", "reject", &a_id]);
