@@ -295,9 +295,12 @@ struct LogsCmd {
     /// lines of history (default 100)
     #[argh(option, default = "100")]
     tail: u32,
-    /// keep following (not supported through the cloud yet)
+    /// keep following: new lines are relayed live (unsigned) until interrupted
     #[argh(switch)]
     follow: bool,
+    /// with --follow, stop after this many seconds (default: until interrupted)
+    #[argh(option)]
+    follow_secs: Option<u64>,
     /// chute name
     #[argh(positional)]
     name: String,
@@ -701,6 +704,60 @@ fn push(ctx: &Ctx, p: &Push) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Prints the verified tail, then the lines the device publishes while we watch (one
+/// JSON object per line with `--json`). Polling keeps the follow alive in the cloud;
+/// when it stops, the cloud unsubscribes and the device stops sending.
+fn follow_logs(ctx: &Ctx, l: &LogsCmd, r: &Value) -> anyhow::Result<()> {
+    let c = ctx.client()?;
+    for x in r["result"]["lines"].as_array().into_iter().flatten() {
+        if ctx.json {
+            println!(
+                "{}",
+                json!({ "text": x["text"], "stream": x["stream"], "verified": true })
+            );
+        } else {
+            println!("{}", x["text"].as_str().unwrap_or(""));
+        }
+    }
+    if !ctx.json {
+        eprintln!(
+            "[history above verified: signed by device {}; following live (relayed, unsigned)…]",
+            l.device
+        );
+    }
+    let start = Instant::now();
+    let mut after = 0u64;
+    let mut dropped = 0u64;
+    loop {
+        if l.follow_secs
+            .is_some_and(|s| start.elapsed() >= Duration::from_secs(s))
+        {
+            return Ok(());
+        }
+        let v = c.get(&format!(
+            "/api/v1/devices/{}/logs/{}?after={after}",
+            l.device, l.name
+        ))?;
+        for x in v["lines"].as_array().into_iter().flatten() {
+            after = after.max(x["seq"].as_u64().unwrap_or(after));
+            if ctx.json {
+                println!(
+                    "{}",
+                    json!({ "text": x["text"], "stream": x["stream"], "ts_ms": x["ts_ms"], "verified": false })
+                );
+            } else {
+                println!("{}", x["text"].as_str().unwrap_or(""));
+            }
+        }
+        let d = v["dropped"].as_u64().unwrap_or(0);
+        if d > dropped && !ctx.json {
+            eprintln!("[{} lines dropped by bounded buffers]", d - dropped);
+        }
+        dropped = d;
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
 fn main() {
     if let Err(e) = run() {
         eprintln!("chutectl: {e:#}");
@@ -1033,31 +1090,32 @@ fn run() -> anyhow::Result<()> {
             finish(&ctx, &r, || human_report(&r))?;
         }
         Cmd::Logs(l) => {
-            if l.follow {
-                bail!("--follow is not supported through the cloud yet; run without it for the recent lines");
-            }
             let r = run_one(
                 &ctx,
                 &l.device,
                 Args::Logs(LogsArgs {
                     chute: chute_arg(&l.name)?,
                     tail: l.tail,
-                    follow: false,
+                    follow: l.follow,
                 }),
             )?;
-            finish(&ctx, &r, || {
-                if r["status"] != json!("succeeded") {
-                    return human_report(&r);
-                }
-                let mut s: Vec<String> = r["result"]["lines"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|x| x["text"].as_str().unwrap_or("").to_owned())
-                    .collect();
-                s.push(format!("[verified: signed by device {}]", l.device));
-                s.join("\n")
-            })?;
+            if !l.follow || r["status"] != json!("succeeded") {
+                finish(&ctx, &r, || {
+                    if r["status"] != json!("succeeded") {
+                        return human_report(&r);
+                    }
+                    let mut s: Vec<String> = r["result"]["lines"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|x| x["text"].as_str().unwrap_or("").to_owned())
+                        .collect();
+                    s.push(format!("[verified: signed by device {}]", l.device));
+                    s.join("\n")
+                })?;
+                return Ok(());
+            }
+            follow_logs(&ctx, &l, &r)?;
         }
         Cmd::Deployment(DeploymentCmd { sub }) => {
             let c = ctx.client()?;

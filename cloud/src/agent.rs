@@ -19,7 +19,7 @@ use proto::{
     MessageType, PublicKey, Publication, Welcome, MAX_FRAME,
 };
 use serde_json::json;
-use tokio::sync::{broadcast, Notify};
+use tokio::sync::Notify;
 
 use futures_util::SinkExt;
 
@@ -43,20 +43,36 @@ pub struct Live {
     pub wake: Arc<Notify>,
 }
 
-/// Log lines published by devices, for anyone following (bounded per receiver).
+/// Lines kept per followed chute (older ones are dropped and counted).
+pub const FOLLOW_LINES: usize = 1000;
+/// A follow nobody has polled for this long is ended (UNSUBSCRIBE to the agent), so
+/// the agent sends logs only while someone watches.
+pub const FOLLOW_IDLE: Duration = Duration::from_secs(30);
+
+/// One log line relayed from a device.
 #[derive(Debug, Clone)]
-pub struct LogEvent {
-    pub device: String,
-    pub chute: String,
-    pub lines: Vec<(u64, String, String)>,
-    pub dropped: u32,
+pub struct LogLine {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub stream: String,
+    pub text: String,
+}
+
+/// A chute's live logs while someone follows them.
+pub struct Follow {
+    pub subscription: u64,
+    pub lines: std::collections::VecDeque<LogLine>,
+    pub next_seq: u64,
+    pub dropped: u64,
+    pub last_poll: Instant,
 }
 
 /// Connected devices.
 pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
     next_session: AtomicU64,
-    pub logs: broadcast::Sender<LogEvent>,
+    /// (device, chute) → live logs being followed.
+    follows: Mutex<HashMap<(String, String), Follow>>,
 }
 
 impl Default for Hub {
@@ -64,7 +80,7 @@ impl Default for Hub {
         Self {
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
-            logs: broadcast::channel(256).0,
+            follows: Mutex::new(HashMap::new()),
         }
     }
 }
@@ -100,6 +116,87 @@ impl Hub {
             if m.get(device).is_some_and(|l| l.session == session) {
                 m.remove(device);
             }
+        }
+    }
+
+    /// Lines after `after` of a followed chute; `None` when nobody follows it. Counts
+    /// as a poll (keeps the follow alive).
+    pub fn poll_logs(&self, device: &str, chute: &str, after: u64) -> Option<(Vec<LogLine>, u64)> {
+        let mut f = self.follows.lock().ok()?;
+        let f = f.get_mut(&(device.to_owned(), chute.to_owned()))?;
+        f.last_poll = Instant::now();
+        Some((
+            f.lines.iter().filter(|l| l.seq > after).cloned().collect(),
+            f.dropped,
+        ))
+    }
+
+    fn follow_start(&self, device: &str, chute: &str, subscription: u64) {
+        if let Ok(mut m) = self.follows.lock() {
+            let f = m
+                .entry((device.to_owned(), chute.to_owned()))
+                .or_insert_with(|| Follow {
+                    subscription,
+                    lines: std::collections::VecDeque::new(),
+                    next_seq: 1,
+                    dropped: 0,
+                    last_poll: Instant::now(),
+                });
+            f.subscription = subscription;
+            f.last_poll = Instant::now();
+        }
+    }
+
+    fn follow_push(
+        &self,
+        device: &str,
+        chute: &str,
+        lines: Vec<(u64, String, String)>,
+        dropped: u32,
+    ) {
+        let Ok(mut m) = self.follows.lock() else {
+            return;
+        };
+        let Some(f) = m.get_mut(&(device.to_owned(), chute.to_owned())) else {
+            return;
+        };
+        f.dropped += u64::from(dropped);
+        for (ts_ms, stream, text) in lines {
+            if f.lines.len() >= FOLLOW_LINES {
+                f.lines.pop_front();
+                f.dropped += 1;
+            }
+            f.lines.push_back(LogLine {
+                seq: f.next_seq,
+                ts_ms,
+                stream,
+                text,
+            });
+            f.next_seq += 1;
+        }
+    }
+
+    /// Follows of `device` nobody polled for [`FOLLOW_IDLE`]: removed, their
+    /// subscriptions returned for UNSUBSCRIBE.
+    fn follow_expire(&self, device: &str) -> Vec<u64> {
+        let Ok(mut m) = self.follows.lock() else {
+            return Vec::new();
+        };
+        let idle: Vec<(String, String)> = m
+            .iter()
+            .filter(|((d, _), f)| d == device && f.last_poll.elapsed() > FOLLOW_IDLE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        idle.into_iter()
+            .filter_map(|k| m.remove(&k))
+            .map(|f| f.subscription)
+            .collect()
+    }
+
+    /// The agent drops a session's subscriptions with the session.
+    fn follow_end_all(&self, device: &str) {
+        if let Ok(mut m) = self.follows.lock() {
+            m.retain(|(d, _), _| d != device);
         }
     }
 
@@ -217,6 +314,8 @@ struct ImageSend {
 struct Inflight {
     command: i64,
     image: Option<ImageSend>,
+    /// For `logs`: the chute, so a follow subscription in the result can be tracked.
+    logs_chute: Option<String>,
 }
 
 /// Runs one agent websocket until it ends.
@@ -302,6 +401,9 @@ pub async fn session(mut ws: WebSocket, app: Arc<App>, claim: Option<String>) {
     );
     tracing::info!(device = %device, session = session_id, accepted, "agent session open");
     let reason = run(&mut ws, &app, &device, session_id, &wake, &mut accepted).await;
+    if app.hub.current(&device, session_id) {
+        app.hub.follow_end_all(&device);
+    }
     app.hub.unregister(&device, session_id);
     tracing::info!(device = %device, session = session_id, reason = %reason, "agent session closed");
 }
@@ -323,12 +425,7 @@ async fn run(
         if *accepted && inflight.is_none() {
             match next_command(app, device).await {
                 Ok(Some(cmd)) => match deliver(ws, app, &cmd).await {
-                    Ok(image) => {
-                        inflight = Some(Inflight {
-                            command: cmd.id,
-                            image,
-                        })
-                    }
+                    Ok(f) => inflight = f,
                     Err(e) => return e,
                 },
                 Ok(None) => {}
@@ -407,6 +504,12 @@ async fn run(
                 if last_rx.elapsed() > Duration::from_secs(180) {
                     return "agent silent for 180 s".into();
                 }
+                for subscription in app.hub.follow_expire(device) {
+                    let request = app.hub.next_session.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = send(ws, &Message::Unsubscribe(proto::Unsubscribe { request, subscription })).await {
+                        return e;
+                    }
+                }
             }
         }
     }
@@ -449,7 +552,7 @@ async fn deliver(
     ws: &mut WebSocket,
     app: &App,
     c: &CommandRow,
-) -> Result<Option<ImageSend>, String> {
+) -> Result<Option<Inflight>, String> {
     let signed = match wire::decode_command(&c.signed) {
         Ok(s) => s,
         Err(e) => {
@@ -460,6 +563,7 @@ async fn deliver(
             return Ok(None);
         }
     };
+    let logs_chute = wire::follow_chute(&signed);
     let image = wire::image_of(&signed).map(|(sha, size)| ImageSend {
         sha,
         hex: proto::hex_encode(&sha),
@@ -479,7 +583,11 @@ async fn deliver(
         .store
         .command_set(c.id, "sent", detail, None, now())
         .await;
-    Ok(image)
+    Ok(Some(Inflight {
+        command: c.id,
+        image,
+        logs_chute,
+    }))
 }
 
 /// Handles one frame from an accepted device. `Ok(false)`: out of place.
@@ -534,22 +642,19 @@ async fn handle(
                         .await;
                 }
                 Publication::Logs(b) => {
-                    let _ = app.hub.logs.send(LogEvent {
-                        device: device.to_owned(),
-                        chute: b.chute.to_string(),
-                        lines: b
-                            .lines
-                            .iter()
-                            .map(|l| {
-                                (
-                                    l.ts_ms,
-                                    format!("{:?}", l.stream).to_lowercase(),
-                                    l.text.to_string(),
-                                )
-                            })
-                            .collect(),
-                        dropped: b.dropped,
-                    });
+                    let lines = b
+                        .lines
+                        .iter()
+                        .map(|l| {
+                            (
+                                l.ts_ms,
+                                format!("{:?}", l.stream).to_lowercase(),
+                                l.text.to_string(),
+                            )
+                        })
+                        .collect();
+                    app.hub
+                        .follow_push(device, b.chute.as_str(), lines, b.dropped);
                 }
                 Publication::State(_) => {}
             }
@@ -569,6 +674,9 @@ async fn handle(
                 }
                 _ => None,
             };
+            if let (Some(chute), Some(sub)) = (&f.logs_chute, wire::logs_subscription(&r.result)) {
+                app.hub.follow_start(device, chute, sub);
+            }
             let hex = wire::encode_result(&r.result);
             let _ = app
                 .store

@@ -270,6 +270,27 @@ pub struct AuditEntry {
 }
 
 #[derive(Deserialize, IntoParams)]
+pub struct LogsQuery {
+    /// Only lines with a sequence number above this (0: every line held).
+    pub after: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LogLineView {
+    pub seq: u64,
+    pub ts_ms: u64,
+    pub stream: String,
+    pub text: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct LiveLogs {
+    pub lines: Vec<LogLineView>,
+    /// Lines lost to bounded buffers (agent's and cloud's) so far.
+    pub dropped: u64,
+}
+
+#[derive(Deserialize, IntoParams)]
 pub struct LimitQuery {
     /// At most this many (1..=1000, default 100).
     pub limit: Option<i64>,
@@ -907,6 +928,34 @@ async fn deployment_get(State(app): State<Arc<App>>, Path(id): Path<i64>) -> Api
     Ok(Json(deployment_view(&app, d).await?))
 }
 
+#[utoipa::path(get, path = "/api/v1/devices/{id}/logs/{chute}",
+    params(("id" = String, Path, description = "device id"), ("chute" = String, Path, description = "chute name"), LogsQuery),
+    responses((status = 200, body = LiveLogs, description = "lines relayed from the device (not signed)"),
+        (status = 404, body = ErrorBody, description = "nobody follows this chute: send a signed `logs` command with follow first")))]
+async fn live_logs(
+    State(app): State<Arc<App>>,
+    Path((id, chute)): Path<(String, String)>,
+    Query(q): Query<LogsQuery>,
+) -> ApiResult<LiveLogs> {
+    device_id(&id)?;
+    let (lines, dropped) = app
+        .hub
+        .poll_logs(&id, &chute, q.after.unwrap_or(0))
+        .ok_or_else(|| ApiError::not_found(format!("no live logs for chute {chute:?} on {id}: send a signed `logs` command with follow = true first")))?;
+    Ok(Json(LiveLogs {
+        lines: lines
+            .into_iter()
+            .map(|l| LogLineView {
+                seq: l.seq,
+                ts_ms: l.ts_ms,
+                stream: l.stream,
+                text: l.text,
+            })
+            .collect(),
+        dropped,
+    }))
+}
+
 #[utoipa::path(get, path = "/api/v1/audit", params(LimitQuery), responses((status = 200, body = [AuditEntry])))]
 async fn audit_list(
     State(app): State<Arc<App>>,
@@ -947,7 +996,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "chute-cloud", description = "Fleet manager for chuted devices: an untrusted relay and store for signed commands."),
     paths(healthz, metrics, owner_get, owner_put, devices_list, devices_preauthorize, device_get, device_accept,
         device_reject, device_tags, claim_create, grant_create, grant_list, grant_revoke, command_create,
-        command_list, command_get, blob_get, blob_put, deployment_create, deployment_list, deployment_get, audit_list),
+        command_list, command_get, blob_get, blob_put, deployment_create, deployment_list, deployment_get, audit_list, live_logs),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -1049,6 +1098,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/deployments", get(deployment_list).post(deployment_create))
         .route("/deployments/{id}", get(deployment_get))
         .route("/audit", get(audit_list))
+        .route("/devices/{id}/logs/{chute}", get(live_logs))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth));
     Router::new()
         .route("/healthz", get(healthz))

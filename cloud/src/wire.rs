@@ -160,3 +160,19 @@ pub fn grant_summary(g: &SignedGrant) -> Value {
         "expires_at": g.grant.expires_at,
     })
 }
+
+/// For a `logs` command with `follow`, the chute it follows.
+pub fn follow_chute(c: &SignedCommand) -> Option<String> {
+    match &c.command.args {
+        Args::Logs(l) if l.follow => Some(l.chute.to_string()),
+        _ => None,
+    }
+}
+
+/// The subscription id in a `logs` result, if it started a follow.
+pub fn logs_subscription(r: &SignedResult) -> Option<u64> {
+    match &r.outcome {
+        Outcome::Ok(bytes) => serde_json::from_slice::<Value>(bytes).ok()?["subscription"].as_u64(),
+        Outcome::Err { .. } => None,
+    }
+}

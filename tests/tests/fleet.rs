@@ -227,7 +227,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     let name = format!("{prefix}-web");
     let dir = w.chute_dir(
         &name,
-        r#"["sh", "-c", "echo hello-from-the-cloud; while true; do sleep 1; done"]"#,
+        r#"["sh", "-c", "echo hello-from-the-cloud; while true; do echo tick; sleep 1; done"]"#,
         "[resources]\ncpu = 0.25\nmemory = \"48MiB\"\npids = 48\n",
     );
     podman_ok(&[
@@ -279,6 +279,33 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
         logs.to_string().contains("hello-from-the-cloud")
     });
     assert_eq!(logs["verified"], true, "{logs}");
+    // Following: the verified tail, then live lines relayed while someone watches.
+    let o = ctl.run(
+        &dev_key,
+        &[
+            "logs",
+            "--device",
+            &device,
+            &name,
+            "--tail",
+            "1",
+            "--follow",
+            "--follow-secs",
+            "4",
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["verified"] == false && l["text"] == "tick"),
+        "no live line in {lines:?}"
+    );
     let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
     assert_eq!(listed["verified"], true, "{listed}");
     assert!(listed.to_string().contains(&name), "{listed}");
