@@ -29,6 +29,8 @@ use crate::{now, wire, App};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MALFORMED: u32 = 8;
 pub const MAX_PENDING: i64 = 1000;
+/// Agent handshakes in progress at once.
+pub const MAX_HANDSHAKES: usize = 256;
 /// Image chunk size and how many are in flight ahead of the device's acknowledgement.
 const CHUNK: usize = 256 * 1024;
 const WINDOW: u64 = 4;
@@ -319,7 +321,12 @@ struct Inflight {
 }
 
 /// Runs one agent websocket until it ends.
-pub async fn session(mut ws: WebSocket, app: Arc<App>, claim: Option<String>) {
+pub async fn session(
+    mut ws: WebSocket,
+    app: Arc<App>,
+    claim: Option<String>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+) {
     let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
         let hello: Hello = match recv(&mut ws).await? {
             Message::Hello(h) => h,
@@ -342,6 +349,7 @@ pub async fn session(mut ws: WebSocket, app: Arc<App>, claim: Option<String>) {
         Ok((hello, session_id))
     })
     .await;
+    drop(permit);
     let (hello, session_id) = match handshake {
         Ok(Ok(h)) => h,
         Ok(Err(e)) => {

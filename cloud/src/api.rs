@@ -1067,10 +1067,17 @@ async fn agent_ws(
         .and_then(|v| v.to_str().ok())
         .filter(|v| v.len() <= 128)
         .map(str::to_owned);
+    let Ok(permit) = app.handshakes.clone().try_acquire_owned() else {
+        return ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many agent handshakes in progress; retry with backoff".into(),
+        )
+        .into_response();
+    };
     ws.protocols([proto::SUBPROTOCOL])
         .max_message_size(crate::agent::max_frame())
         .max_frame_size(crate::agent::max_frame())
-        .on_upgrade(move |socket| crate::agent::session(socket, app, claim))
+        .on_upgrade(move |socket| crate::agent::session(socket, app, claim, permit))
 }
 
 pub fn router(app: Arc<App>) -> Router {

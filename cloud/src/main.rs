@@ -75,6 +75,9 @@ pub struct App {
     pub store: Arc<dyn Store>,
     pub hub: agent::Hub,
     pub blobs: blobs::Blobs,
+    /// Agent handshakes in progress; beyond this many, upgrades are refused with 429
+    /// (a flood of half-open sessions cannot exhaust memory or the store).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
 }
 
 pub fn now() -> i64 {
@@ -139,6 +142,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         store,
         hub: agent::Hub::default(),
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
     });
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
