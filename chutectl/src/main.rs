@@ -228,13 +228,18 @@ struct GrantIssue {
 #[argh(subcommand, name = "list")]
 struct GrantList {}
 
-/// Revoke a grant in the cloud (commands under it are refused there).
+/// Revoke a grant: the cloud refuses commands under it at once, and (with --key as the
+/// owner key) every accepted device it covers is sent an owner-signed `update-grant`
+/// that supersedes the developer's older grants on the device itself.
 #[derive(FromArgs)]
 #[argh(subcommand, name = "revoke")]
 struct GrantRevoke {
     /// grant id
     #[argh(positional)]
     id: i64,
+    /// only mark it revoked in the cloud; send nothing to devices
+    #[argh(switch)]
+    cloud_only: bool,
 }
 
 /// Validate a chute directory, upload its image, sign and deploy it, and wait for each
@@ -704,6 +709,62 @@ fn push(ctx: &Ctx, p: &Push) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends every accepted device the grant covers an `update-grant`, signed by the owner
+/// key under a grant the owner gives itself, installing an empty grant for the
+/// developer issued now: the device then refuses the developer's older grants.
+fn revoke_on_devices(ctx: &Ctx, c: &Client, grant: &Value) -> anyhow::Result<Vec<Value>> {
+    let owner = ctx.key()?;
+    let developer = proto::PublicKey::from_hex(grant["developer"].as_str().unwrap_or(""))
+        .context("grant developer key")?;
+    let covered: Vec<String> = grant["summary"]["devices"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d.as_str().map(str::to_owned))
+        .collect();
+    let devices: Vec<String> = c
+        .get("/api/v1/devices?status=accepted")?
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["id"].as_str().map(str::to_owned))
+        .filter(|d| covered.is_empty() || covered.contains(d))
+        .collect();
+    // Revocation must reach devices that are offline now: the longest lifetime devices accept.
+    const LIFETIME: u64 = 3600;
+    let admin = sign::make_grant(
+        &owner,
+        owner.public(),
+        proto::Rights::of(&[proto::Procedure::UpdateGrant]),
+        &["".to_owned()],
+        &[],
+        LIFETIME,
+    )?;
+    let empty = sign::make_grant(
+        &owner,
+        developer,
+        proto::Rights::NONE,
+        &["".to_owned()],
+        &[],
+        LIFETIME,
+    )?;
+    let mut sent = Vec::new();
+    for d in &devices {
+        let args = Args::UpdateGrant(proto::UpdateGrantArgs {
+            grant: empty.clone(),
+        });
+        let cmd = sign::sign_command(&owner, &admin, device_arg(d)?, args, LIFETIME);
+        sent.push(submit(c, d, &cmd, None)?.0);
+    }
+    let mut reports = Vec::new();
+    for s in &sent {
+        reports.push(wait(c, s, Duration::from_secs(30), ctx.json).or_else(|e| -> anyhow::Result<Value> {
+            Ok(json!({ "device": s.device, "command": s.id, "status": "queued", "reason": format!("{e:#}; it stays queued for the device"), "verified": false }))
+        })?);
+    }
+    Ok(reports)
+}
+
 /// Prints the verified tail, then the lines the device publishes while we watch (one
 /// JSON object per line with `--json`). Polling keeps the follow alive in the cloud;
 /// when it stops, the cloud unsubscribes and the device stops sending.
@@ -761,6 +822,9 @@ fn follow_logs(ctx: &Ctx, l: &LogsCmd, r: &Value) -> anyhow::Result<()> {
 fn main() {
     if let Err(e) = run() {
         eprintln!("chutectl: {e:#}");
+        if std::env::args().any(|a| a == "--json") {
+            println!("{}", json!({ "error": format!("{e:#}") }));
+        }
         std::process::exit(2);
     }
 }
@@ -991,7 +1055,24 @@ fn run() -> anyhow::Result<()> {
                 }
                 GrantSub::Revoke(r) => {
                     let v = c.post(&format!("/api/v1/grants/{}/revoke", r.id), &json!({}))?;
-                    ctx.out(&v, || format!("grant {} revoked in the cloud (devices still honour it until it expires or a newer grant is installed with update-grant)", r.id));
+                    if r.cloud_only {
+                        ctx.out(&v, || format!("grant {} revoked in the cloud only (devices honour it until it expires)", r.id));
+                        return Ok(());
+                    }
+                    let reports = revoke_on_devices(&ctx, &c, &v)?;
+                    let ok = reports.iter().all(|r| r["status"] == json!("succeeded"));
+                    let out = json!({ "grant": v, "devices": reports });
+                    ctx.out(&out, || {
+                        let mut s = format!("grant {} revoked in the cloud; on devices (older grants of {} superseded):", r.id, v["developer"].as_str().unwrap_or("?"));
+                        for d in &reports {
+                            s.push_str("\n  ");
+                            s.push_str(&human_report(d));
+                        }
+                        s
+                    });
+                    if !ok {
+                        std::process::exit(1);
+                    }
                 }
             }
         }

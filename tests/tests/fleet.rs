@@ -356,6 +356,24 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     // Clean up through the cloud too.
     let r = ctl.ok(&dev_key, &["remove", "--device", &device, &name]);
     assert_eq!(r["verified"], true, "{r}");
+
+    // Revoking the grant: refused in the cloud at once, and the device installs an
+    // owner-signed empty grant that supersedes the developer's older ones.
+    let grants = ctl.ok(&owner_key, &["grant", "list"]);
+    let gid = grants[0]["id"].to_string();
+    let revoked = ctl.ok(&owner_key, &["grant", "revoke", &gid]);
+    let d = &revoked["devices"][0];
+    assert_eq!(
+        (d["status"].as_str(), d["verified"].as_bool()),
+        (Some("succeeded"), Some(true)),
+        "{revoked}"
+    );
+    assert_eq!(d["result"]["installed"], true, "{revoked}");
+    let (ok, r) = ctl.json(&dev_key, &["start", "--device", &device, &name]);
+    assert!(
+        !ok && r["error"].as_str().unwrap().contains("no valid grant"),
+        "{r}"
+    );
 }
 
 /// A scripted device speaking the protocol over a real websocket: what a hostile or
