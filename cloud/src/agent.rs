@@ -75,6 +75,8 @@ pub struct Hub {
     next_session: AtomicU64,
     /// (device, chute) → live logs being followed.
     follows: Mutex<HashMap<(String, String), Follow>>,
+    /// Image bytes sent to devices in CHUNKs (for /metrics).
+    pub chunk_bytes: AtomicU64,
 }
 
 impl Default for Hub {
@@ -83,6 +85,7 @@ impl Default for Hub {
             live: Mutex::new(HashMap::new()),
             next_session: AtomicU64::new(1),
             follows: Mutex::new(HashMap::new()),
+            chunk_bytes: AtomicU64::new(0),
         }
     }
 }
@@ -741,6 +744,7 @@ async fn handle(
                 };
                 send(ws, &Message::Chunk(chunk)).await?;
                 img.sent_upto += n;
+                app.hub.chunk_bytes.fetch_add(n, Ordering::Relaxed);
             }
             Ok(true)
         }

@@ -410,6 +410,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<String, ApiError> {
     }
     out.push_str("# HELP chute_cloud_heartbeat_lag_seconds Oldest last heartbeat among connected devices.\n# TYPE chute_cloud_heartbeat_lag_seconds gauge\n");
     out.push_str(&format!("chute_cloud_heartbeat_lag_seconds {lag}\n"));
+    out.push_str("# HELP chute_cloud_image_bytes_sent_total Image bytes sent to devices in chunks.\n# TYPE chute_cloud_image_bytes_sent_total counter\n");
+    out.push_str(&format!(
+        "chute_cloud_image_bytes_sent_total {}\n",
+        app.hub
+            .chunk_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
+    ));
     Ok(out)
 }
 

@@ -259,6 +259,13 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     assert_eq!(timeline, ["queued", "sent", "succeeded"], "{r}");
     eprintln!("push round trip (upload + transfer + deploy + verified result): {push_secs:.2}s");
 
+    let image_size = std::fs::metadata(dir.join("image.tar")).unwrap().len();
+    assert_eq!(
+        metric(&cloud, "chute_cloud_image_bytes_sent_total"),
+        image_size,
+        "the image crossed once"
+    );
+
     // It runs on the agent, with the caps of its manifest.
     w.wait_state(&name, "running", T);
     let pid = w.container_pid(&name);
@@ -309,6 +316,16 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
     assert_eq!(listed["verified"], true, "{listed}");
     assert!(listed.to_string().contains(&name), "{listed}");
+
+    // Pushing the same version again replaces the chute in place; the blob is already in
+    // the cloud, so nothing is uploaded again.
+    let o = ctl.run(
+        &dev_key,
+        &["push", dir.to_str().unwrap(), "--device", &device],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in the cloud"));
+    w.wait_state(&name, "running", T);
 
     // Honest status: running/total from heartbeats.
     wait_until("heartbeats to count the running chute", T, || {
@@ -717,4 +734,18 @@ fn cloud_commands(ctl: &Ctl, device: &str) -> Vec<Value> {
         .ok()
         .and_then(|v| v.as_array().cloned())
         .unwrap_or_default()
+}
+
+fn metric(cloud: &Cloud, name: &str) -> u64 {
+    let o = Command::new("curl")
+        .args(["-sf", &format!("{}/metrics", cloud.http())])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .unwrap_or_else(|| panic!("no {name} in /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
 }
