@@ -221,3 +221,89 @@ impl Blobs {
         .map_err(|e| std::io::Error::other(e.to_string()))?
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sha(data: &[u8]) -> String {
+        proto::hex_encode(&Sha256::digest(data))
+    }
+
+    fn temp() -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "chute-cloud-blobs-{}-{:?}",
+            std::process::id(),
+            std::thread::current().id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        d
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_upload_resumes_and_is_verified() {
+        let dir = temp();
+        let blobs = Blobs::new(&dir).expect("blob dir");
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+        let s = sha(&data);
+        let size = data.len() as u64;
+        let p = blobs
+            .write(&s, size, None, 0, &data[..40_000])
+            .await
+            .expect("first piece");
+        assert_eq!((p.received, p.complete), (40_000, false));
+        // The connection dropped; the client asks where to continue.
+        assert_eq!(blobs.progress(&s, size).map(|p| p.received), Some(40_000));
+        // A piece at the wrong offset is refused and changes nothing.
+        let e = blobs
+            .write(&s, size, Some(size), 10, &data[10..20])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BlobError::WrongOffset {
+                    expected: 40_000,
+                    got: 10,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = blobs
+            .write(&s, size + 1, Some(size), 40_000, &data[40_000..])
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BlobError::SizeChanged { .. }), "{e}");
+        let p = blobs
+            .write(&s, size, Some(size), 40_000, &data[40_000..])
+            .await
+            .expect("rest");
+        assert!(p.complete);
+        assert_eq!(std::fs::read(blobs.path(&s)).expect("stored"), data);
+        assert_eq!(blobs.read_at(&s, 99_990, 64).await.expect("read").len(), 10);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[tokio::test]
+    async fn bytes_that_do_not_hash_to_the_name_are_discarded() {
+        let dir = temp();
+        let blobs = Blobs::new(&dir).expect("blob dir");
+        let s = sha(b"the real bytes");
+        let e = blobs
+            .write(&s, 14, None, 0, b"forged bytes!!")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, BlobError::DigestMismatch { .. }), "{e}");
+        assert!(blobs.progress(&s, 14).is_none(), "the bad upload was kept");
+        assert!(matches!(
+            blobs.write("not-a-sha", 1, None, 0, b"x").await,
+            Err(BlobError::BadName(_))
+        ));
+        assert!(matches!(
+            blobs.write(&s, MAX_BLOB + 1, None, 0, b"x").await,
+            Err(BlobError::BadSize { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
