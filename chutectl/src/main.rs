@@ -490,6 +490,17 @@ const TERMINAL: &[&str] = &["succeeded", "failed", "refused", "expired"];
 fn wait(c: &Client, s: &Sent, timeout: Duration, quiet: bool) -> anyhow::Result<Value> {
     let start = Instant::now();
     let mut last = String::new();
+    if !quiet {
+        if let Ok(dev) = c.get(&format!("/api/v1/devices/{}", s.device)) {
+            if dev["connected"] != json!(true) {
+                eprintln!(
+                    "  device {} is offline (last heartbeat {}): the command waits in the cloud until the device returns or the command expires",
+                    s.device,
+                    ago(dev["last_heartbeat"].as_i64())
+                );
+            }
+        }
+    }
     let v = loop {
         let v = c.get(&format!("/api/v1/commands/{}", s.id))?;
         let status = v["status"].as_str().unwrap_or("?").to_owned();
@@ -507,8 +518,19 @@ fn wait(c: &Client, s: &Sent, timeout: Duration, quiet: bool) -> anyhow::Result<
             break v;
         }
         if start.elapsed() > timeout {
+            let dev = c
+                .get(&format!("/api/v1/devices/{}", s.device))
+                .unwrap_or(Value::Null);
+            let why = if dev["connected"] == json!(true) {
+                "the device is online but has not answered".to_owned()
+            } else {
+                format!(
+                    "device offline (last heartbeat {}); it stays queued until it expires",
+                    ago(dev["last_heartbeat"].as_i64())
+                )
+            };
             bail!(
-                "command {} on device {} is still {status} after {}s",
+                "command {} on device {} is still {status} after {}s: {why}",
                 s.id,
                 s.device,
                 timeout.as_secs()

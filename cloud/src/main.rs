@@ -121,13 +121,15 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
     if s.tls_cert.is_some() || s.tls_key.is_some() {
         anyhow::bail!("--tls-cert/--tls-key are not implemented yet; terminate TLS in a reverse proxy and let agents use wss:// to it");
     }
-    std::fs::create_dir_all(&s.data_dir)
-        .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
-    // The database holds token hashes and the audit log: owner-only.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&s.data_dir, std::fs::Permissions::from_mode(0o700))
-            .with_context(|| format!("cannot restrict {}", s.data_dir.display()))?;
+    // The database holds token hashes and the audit log: a data dir we create is
+    // owner-only (an existing one is left as its owner set it; the files are 0600).
+    if !s.data_dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&s.data_dir)
+            .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
     }
     let url = s
         .database
@@ -137,6 +139,16 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         anyhow::bail!("database {url:?}: only sqlite:// URLs are supported in this version");
     }
     let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url).await?);
+    if s.database.is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["cloud.db", "cloud.db-wal", "cloud.db-shm"] {
+            let p = s.data_dir.join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict {}", p.display()))?;
+            }
+        }
+    }
     ensure_admin_token(store.as_ref(), &s.data_dir).await?;
     let app = Arc::new(App {
         store,
@@ -152,7 +164,19 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
     tracing::info!(%addr, "listening");
     axum::serve(listener, api::router(app))
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            tracing::info!("shutting down");
         })
         .await?;
     Ok(())
