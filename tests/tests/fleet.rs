@@ -721,6 +721,81 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("NOT signed by the device"), "{err}");
+
+    // A command that expires while its device is away is never delivered: its timeline
+    // ends `expired`.
+    drop(wb);
+    wait_until("B offline", T, || {
+        device_entry(&ctl, &owner_key, &b_id).is_some_and(|d| d["connected"] == false)
+    });
+    let seed = |p: &Path| {
+        proto::Keypair::from_seed(
+            proto::hex_decode::<32>("key", &std::fs::read_to_string(p).unwrap()).unwrap(),
+        )
+    };
+    let (owner, dev) = (seed(&owner_key), seed(&dev_key));
+    let now = e2e::peer::unix_now();
+    let grant = proto::testkit::grant_for(&dev, proto::Rights::all(), &["app-"], now).sign(&owner);
+    let cmd = proto::SignedCommand::sign(
+        proto::Command {
+            device_id: b.device_id(),
+            request_id: now * 1_000_000,
+            issued_at: now,
+            expires_at: now + 1,
+            args: proto::Args::Start(proto::ChuteArgs {
+                chute: proto::ChuteName::new("app-one").unwrap(),
+            }),
+        },
+        &dev,
+        grant,
+    );
+    let frame = proto::encode(&Message::Call(Box::new(proto::Call {
+        request: 0,
+        command: cmd,
+    })))
+    .unwrap();
+    let body = serde_json::json!({ "command": proto::hex_encode(&frame) }).to_string();
+    let o = Command::new("curl")
+        .args([
+            "-sf",
+            "-X",
+            "POST",
+            "-H",
+            &format!("Authorization: Bearer {}", ctl.token),
+        ])
+        .args(["-H", "Content-Type: application/json", "-d", &body])
+        .arg(format!("{}/api/v1/devices/{b_id}/commands", ctl.cloud))
+        .output()
+        .unwrap();
+    let queued: Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(queued["status"], "queued", "{queued}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let (mut wb, m) = fake::connect(&url, &b, None);
+    assert!(matches!(m, Some(Message::Welcome(_))));
+    wb.get_ref()
+        .set_read_timeout(Some(Duration::from_millis(300)))
+        .unwrap();
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1500) {
+        if let Ok(tungstenite::Message::Binary(b)) = wb.read() {
+            let m = proto::decode(&b).unwrap();
+            assert!(
+                !matches!(m, Message::Call(_)),
+                "an expired command was delivered: {m:?}"
+            );
+        }
+    }
+    let c = cloud_commands(&ctl, &b_id)
+        .into_iter()
+        .find(|c| c["id"] == queued["id"])
+        .unwrap();
+    let t: Vec<&str> = c["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(t, ["queued", "expired"], "{c}");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
