@@ -2,6 +2,8 @@
 # Installs what chuted, its tests and its demo need on Debian 12 (as root). Idempotent.
 set -eu
 PKGS="podman runc conmon netavark busybox-static iproute2 iperf3 ca-certificates openssl"
+# chute-cloud tests and API fuzzing (scripts/fuzz-api.sh: schemathesis in a venv)
+PKGS="$PKGS curl python3-venv"
 missing=
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
