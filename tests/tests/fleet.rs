@@ -824,3 +824,41 @@ fn metric(cloud: &Cloud, name: &str) -> u64 {
         .parse()
         .unwrap()
 }
+
+#[test]
+fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
+    let mut w = World::new(&small_pools_config("heartbeat_secs = 1\n"));
+    let cloud = Cloud::start(&w.dir);
+    let ctl = Ctl {
+        cloud: cloud.http(),
+        token: cloud.token(),
+        home: w.dir.join("home"),
+    };
+    let owner_key = w.dir.join("owner.key");
+    ctl.ok(&owner_key, &["keygen"]);
+    ctl.ok(&owner_key, &["owner", "init"]);
+    let claim = ctl.ok(&owner_key, &["device", "claim-token", "--expires", "5m"]);
+    let state = w.state_dir.to_str().unwrap().to_owned();
+    let id_out = w.cli(&["id", "--state-dir", &state]);
+    let device = id_out
+        .lines()
+        .find_map(|l| l.strip_prefix("device_id "))
+        .unwrap()
+        .trim()
+        .to_owned();
+    w.run_args = vec![
+        "--cloud".into(),
+        cloud.agent_url(),
+        "--claim".into(),
+        claim["token"].as_str().unwrap().to_owned(),
+    ];
+    w.start_agent();
+    wait_until("the claimed device online and accepted", T, || {
+        device_entry(&ctl, &owner_key, &device)
+            .is_some_and(|d| d["status"] == "accepted" && d["connected"] == true)
+    });
+    // Its heartbeats are recorded without the owner doing anything.
+    wait_until("a heartbeat", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["last_heartbeat"].is_i64())
+    });
+}
