@@ -29,6 +29,8 @@ use crate::{now, wire, App};
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MALFORMED: u32 = 8;
 pub const MAX_PENDING: i64 = 1000;
+/// Heartbeats are written to the store at most this often per session.
+pub const MIN_HEARTBEAT_GAP: Duration = Duration::from_millis(900);
 /// Agent handshakes in progress at once.
 pub const MAX_HANDSHAKES: usize = 256;
 /// Image chunk size and how many are in flight ahead of the device's acknowledgement.
@@ -432,6 +434,7 @@ async fn run(
     let mut tick = tokio::time::interval(POLL);
     let mut last_rx = Instant::now();
     let mut held_heartbeat: Option<Message> = None;
+    let mut hb_written: Option<Instant> = None;
     loop {
         if *accepted && inflight.is_none() {
             match next_command(app, device).await {
@@ -476,7 +479,7 @@ async fn run(
                     }
                     continue;
                 }
-                match handle(ws, app, device, msg, &mut inflight).await {
+                match handle(ws, app, device, msg, &mut inflight, &mut hb_written).await {
                     Ok(true) => {}
                     Ok(false) => {
                         malformed += 1;
@@ -497,7 +500,7 @@ async fn run(
                     Ok(Some(d)) if d.status == "accepted" => {
                         if !*accepted {
                             if let Some(hb) = held_heartbeat.take() {
-                                if let Err(e) = handle(ws, app, device, hb, &mut inflight).await {
+                                if let Err(e) = handle(ws, app, device, hb, &mut inflight, &mut hb_written).await {
                                     return e;
                                 }
                             }
@@ -608,11 +611,17 @@ async fn handle(
     device: &str,
     msg: Message,
     inflight: &mut Option<Inflight>,
+    hb_written: &mut Option<Instant>,
 ) -> Result<bool, String> {
     match msg {
         Message::Publish(p) => {
             match p.publication {
+                // A device that sends heartbeats faster than this is recorded at this rate
+                // (heartbeats are snapshots; the store is not a device's to flood).
+                Publication::Heartbeat(_)
+                    if hb_written.is_some_and(|t| t.elapsed() < MIN_HEARTBEAT_GAP) => {}
                 Publication::Heartbeat(h) => {
+                    *hb_written = Some(Instant::now());
                     let running = h
                         .chutes
                         .iter()

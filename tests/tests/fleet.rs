@@ -541,6 +541,35 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         })
     });
 
+    // A heartbeat flood is recorded at a bounded rate, not frame by frame.
+    let hb = |seq: u64| {
+        Message::Publish(proto::Publish {
+            request: seq,
+            publication: proto::Publication::Heartbeat(proto::Heartbeat {
+                seq,
+                uptime_secs: 5,
+                agent_version: proto::BoundedString::new("fake-2").unwrap(),
+                resources: Default::default(),
+                chutes: Default::default(),
+            }),
+        })
+    };
+    std::thread::sleep(Duration::from_millis(1000));
+    for seq in 10..210 {
+        fake::send(&mut wc, &hb(seq));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    assert_eq!(
+        d["heartbeat"]["seq"], 10,
+        "every flooded heartbeat was written: {d}"
+    );
+    std::thread::sleep(Duration::from_millis(1000));
+    fake::send(&mut wc, &hb(500));
+    wait_until("the next heartbeat after the gap", T, || {
+        device_entry(&ctl, &owner_key, &c_id).is_some_and(|d| d["heartbeat"]["seq"] == 500)
+    });
+
     // Rejecting a device closes its session and refuses it from then on.
     ctl.ok(&owner_key, &["device", "reject", &a_id]);
     let mut closed = false;
