@@ -60,7 +60,40 @@ enum Cmd {
     Remove(RemoveCmd),
     Logs(LogsCmd),
     Deployment(DeploymentCmd),
+    Token(TokenCmd),
 }
+
+/// API tokens (admin only): give each developer their own.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "token")]
+struct TokenCmd {
+    #[argh(subcommand)]
+    sub: TokenSub,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum TokenSub {
+    Create(TokenCreate),
+    List(TokenList),
+}
+
+/// Create an API token (shown once).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "create")]
+struct TokenCreate {
+    /// who it is for
+    #[argh(positional)]
+    name: String,
+    /// admin or developer (default developer: read state, submit commands, blobs, deployments)
+    #[argh(option, default = "String::from(\"developer\")")]
+    role: String,
+}
+
+/// List API tokens (names and roles, never secrets).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "list")]
+struct TokenList {}
 
 /// Create a key (0600) and print its public half.
 #[derive(FromArgs)]
@@ -1219,6 +1252,40 @@ fn run() -> anyhow::Result<()> {
                 return Ok(());
             }
             follow_logs(&ctx, &l, &r)?;
+        }
+        Cmd::Token(TokenCmd { sub }) => {
+            let c = ctx.client()?;
+            match sub {
+                TokenSub::Create(t) => {
+                    let v = c.post("/api/v1/tokens", &json!({ "name": t.name, "role": t.role }))?;
+                    ctx.out(&v, || {
+                        format!(
+                            "{}\n({} token {:?}; shown once: `chutectl login URL --token TOKEN`)",
+                            v["token"].as_str().unwrap_or(""),
+                            t.role,
+                            t.name
+                        )
+                    });
+                }
+                TokenSub::List(_) => {
+                    let v = c.get("/api/v1/tokens")?;
+                    ctx.out(&v, || {
+                        v.as_array()
+                            .into_iter()
+                            .flatten()
+                            .map(|t| {
+                                format!(
+                                    "{}  {}  {}",
+                                    t["id"],
+                                    t["role"].as_str().unwrap_or(""),
+                                    t["name"].as_str().unwrap_or("")
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    });
+                }
+            }
         }
         Cmd::Deployment(DeploymentCmd { sub }) => {
             let c = ctx.client()?;

@@ -1003,7 +1003,7 @@ impl utoipa::Modify for BearerAuth {
     info(title = "chute-cloud", description = "Fleet manager for chuted devices: an untrusted relay and store for signed commands."),
     paths(healthz, metrics, owner_get, owner_put, devices_list, devices_preauthorize, device_get, device_accept,
         device_reject, device_tags, claim_create, grant_create, grant_list, grant_revoke, command_create,
-        command_list, command_get, blob_get, blob_put, deployment_create, deployment_list, deployment_get, audit_list, live_logs),
+        command_list, command_get, blob_get, blob_put, deployment_create, deployment_list, deployment_get, audit_list, live_logs, token_create, token_list),
     modifiers(&BearerAuth),
     security(("token" = []))
 )]
@@ -1011,6 +1011,89 @@ pub struct ApiDoc;
 
 async fn openapi() -> Json<utoipa::openapi::OpenApi> {
     Json(ApiDoc::openapi())
+}
+
+/// Token roles: `admin` may do everything; `developer` may read fleet state (not the
+/// audit log or tokens) and submit what a developer signs: commands, blobs, deployments.
+/// Signatures still decide what runs on a device; roles decide what this cloud accepts.
+fn allowed(role: &str, method: &Method, path: &str) -> bool {
+    if role == "admin" {
+        return true;
+    }
+    if role != "developer" {
+        return false;
+    }
+    let rest = path.strip_prefix("/api/v1").unwrap_or(path);
+    if *method == Method::GET || *method == Method::HEAD {
+        return !rest.starts_with("/audit") && !rest.starts_with("/tokens");
+    }
+    let segs: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
+    matches!(
+        (method.as_str(), segs.as_slice()),
+        ("POST", ["devices", _, "commands"]) | ("PUT", ["blobs", _]) | ("POST", ["deployments"])
+    )
+}
+
+#[derive(Deserialize, ToSchema)]
+pub struct TokenRequest {
+    /// Who or what the token is for (1..=64 characters).
+    pub name: String,
+    /// `admin` or `developer` (default `developer`).
+    pub role: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct TokenView {
+    pub id: i64,
+    pub name: String,
+    pub role: String,
+    /// Present only in the answer that created it.
+    pub token: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/tokens", request_body = TokenRequest,
+    responses((status = 200, body = TokenView), (status = 400, body = ErrorBody), (status = 403, body = ErrorBody)))]
+async fn token_create(
+    State(app): State<Arc<App>>,
+    Json(r): Json<TokenRequest>,
+) -> ApiResult<TokenView> {
+    let role = r.role.unwrap_or_else(|| "developer".into());
+    if role != "admin" && role != "developer" {
+        return Err(ApiError::bad(format!(
+            "role {role:?}: use admin or developer"
+        )));
+    }
+    if r.name.is_empty() || r.name.len() > 64 || r.name.chars().any(char::is_control) {
+        return Err(ApiError::bad("name: 1..=64 printable characters"));
+    }
+    let token = new_token("cc-")?;
+    let id = app
+        .store
+        .token_insert(&r.name, &token_hash(&token), &role, now())
+        .await?;
+    Ok(Json(TokenView {
+        id,
+        name: r.name,
+        role,
+        token: Some(token),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/tokens", responses((status = 200, body = [TokenView])))]
+async fn token_list(State(app): State<Arc<App>>) -> ApiResult<Vec<TokenView>> {
+    Ok(Json(
+        app.store
+            .token_list()
+            .await?
+            .into_iter()
+            .map(|t| TokenView {
+                id: t.id,
+                name: t.name,
+                role: t.role,
+                token: None,
+            })
+            .collect(),
+    ))
 }
 
 /// Bearer-token check for `/api/v1`, and the audit log of every mutating call.
@@ -1044,7 +1127,18 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         .extensions()
         .get::<axum::extract::OriginalUri>()
         .map_or_else(|| req.uri().path().to_owned(), |u| u.path().to_owned());
-    let resp = next.run(req).await;
+    let resp = if allowed(&row.role, &method, &path) {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "a {} token may not {method} {path}; ask the fleet owner (admin token)",
+                row.role
+            ),
+        )
+        .into_response()
+    };
     if method != Method::GET && method != Method::HEAD {
         if let Err(e) = app
             .store
@@ -1112,6 +1206,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/deployments", get(deployment_list).post(deployment_create))
         .route("/deployments/{id}", get(deployment_get))
         .route("/audit", get(audit_list))
+        .route("/tokens", get(token_list).post(token_create))
         .route("/devices/{id}/logs/{chute}", get(live_logs))
         .route_layer(axum::middleware::from_fn_with_state(app.clone(), auth));
     Router::new()

@@ -253,6 +253,7 @@ pub trait Store: Send + Sync {
     ) -> Fut<'a, i64>;
     fn token_lookup<'a>(&'a self, sha: &'a str) -> Fut<'a, Option<TokenRow>>;
     fn token_count(&self) -> Fut<'_, i64>;
+    fn token_list(&self) -> Fut<'_, Vec<TokenRow>>;
     fn audit<'a>(
         &'a self,
         at: i64,
@@ -496,6 +497,28 @@ impl Store for SqliteStore {
             })
             .transpose()
             .map_err(q("look up token"))
+        })
+    }
+
+    fn token_list(&self) -> Fut<'_, Vec<TokenRow>> {
+        Box::pin(async move {
+            let rs = sqlx::query(
+                "SELECT id, name, role FROM api_tokens WHERE revoked_at IS NULL ORDER BY id",
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(q("list tokens"))?;
+            rows(
+                rs,
+                |r| {
+                    Ok(TokenRow {
+                        id: r.try_get("id")?,
+                        name: r.try_get("name")?,
+                        role: r.try_get("role")?,
+                    })
+                },
+                "list tokens",
+            )
         })
     }
 

@@ -222,6 +222,23 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
         ],
     );
 
+    // The developer works with a developer token: fleet state and what they sign, not
+    // admission or grants.
+    let dev_token = ctl.ok(&owner_key, &["token", "create", "alice"]);
+    let dctl = Ctl {
+        cloud: cloud.http(),
+        token: dev_token["token"].as_str().unwrap().to_owned(),
+        home: w.dir.join("home-dev"),
+    };
+    let (ok, denied) = dctl.json(&dev_key, &["device", "accept", &device]);
+    assert!(
+        !ok && denied["error"]
+            .as_str()
+            .unwrap()
+            .contains("developer token may not"),
+        "{denied}"
+    );
+
     // The developer pushes a chute directory with an image archive: the image goes to
     // the cloud's blob store, then to the device over the chunk transfer.
     let name = format!("{prefix}-web");
@@ -239,7 +256,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
         IMAGE,
     ]);
     let started = Instant::now();
-    let pushed = ctl.ok(&dev_key, &["push", dir.to_str().unwrap(), "--tag", "lab"]);
+    let pushed = dctl.ok(&dev_key, &["push", dir.to_str().unwrap(), "--tag", "lab"]);
     let push_secs = started.elapsed().as_secs_f64();
     let r = &pushed["results"][0];
     assert_eq!(
@@ -274,20 +291,20 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     assert_eq!(mem, (48u64 << 20).to_string());
 
     // stop / start / logs, each a signed command with a verified result.
-    let r = ctl.ok(&dev_key, &["stop", "--device", &device, &name]);
+    let r = dctl.ok(&dev_key, &["stop", "--device", &device, &name]);
     assert_eq!(r["verified"], true, "{r}");
     w.wait_state(&name, "stopped", T);
-    let r = ctl.ok(&dev_key, &["start", "--device", &device, &name]);
+    let r = dctl.ok(&dev_key, &["start", "--device", &device, &name]);
     assert_eq!(r["verified"], true, "{r}");
     w.wait_state(&name, "running", T);
     let mut logs = Value::Null;
     wait_until("the chute's output in its logs", T, || {
-        logs = ctl.ok(&dev_key, &["logs", "--device", &device, &name]);
+        logs = dctl.ok(&dev_key, &["logs", "--device", &device, &name]);
         logs.to_string().contains("hello-from-the-cloud")
     });
     assert_eq!(logs["verified"], true, "{logs}");
     // Following: the verified tail, then live lines relayed while someone watches.
-    let o = ctl.run(
+    let o = dctl.run(
         &dev_key,
         &[
             "logs",
@@ -313,13 +330,13 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
             .any(|l| l["verified"] == false && l["text"] == "tick"),
         "no live line in {lines:?}"
     );
-    let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
+    let listed = dctl.ok(&dev_key, &["list", "--device", &device]);
     assert_eq!(listed["verified"], true, "{listed}");
     assert!(listed.to_string().contains(&name), "{listed}");
 
     // Pushing the same version again replaces the chute in place; the blob is already in
     // the cloud, so nothing is uploaded again.
-    let o = ctl.run(
+    let o = dctl.run(
         &dev_key,
         &["push", dir.to_str().unwrap(), "--device", &device],
     );
@@ -336,7 +353,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     // A chute outside the grant's pattern is refused, with the reason, and nothing runs.
     let other = unique("outside");
     let odir = w.chute_dir(&other, r#"["sleep", "3600"]"#, "");
-    let (ok, refused) = ctl.json(
+    let (ok, refused) = dctl.json(
         &dev_key,
         &["push", odir.to_str().unwrap(), "--device", &device],
     );
@@ -371,7 +388,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     assert_eq!(shown["devices"][0]["device_id"], device.as_str());
 
     // Clean up through the cloud too.
-    let r = ctl.ok(&dev_key, &["remove", "--device", &device, &name]);
+    let r = dctl.ok(&dev_key, &["remove", "--device", &device, &name]);
     assert_eq!(r["verified"], true, "{r}");
 
     // Revoking the grant: refused in the cloud at once, and the device installs an
@@ -386,7 +403,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
         "{revoked}"
     );
     assert_eq!(d["result"]["installed"], true, "{revoked}");
-    let (ok, r) = ctl.json(&dev_key, &["start", "--device", &device, &name]);
+    let (ok, r) = dctl.json(&dev_key, &["start", "--device", &device, &name]);
     assert!(
         !ok && r["error"].as_str().unwrap().contains("no valid grant"),
         "{r}"
