@@ -18,13 +18,14 @@ target/debug/chute-cloud serve --data-dir "$DIR/data" --listen "127.0.0.1:$PORT"
 trap 'kill $CLOUD 2>/dev/null || true; wait $CLOUD 2>/dev/null || true; rm -rf "$DIR"' EXIT
 for _ in $(seq 100); do [ -s "$DIR/data/admin.token" ] && curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null && break; sleep 0.1; done
 TOKEN=$(cat "$DIR/data/admin.token")
-"$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/api/v1/openapi.json" \
+# Run from the temp dir: schemathesis keeps a .schemathesis/ cache in its working dir.
+(cd "$DIR" && "$VENV/bin/schemathesis" run "http://127.0.0.1:$PORT/api/v1/openapi.json" \
   -H "Authorization: Bearer $TOKEN" \
   --checks not_a_server_error \
   --max-examples "$EXAMPLES" --seed 1 \
   --suppress-health-check all \
   --request-timeout 20 \
-  --workers 2
+  --workers 2)
 # The server must have survived the whole run.
 curl -sf "http://127.0.0.1:$PORT/healthz" >/dev/null
 echo "ok: no 5xx, server alive"
