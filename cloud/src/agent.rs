@@ -434,7 +434,7 @@ async fn run(
     let mut tick = tokio::time::interval(POLL);
     let mut last_rx = Instant::now();
     let mut held_heartbeat: Option<Message> = None;
-    let mut hb_written: Option<Instant> = None;
+    let mut limits = Limits::default();
     loop {
         if *accepted && inflight.is_none() {
             match next_command(app, device).await {
@@ -479,7 +479,7 @@ async fn run(
                     }
                     continue;
                 }
-                match handle(ws, app, device, msg, &mut inflight, &mut hb_written).await {
+                match handle(ws, app, device, msg, &mut inflight, &mut limits).await {
                     Ok(true) => {}
                     Ok(false) => {
                         malformed += 1;
@@ -500,7 +500,7 @@ async fn run(
                     Ok(Some(d)) if d.status == "accepted" => {
                         if !*accepted {
                             if let Some(hb) = held_heartbeat.take() {
-                                if let Err(e) = handle(ws, app, device, hb, &mut inflight, &mut hb_written).await {
+                                if let Err(e) = handle(ws, app, device, hb, &mut inflight, &mut limits).await {
                                     return e;
                                 }
                             }
@@ -524,6 +524,33 @@ async fn run(
                         return e;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// When a session last wrote status to the store (writes are rate-limited).
+#[derive(Default)]
+struct Limits {
+    heartbeat: Option<Instant>,
+    /// State changes written in the current one-second window.
+    state_window: Option<(Instant, u32)>,
+}
+
+/// State changes written per session per second (a burst of chutes changing at once
+/// fits; a flood does not).
+const MAX_STATE_WRITES: u32 = 32;
+
+impl Limits {
+    fn allow_state(&mut self) -> bool {
+        match &mut self.state_window {
+            Some((start, n)) if start.elapsed() < Duration::from_secs(1) => {
+                *n += 1;
+                *n <= MAX_STATE_WRITES
+            }
+            _ => {
+                self.state_window = Some((Instant::now(), 1));
+                true
             }
         }
     }
@@ -611,7 +638,7 @@ async fn handle(
     device: &str,
     msg: Message,
     inflight: &mut Option<Inflight>,
-    hb_written: &mut Option<Instant>,
+    limits: &mut Limits,
 ) -> Result<bool, String> {
     match msg {
         Message::Publish(p) => {
@@ -619,9 +646,11 @@ async fn handle(
                 // A device that sends heartbeats faster than this is recorded at this rate
                 // (heartbeats are snapshots; the store is not a device's to flood).
                 Publication::Heartbeat(_)
-                    if hb_written.is_some_and(|t| t.elapsed() < MIN_HEARTBEAT_GAP) => {}
+                    if limits
+                        .heartbeat
+                        .is_some_and(|t| t.elapsed() < MIN_HEARTBEAT_GAP) => {}
                 Publication::Heartbeat(h) => {
-                    *hb_written = Some(Instant::now());
+                    limits.heartbeat = Some(Instant::now());
                     let running = h
                         .chutes
                         .iter()
@@ -676,7 +705,35 @@ async fn handle(
                     app.hub
                         .follow_push(device, b.chute.as_str(), lines, b.dropped);
                 }
-                Publication::State(_) => {}
+                // A chute changed state between heartbeats: the stored snapshot follows at
+                // once (at most MAX_STATE_WRITES a second), so status is not a period stale.
+                Publication::State(sc) => {
+                    if !limits.allow_state() {
+                        return Ok(true);
+                    }
+                    let Ok(Some(d)) = app.store.device_get(device).await else {
+                        return Ok(true);
+                    };
+                    let mut hb = d
+                        .heartbeat
+                        .as_deref()
+                        .and_then(|h| serde_json::from_str::<serde_json::Value>(h).ok())
+                        .unwrap_or_else(|| json!({ "chutes": [] }));
+                    let state = format!("{:?}", sc.state).to_lowercase();
+                    if let Some(chutes) = hb["chutes"].as_array_mut() {
+                        match chutes.iter_mut().find(|c| c["name"] == sc.chute.as_str()) {
+                            Some(c) => c["state"] = json!(state),
+                            None => {
+                                chutes.push(json!({ "name": sc.chute.as_str(), "state": state }))
+                            }
+                        }
+                        let running = chutes.iter().filter(|c| c["state"] == "running").count();
+                        let total = chutes.len();
+                        hb["chutes_running"] = json!(running);
+                        hb["chutes_total"] = json!(total);
+                        let _ = app.store.device_set_snapshot(device, &hb.to_string()).await;
+                    }
+                }
             }
             Ok(true)
         }

@@ -288,6 +288,8 @@ pub trait Store: Send + Sync {
         now: i64,
     ) -> Fut<'a, ()>;
 
+    /// Replaces the stored status snapshot without claiming a heartbeat arrived.
+    fn device_set_snapshot<'a>(&'a self, id: &'a str, heartbeat_json: &'a str) -> Fut<'a, ()>;
     fn claim_insert<'a>(&'a self, sha: &'a str, now: i64, expires_at: i64) -> Fut<'a, ()>;
     /// Marks an unused, unexpired claim token used by `device`; false if it was not.
     fn claim_use<'a>(&'a self, sha: &'a str, device: &'a str, now: i64) -> Fut<'a, bool>;
@@ -682,6 +684,18 @@ impl Store for SqliteStore {
             sqlx::query("UPDATE devices SET agent_version = $2, heartbeat = $3, last_heartbeat = $4, last_seen = $4 WHERE id = $1")
                 .bind(id).bind(agent_version).bind(heartbeat_json).bind(now)
                 .execute(&self.pool).await.map_err(q("record heartbeat"))?;
+            Ok(())
+        })
+    }
+
+    fn device_set_snapshot<'a>(&'a self, id: &'a str, heartbeat_json: &'a str) -> Fut<'a, ()> {
+        Box::pin(async move {
+            sqlx::query("UPDATE devices SET heartbeat = $2 WHERE id = $1")
+                .bind(id)
+                .bind(heartbeat_json)
+                .execute(&self.pool)
+                .await
+                .map_err(q("update device status"))?;
             Ok(())
         })
     }

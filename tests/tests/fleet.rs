@@ -873,7 +873,8 @@ fn metric(cloud: &Cloud, name: &str) -> u64 {
 
 #[test]
 fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
-    let mut w = World::new(&small_pools_config("heartbeat_secs = 1\n"));
+    // A long heartbeat period: status between heartbeats comes from state changes.
+    let mut w = World::new(&small_pools_config("heartbeat_secs = 120\n"));
     let cloud = Cloud::start(&w.dir);
     let ctl = Ctl {
         cloud: cloud.http(),
@@ -907,4 +908,29 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
     wait_until("a heartbeat", T, || {
         device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["last_heartbeat"].is_i64())
     });
+    let first = device_entry(&ctl, &owner_key, &device).unwrap()["last_heartbeat"].clone();
+
+    // Status follows chute state changes at once, not a heartbeat period later, and
+    // does not pretend a heartbeat arrived.
+    let name = unique("claimed");
+    let dir = w.chute_dir(&name, r#"["sleep", "3600"]"#, "");
+    w.deploy(&dir);
+    wait_until("the running chute in the cloud's status", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["chutes_running"] == 1)
+    });
+    w.cli(&["stop", &name]);
+    wait_until("the stopped chute in the cloud's status", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+            d["chutes_running"] == 0
+                && d["heartbeat"]["chutes"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["name"] == name.as_str() && c["state"] == "stopped")
+                })
+        })
+    });
+    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    assert_eq!(
+        d["last_heartbeat"], first,
+        "a state change is not a heartbeat: {d}"
+    );
 }
