@@ -721,11 +721,15 @@ async fn handle(
                         .unwrap_or_else(|| json!({ "chutes": [] }));
                     let state = format!("{:?}", sc.state).to_lowercase();
                     if let Some(chutes) = hb["chutes"].as_array_mut() {
-                        match chutes.iter_mut().find(|c| c["name"] == sc.chute.as_str()) {
-                            Some(c) => c["state"] = json!(state),
-                            None => {
-                                chutes.push(json!({ "name": sc.chute.as_str(), "state": state }))
-                            }
+                        // `Dead` is the lifecycle's terminal state: the chute was removed.
+                        let removed = sc.state == proto::ChuteState::Dead;
+                        let name = sc.chute.as_str();
+                        if removed {
+                            chutes.retain(|c| c["name"] != name);
+                        } else if let Some(c) = chutes.iter_mut().find(|c| c["name"] == name) {
+                            c["state"] = json!(state);
+                        } else {
+                            chutes.push(json!({ "name": name, "state": state }));
                         }
                         let running = chutes.iter().filter(|c| c["state"] == "running").count();
                         let total = chutes.len();

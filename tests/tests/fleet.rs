@@ -928,6 +928,10 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
                 })
         })
     });
+    w.cli(&["remove", &name]);
+    wait_until("the removed chute gone from the cloud's status", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["chutes_total"] == 0)
+    });
     let d = device_entry(&ctl, &owner_key, &device).unwrap();
     assert_eq!(
         d["last_heartbeat"], first,
