@@ -19,6 +19,7 @@ say "building the example image from busybox-static"
 examples/hello-web/build-image.sh
 
 mkdir -p "$RUN"; chmod 700 "$RUN"
+CLOUD_ARGS=()
 PODMAN_SOCK=$RUN/podman.sock ADMIN=$RUN/admin.sock
 cleanup() {
   if [ "$KEEP" = 1 ]; then
@@ -26,6 +27,7 @@ cleanup() {
   fi
   "$BIN" --admin-socket "$ADMIN" remove hello-web >/dev/null 2>&1 || true
   [ -n "${AGENT_PID:-}" ] && kill "$AGENT_PID" 2>/dev/null || true
+  [ -n "${CLOUD_PID:-}" ] && kill "$CLOUD_PID" 2>/dev/null || true
   [ -n "${PODMAN_PID:-}" ] && kill "$PODMAN_PID" 2>/dev/null || true
   wait 2>/dev/null || true
 }
@@ -34,7 +36,7 @@ podman system service --time=0 "unix://$PODMAN_SOCK" & PODMAN_PID=$!
 for _ in $(seq 50); do [ -S "$PODMAN_SOCK" ] && break; sleep 0.1; done
 start_agent() {
   "$BIN" --admin-socket "$ADMIN" run --state-dir "$STATE" --podman-socket "$PODMAN_SOCK" \
-    2>>"$RUN/agent.log" & AGENT_PID=$!
+    "${CLOUD_ARGS[@]}" 2>>"$RUN/agent.log" & AGENT_PID=$!
   for _ in $(seq 100); do "$BIN" --admin-socket "$ADMIN" status >/dev/null 2>&1 && return; sleep 0.1; done
   echo "agent did not come up; log:"; tail -20 "$RUN/agent.log"; exit 1
 }
@@ -72,4 +74,49 @@ C status
 say "removing"
 C remove hello-web
 C list
-echo; echo "demo complete (agent log: $RUN/agent.log)"
+
+# ---- the same chute, pushed by a developer through chute-cloud ----
+say "building chute-cloud and chutectl"
+cargo build -q -p chute-cloud -p chutectl
+CLOUD_BIN=$PWD/target/debug/chute-cloud CTL_BIN=$PWD/target/debug/chutectl
+CLOUD_DATA=$RUN/cloud; rm -rf "$CLOUD_DATA"
+CLOUD_PORT=${CHUTE_CLOUD_PORT:-18480}
+"$CLOUD_BIN" serve --data-dir "$CLOUD_DATA" --listen "127.0.0.1:$CLOUD_PORT" 2>>"$RUN/cloud.log" & CLOUD_PID=$!
+for _ in $(seq 100); do [ -s "$CLOUD_DATA/admin.token" ] && break; sleep 0.1; done
+export HOME=$RUN/home CHUTECTL_CLOUD=http://127.0.0.1:$CLOUD_PORT
+K() { local key=$1; shift; echo "\$ chutectl $*"; "$CTL_BIN" --key "$RUN/$key.key" "$@"; }
+rm -f "$RUN/owner.key" "$RUN/dev.key"
+say "the owner logs in with the admin token chute-cloud wrote, and registers the fleet key"
+K owner login "$CHUTECTL_CLOUD" --token "$(cat "$CLOUD_DATA/admin.token")"
+K owner keygen >/dev/null
+K owner owner init
+OWNER_HEX=$("$CTL_BIN" --key "$RUN/owner.key" pubkey)
+C trust --state-dir "$STATE" --owner-key "$OWNER_HEX"
+say "the agent connects to the cloud: it shows up pending"
+kill "$AGENT_PID"; wait "$AGENT_PID" 2>/dev/null || true
+CLOUD_ARGS=(--cloud "ws://127.0.0.1:$CLOUD_PORT/agent")
+start_agent
+DEVICE=$("$BIN" id --state-dir "$STATE" | awk '/^device_id/ {print $2}')
+for _ in $(seq 100); do "$CTL_BIN" device list --json | grep -q "$DEVICE" && break; sleep 0.1; done
+K owner device list
+K owner device accept "$DEVICE"
+K owner device tag "$DEVICE" demo
+say "the owner grants a developer key every procedure on chutes hello-*"
+"$CTL_BIN" --key "$RUN/dev.key" keygen >/dev/null
+DEV_HEX=$("$CTL_BIN" --key "$RUN/dev.key" pubkey)
+K owner grant issue --to "$DEV_HEX" --procedures deploy,start,stop,restart,remove,logs,status --chutes 'hello-*' --expires 1d
+say "the developer pushes examples/hello-web with its image archive: upload, transfer, deploy, verified result"
+PUSH=$RUN/hello-web-push; rm -rf "$PUSH"; cp -r examples/hello-web "$PUSH"
+podman save --format docker-archive -o "$PUSH/image.tar" localhost/chuted-hello-web:1 2>/dev/null
+time K dev push "$PUSH" --tag demo
+K dev list --device "$DEVICE"
+busybox wget -q -O - http://127.0.0.1:18080/ || true
+K dev stop --device "$DEVICE" hello-web
+K dev start --device "$DEVICE" hello-web
+K dev logs --device "$DEVICE" hello-web --tail 5
+say "a command outside the grant is refused, with its reason"
+K dev stop --device "$DEVICE" not-granted || true
+K owner deployment list
+K owner device list
+K dev remove --device "$DEVICE" hello-web
+echo; echo "demo complete (agent log: $RUN/agent.log, cloud log: $RUN/cloud.log)"

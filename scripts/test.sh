@@ -22,6 +22,7 @@ fi
 examples/hello-web/build-image.sh
 
 run "cargo fmt --check" cargo fmt --all --check
+run "chuted dependency check (no cloud stack in the router binary)" scripts/check-deps.sh
 run "cargo clippy" cargo clippy --workspace --all-targets -q -- -D warnings
 step "cargo build"
 cargo build --workspace -q
@@ -36,6 +37,7 @@ if [ -z "${CHUTED_SKIP_CROSS:-}" ]; then
   run "cross tests" cross/tests/run.sh
 fi
 run "openwrt-pkg tests" openwrt-pkg/tests/run.sh
+run "chute-cloud API fuzz (schemathesis, from its OpenAPI document)" scripts/fuzz-api.sh
 
 step "summary"
 if [ ${#FAILED[@]} -ne 0 ]; then

@@ -28,6 +28,8 @@ pub struct Options {
     pub cloud_ca: Option<PathBuf>,
     pub cloud_realm: String,
     pub cloud_keepalive: Duration,
+    /// Single-use claim token for the cloud's admission (`--claim`).
+    pub claim: Option<String>,
 }
 
 /// Why the daemon did not start. `BadInput` variants are the caller's to fix.
@@ -146,6 +148,7 @@ pub fn run(opts: Options) -> Result<(), StartError> {
             lc.keepalive = keepalive;
             lc.dead_after = keepalive.min(Duration::from_secs(30));
             lc.ca_file = opts.cloud_ca.clone();
+            lc.claim = opts.claim.clone();
             lc.command_lifetime_secs = cfg.command_lifetime_secs;
             lc.image_limits.partial_max_age = cfg.partial_image_max_age;
             // Refuse a bad URL or unreadable CA file now, not after reconciling.

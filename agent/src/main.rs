@@ -86,6 +86,9 @@ struct RunCmd {
     /// after an unanswered ping (default 60)
     #[argh(option, default = "60")]
     cloud_keepalive_secs: u64,
+    /// single-use claim token from the cloud owner: accepted on first connect
+    #[argh(option)]
+    claim: Option<String>,
 }
 
 /// Deploy or update the chute in DIR (chute.toml, optional image.tar + image.tar.sha256).
@@ -566,6 +569,7 @@ fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
         cloud_ca: r.cloud_ca,
         cloud_realm: r.cloud_realm,
         cloud_keepalive: std::time::Duration::from_secs(r.cloud_keepalive_secs),
+        claim: r.claim,
     };
     daemon::run(opts).map_err(|e| {
         if e.is_bad_input() {

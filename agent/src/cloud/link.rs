@@ -79,6 +79,8 @@ pub enum SessionError {
     },
     #[error("send: {0}")]
     Send(#[source] WsError),
+    #[error("claim token: not a valid HTTP header value")]
+    ClaimHeader,
     #[error("send did not complete within {secs}s; the peer stopped reading")]
     SendTimeout { secs: u64 },
     #[error("handshake frame: {0}")]
@@ -110,6 +112,8 @@ pub enum SessionError {
 /// A parsed cloud URL and, for wss://, the TLS client configuration.
 pub struct Endpoint {
     url: String,
+    /// Claim token for the upgrade request (see `LinkConfig::claim`).
+    pub(super) claim: Option<String>,
     host: String,
     port: u16,
     #[cfg(feature = "tls")]
@@ -151,6 +155,7 @@ impl Endpoint {
             }
             Ok(Self {
                 url: url.to_owned(),
+                claim: None,
                 host,
                 port,
             })
@@ -166,6 +171,7 @@ impl Endpoint {
             };
             Ok(Self {
                 url: url.to_owned(),
+                claim: None,
                 host,
                 port,
                 tls,
@@ -197,6 +203,10 @@ impl Endpoint {
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
         );
+        if let Some(claim) = &self.claim {
+            let value = HeaderValue::from_str(claim).map_err(|_| SessionError::ClaimHeader)?;
+            request.headers_mut().insert("X-Chute-Claim", value);
+        }
         let config = WebSocketConfig::default()
             .max_message_size(Some(MAX_FRAME))
             .max_frame_size(Some(MAX_FRAME));

@@ -73,6 +73,9 @@ pub struct LinkConfig {
     pub max_refused_calls: u32,
     /// Caps on partial image transfers (count, bytes, age before removal).
     pub image_limits: images::Limits,
+    /// Single-use claim token sent with the websocket upgrade (`X-Chute-Claim`), so a
+    /// cloud accepts this device on first connect without the owner approving it.
+    pub claim: Option<String>,
 }
 
 impl LinkConfig {
@@ -92,6 +95,7 @@ impl LinkConfig {
             send_timeout: Duration::from_secs(20),
             max_refused_calls: 32,
             image_limits: images::Limits::default(),
+            claim: None,
         }
     }
 }
@@ -159,7 +163,8 @@ impl Cloud {
         owner: Option<PublicKey>,
         cfg: LinkConfig,
     ) -> Result<Rc<Self>, LinkError> {
-        let endpoint = Endpoint::parse(&cfg.url, cfg.ca_file.as_deref())?;
+        let mut endpoint = Endpoint::parse(&cfg.url, cfg.ca_file.as_deref())?;
+        endpoint.claim = cfg.claim.clone();
         let verifier = owner.map(|o| {
             let mut v = Verifier::new(o, device.device_id());
             v.policy.max_lifetime_secs = cfg.command_lifetime_secs.min(proto::MAX_COMMAND_LIFETIME);

@@ -1,0 +1,212 @@
+//! chute-cloud: the fleet manager chuted devices connect to and developers push chutes
+//! through with `chutectl`.
+//!
+//! It is an untrusted relay and store: it checks signatures and grants early (to refuse
+//! fast and say why), keeps commands with their timeline and the device-signed results,
+//! stores image blobs and shows honest device status. It can never forge a command
+//! (that needs a developer key with an owner-signed grant) or a result (that needs the
+//! device key); `chutectl` verifies every result itself.
+//!
+//! What it deliberately is not (yet): multi-tenant, replicated (the store trait is the
+//! seam for a PostgreSQL backend), or a TLS terminator (put it behind one, or use
+//! `--tls-cert`/`--tls-key` once implemented).
+
+mod agent;
+mod api;
+mod blobs;
+mod store;
+mod wire;
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use argh::FromArgs;
+
+use crate::store::{SqliteStore, Store};
+
+/// chute-cloud: fleet manager for chuted devices.
+#[derive(FromArgs)]
+struct Cli {
+    #[argh(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(FromArgs)]
+#[argh(subcommand)]
+enum Cmd {
+    Serve(Serve),
+    Openapi(OpenapiCmd),
+}
+
+/// Serve the REST API and the agent websocket.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "serve")]
+struct Serve {
+    /// directory for the database, blobs and the admin token
+    #[argh(option)]
+    data_dir: PathBuf,
+    /// address to listen on (default 127.0.0.1:8080)
+    #[argh(option, default = "String::from(\"127.0.0.1:8080\")")]
+    listen: String,
+    /// database URL (default sqlite://DATA_DIR/cloud.db)
+    #[argh(option)]
+    database: Option<String>,
+    /// PEM certificate chain for https/wss (not implemented yet: terminate TLS in front)
+    #[argh(option)]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[argh(option)]
+    tls_key: Option<PathBuf>,
+    /// log level: error, warn, info, debug (default info)
+    #[argh(option, default = "String::from(\"info\")")]
+    log_level: String,
+}
+
+/// Print the OpenAPI document and exit.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "openapi")]
+struct OpenapiCmd {}
+
+/// Shared state of the server.
+pub struct App {
+    pub store: Arc<dyn Store>,
+    pub hub: agent::Hub,
+    pub blobs: blobs::Blobs,
+    /// Agent handshakes in progress; beyond this many, upgrades are refused with 429
+    /// (a flood of half-open sessions cannot exhaust memory or the store).
+    pub handshakes: Arc<tokio::sync::Semaphore>,
+}
+
+pub fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// File holding the admin API token, written 0600 on first start.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+
+async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if store.token_count().await? > 0 {
+        tracing::info!(path = %path.display(), "admin API token already issued");
+        return Ok(());
+    }
+    let token = api::new_token("cc-").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let tmp = data_dir.join(format!(".{ADMIN_TOKEN_FILE}.tmp"));
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        writeln!(f, "{token}")?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, &path)?;
+    store
+        .token_insert("admin", &api::token_hash(&token), "admin", now())
+        .await?;
+    println!("admin API token written to {} (mode 0600); use it with `chutectl login URL --token $(cat {})`", path.display(), path.display());
+    Ok(())
+}
+
+async fn serve(s: Serve) -> anyhow::Result<()> {
+    if s.tls_cert.is_some() || s.tls_key.is_some() {
+        anyhow::bail!("--tls-cert/--tls-key are not implemented yet; terminate TLS in a reverse proxy and let agents use wss:// to it");
+    }
+    // The database holds token hashes and the audit log: a data dir we create is
+    // owner-only (an existing one is left as its owner set it; the files are 0600).
+    if !s.data_dir.exists() {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&s.data_dir)
+            .with_context(|| format!("cannot create {}", s.data_dir.display()))?;
+    }
+    let url = s
+        .database
+        .clone()
+        .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cloud.db").display()));
+    if !url.starts_with("sqlite:") {
+        anyhow::bail!("database {url:?}: only sqlite:// URLs are supported in this version");
+    }
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url).await?);
+    if s.database.is_none() {
+        use std::os::unix::fs::PermissionsExt;
+        for f in ["cloud.db", "cloud.db-wal", "cloud.db-shm"] {
+            let p = s.data_dir.join(f);
+            if p.exists() {
+                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
+                    .with_context(|| format!("cannot restrict {}", p.display()))?;
+            }
+        }
+    }
+    ensure_admin_token(store.as_ref(), &s.data_dir).await?;
+    let app = Arc::new(App {
+        store,
+        hub: agent::Hub::default(),
+        blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
+        handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
+    });
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", s.listen))?;
+    let addr = listener.local_addr()?;
+    println!("chute-cloud listening on http://{addr} (agents: ws://{addr}/agent)");
+    tracing::info!(%addr, "listening");
+    axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(async {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term => {}
+            }
+            tracing::info!("shutting down");
+        })
+        .await?;
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli: Cli = argh::from_env();
+    match cli.cmd {
+        Cmd::Openapi(_) => {
+            use utoipa::OpenApi;
+            println!("{}", api::ApiDoc::openapi().to_pretty_json()?);
+            Ok(())
+        }
+        Cmd::Serve(s) => {
+            let level = match s.log_level.as_str() {
+                "error" => tracing::Level::ERROR,
+                "warn" => tracing::Level::WARN,
+                "info" => tracing::Level::INFO,
+                "debug" => tracing::Level::DEBUG,
+                other => anyhow::bail!("--log-level {other:?}: use error, warn, info or debug"),
+            };
+            tracing_subscriber::fmt()
+                .with_max_level(level)
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(serve(s))
+        }
+    }
+}
