@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use argh::FromArgs;
 use chute_api::admin::Reply;
 use chute_api::{render, ApiError, ErrorClass, LogLine, Request};
@@ -263,10 +262,10 @@ enum CliError {
     },
     #[error("{0}")]
     Agent(ApiError),
-    #[error("{0:#}")]
-    BadInput(anyhow::Error),
-    #[error("{0:#}")]
-    Internal(#[from] anyhow::Error),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl CliError {
@@ -284,8 +283,12 @@ impl CliError {
     }
 }
 
-fn bad_input(e: impl Into<anyhow::Error>) -> CliError {
-    CliError::BadInput(e.into())
+fn bad_input(e: impl std::fmt::Display) -> CliError {
+    CliError::BadInput(e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> CliError {
+    CliError::Internal(e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -354,8 +357,8 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
         }
         Cmd::Id(c) => {
             create_state_dir(&c.state_dir)?;
-            let key = chuted::identity::load_or_create_device_key(&c.state_dir)
-                .map_err(anyhow::Error::from)?;
+            let key =
+                chuted::identity::load_or_create_device_key(&c.state_dir).map_err(internal)?;
             if c.json {
                 println!(
                     "{}",
@@ -369,21 +372,18 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
         Cmd::Trust(t) => {
             let owner = chuted::identity::parse_owner_key(&t.owner_key).map_err(bad_input)?;
             create_state_dir(&t.state_dir)?;
-            let path =
-                chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
+            let path = chuted::identity::trust_owner(&t.state_dir, &owner).map_err(internal)?;
             println!("trusting owner {owner} ({})", path.display());
         }
         Cmd::Selftest(_) => {
-            println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
+            println!("{}", proto::selftest().map_err(internal)?);
         }
         Cmd::Deploy(d) => {
             let dir = std::fs::canonicalize(&d.dir)
-                .with_context(|| format!("chute directory {}", d.dir.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("chute directory {}: {e}", d.dir.display())))?;
             let path = dir.join("chute.toml");
             let manifest_toml = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
             let req = Request::Deploy {
                 manifest_toml,
                 dir: Some(dir.to_string_lossy().into_owned()),
@@ -436,16 +436,15 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
                 v.path.clone()
             };
             let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(bad_input)?;
-            let m = chutes::Manifest::from_toml_str(&text)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
+            let m = chutes::Manifest::from_toml_str(&text).map_err(|e| {
+                bad_input(format!(
+                    "{} is not a valid chute manifest: {e}",
+                    path.display()
+                ))
+            })?;
             if v.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&m).map_err(anyhow::Error::from)?
-                );
+                println!("{}", serde_json::to_string(&m).map_err(internal)?);
             } else {
                 print!("{}", render::validate(&m));
             }
@@ -470,14 +469,16 @@ fn call<T: DeserializeOwned>(
         path: admin.to_owned(),
         source,
     })?;
-    let mut line = serde_json::to_vec(req).map_err(anyhow::Error::from)?;
+    let mut line = serde_json::to_vec(req).map_err(internal)?;
     line.push(b'\n');
-    stream.write_all(&line).context("sending the request")?;
+    stream
+        .write_all(&line)
+        .map_err(|e| internal(format!("sending the request: {e}")))?;
     let reader = BufReader::new(stream);
     for line in reader.lines() {
-        let line = line.context("reading the agent's reply")?;
+        let line = line.map_err(|e| internal(format!("reading the agent's reply: {e}")))?;
         let reply: Reply<T> = serde_json::from_str(&line)
-            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
+            .map_err(|e| internal(format!("unreadable reply from the agent ({e}): {line}")))?;
         match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
             Reply::Log(l) => {
@@ -489,13 +490,15 @@ fn call<T: DeserializeOwned>(
             Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }
-    Err(anyhow::anyhow!("the agent closed the connection without answering").into())
+    Err(internal(
+        "the agent closed the connection without answering",
+    ))
 }
 
 /// `chuted run`: the daemon, configured from the flags.
 fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
     let level: tracing::Level = r.log_level.parse().map_err(|_| {
-        bad_input(anyhow::anyhow!(
+        bad_input(format!(
             "--log-level {:?}: expected error, warn, info, debug or trace",
             r.log_level
         ))
@@ -521,11 +524,11 @@ fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
         if e.is_bad_input() {
             bad_input(e)
         } else {
-            CliError::Internal(e.into())
+            internal(e)
         }
     })
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), CliError> {
-    daemon::create_state_dir(dir).map_err(|e| CliError::Internal(e.into()))
+    daemon::create_state_dir(dir).map_err(internal)
 }
