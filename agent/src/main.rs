@@ -7,7 +7,6 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::Context;
 use argh::FromArgs;
 use chute_api::admin::Reply;
 use chute_api::{render, ApiError, ErrorClass, LogLine, Request};
@@ -283,10 +282,10 @@ enum CliError {
     },
     #[error("{0}")]
     Agent(ApiError),
-    #[error("{0:#}")]
-    BadInput(anyhow::Error),
-    #[error("{0:#}")]
-    Internal(#[from] anyhow::Error),
+    #[error("{0}")]
+    BadInput(String),
+    #[error("{0}")]
+    Internal(String),
 }
 
 impl CliError {
@@ -304,8 +303,12 @@ impl CliError {
     }
 }
 
-fn bad_input(e: impl Into<anyhow::Error>) -> CliError {
-    CliError::BadInput(e.into())
+fn bad_input(e: impl std::fmt::Display) -> CliError {
+    CliError::BadInput(e.to_string())
+}
+
+fn internal(e: impl std::fmt::Display) -> CliError {
+    CliError::Internal(e.to_string())
 }
 
 fn main() -> ExitCode {
@@ -355,17 +358,17 @@ fn main() -> ExitCode {
 
 /// `--admin-socket` may be given before the subcommand (every command) or after `run`
 /// (where a service file naturally writes it); two different paths are refused.
-fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> anyhow::Result<PathBuf> {
+fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf, String> {
     let local = match cmd {
         Cmd::Run(r) => r.admin_socket.clone(),
         _ => None,
     };
     match (global, local) {
-        (Some(g), Some(l)) if g != l => anyhow::bail!(
+        (Some(g), Some(l)) if g != l => Err(format!(
             "--admin-socket given twice with different paths ({} before `run`, {} after it); give it once",
             g.display(),
             l.display()
-        ),
+        )),
         (Some(p), _) | (None, Some(p)) => Ok(p),
         (None, None) => Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET)),
     }
@@ -395,8 +398,8 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
         }
         Cmd::Id(c) => {
             create_state_dir(&c.state_dir)?;
-            let key = chuted::identity::load_or_create_device_key(&c.state_dir)
-                .map_err(anyhow::Error::from)?;
+            let key =
+                chuted::identity::load_or_create_device_key(&c.state_dir).map_err(internal)?;
             if c.json {
                 println!(
                     "{}",
@@ -410,8 +413,7 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
         Cmd::Trust(t) => {
             let owner = chuted::identity::parse_owner_key(&t.owner_key).map_err(bad_input)?;
             create_state_dir(&t.state_dir)?;
-            let path =
-                chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
+            let path = chuted::identity::trust_owner(&t.state_dir, &owner).map_err(internal)?;
             println!("trusting owner {owner} ({})", path.display());
         }
         Cmd::Revoke(c) => {
@@ -422,21 +424,22 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
             println!("{msg}");
         }
         Cmd::Selftest(_) => {
-            println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
+            println!("{}", proto::selftest().map_err(internal)?);
         }
         Cmd::Deploy(d) => {
             let dir = std::fs::canonicalize(&d.dir)
-                .with_context(|| format!("chute directory {}", d.dir.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("chute directory {}: {e}", d.dir.display())))?;
             let path = dir.join("chute.toml");
             let manifest_toml = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
             // Checked here too, so a refusal names the file as `validate` does; the agent
             // still validates everything it is sent.
-            chutes::Manifest::from_toml_str(&manifest_toml)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
-                .map_err(bad_input)?;
+            chutes::Manifest::from_toml_str(&manifest_toml).map_err(|e| {
+                bad_input(format!(
+                    "{} is not a valid chute manifest: {e}",
+                    path.display()
+                ))
+            })?;
             let req = Request::Deploy {
                 manifest_toml,
                 dir: Some(dir.to_string_lossy().into_owned()),
@@ -489,16 +492,15 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
                 v.path.clone()
             };
             let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read {}", path.display()))
-                .map_err(bad_input)?;
-            let m = chutes::Manifest::from_toml_str(&text)
-                .with_context(|| format!("{} is not a valid chute manifest", path.display()))
-                .map_err(bad_input)?;
+                .map_err(|e| bad_input(format!("cannot read {}: {e}", path.display())))?;
+            let m = chutes::Manifest::from_toml_str(&text).map_err(|e| {
+                bad_input(format!(
+                    "{} is not a valid chute manifest: {e}",
+                    path.display()
+                ))
+            })?;
             if v.json {
-                println!(
-                    "{}",
-                    serde_json::to_string(&m).map_err(anyhow::Error::from)?
-                );
+                println!("{}", serde_json::to_string(&m).map_err(internal)?);
             } else {
                 print!("{}", render::validate(&m));
             }
@@ -523,14 +525,16 @@ fn call<T: DeserializeOwned>(
         path: admin.to_owned(),
         source,
     })?;
-    let mut line = serde_json::to_vec(req).map_err(anyhow::Error::from)?;
+    let mut line = serde_json::to_vec(req).map_err(internal)?;
     line.push(b'\n');
-    stream.write_all(&line).context("sending the request")?;
+    stream
+        .write_all(&line)
+        .map_err(|e| internal(format!("sending the request: {e}")))?;
     let reader = BufReader::new(stream);
     for line in reader.lines() {
-        let line = line.context("reading the agent's reply")?;
+        let line = line.map_err(|e| internal(format!("reading the agent's reply: {e}")))?;
         let reply: Reply<T> = serde_json::from_str(&line)
-            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
+            .map_err(|e| internal(format!("unreadable reply from the agent ({e}): {line}")))?;
         match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
             Reply::Log(l) => {
@@ -542,13 +546,15 @@ fn call<T: DeserializeOwned>(
             Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }
-    Err(anyhow::anyhow!("the agent closed the connection without answering").into())
+    Err(internal(
+        "the agent closed the connection without answering",
+    ))
 }
 
 /// `chuted run`: the daemon, configured from the flags.
 fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
     let level: tracing::Level = r.log_level.parse().map_err(|_| {
-        bad_input(anyhow::anyhow!(
+        bad_input(format!(
             "--log-level {:?}: expected error, warn, info, debug or trace",
             r.log_level
         ))
@@ -575,11 +581,11 @@ fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
         if e.is_bad_input() {
             bad_input(e)
         } else {
-            CliError::Internal(e.into())
+            internal(e)
         }
     })
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), CliError> {
-    daemon::create_state_dir(dir).map_err(|e| CliError::Internal(e.into()))
+    daemon::create_state_dir(dir).map_err(internal)
 }

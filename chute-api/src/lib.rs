@@ -188,10 +188,16 @@ pub struct DeployResult {
     pub outcome: DeployOutcome,
 }
 
+/// Spelled out rather than `#[serde(flatten)]`: flattening buffers through serde's
+/// generic content type, which cost the agent binary kilobytes for nothing.
 #[derive(Serialize, Deserialize)]
 struct DeployWire {
-    #[serde(flatten)]
-    chute: ChuteAck,
+    name: ChuteName,
+    state: ChuteState,
+    #[serde(default)]
+    container_id: Option<String>,
+    #[serde(default)]
+    restarts: u32,
     #[serde(default)]
     outcome: Option<String>,
     #[serde(default, skip_serializing_if = "is_false")]
@@ -213,7 +219,10 @@ impl From<DeployResult> for DeployWire {
             updated: matches!(r.outcome, DeployOutcome::Updated { .. }),
             live: matches!(r.outcome, DeployOutcome::Updated { live: true }),
             unchanged: r.outcome == DeployOutcome::Unchanged,
-            chute: r.chute,
+            name: r.chute.name,
+            state: r.chute.state,
+            container_id: r.chute.container_id,
+            restarts: r.chute.restarts,
         }
     }
 }
@@ -229,7 +238,12 @@ impl From<DeployWire> for DeployResult {
             None => DeployOutcome::Deployed,
         };
         DeployResult {
-            chute: w.chute,
+            chute: ChuteAck {
+                name: w.name,
+                state: w.state,
+                container_id: w.container_id,
+                restarts: w.restarts,
+            },
             outcome,
         }
     }

@@ -55,10 +55,8 @@ pub fn build(agent: &Agent, seq: u64, clock: (u64, proto::ClockState)) -> Heartb
     for view in agent.views().into_iter().take(proto::MAX_HEARTBEAT_CHUTES) {
         let v = view.borrow();
         let name = ChuteName::from(v.manifest.name.clone());
-        // The sampler's counters (supervisor::usage), like `inspect` shows.
-        let (rx_bytes, tx_bytes) = v
-            .net
-            .as_ref()
+        // The one source of network counters, read now, as `inspect` does.
+        let (rx_bytes, tx_bytes) = crate::supervisor::net_sample(v.pid, None)
             .map_or((0, 0), |n| (n.down_bytes, n.up_bytes));
         let usage = v.usage.clone().unwrap_or_default();
         chutes.push(ChuteUsage {

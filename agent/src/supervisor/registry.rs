@@ -317,11 +317,12 @@ impl Agent {
             .collect()
     }
 
-    /// `inspect` plus the live counters of the chute's shaping classes.
+    /// `inspect` plus live network counters (and those of its shaping classes).
     pub async fn inspect_live(&self, name: &str) -> Result<ChuteDetail, OpError> {
         let mut d = self.inspect(name)?;
         let netns = self.view(name)?.borrow().sandbox_key.clone();
         let shaped = self.view(name)?.borrow().shaping.clone();
+        d.net = net_sample(d.pid, None);
         if let (Some(netns), Some(shaping)) = (netns, shaped) {
             d.shaping = Some(chute_api::ShapingInfo {
                 host_interface: shaping.host_ifname,

@@ -1,12 +1,12 @@
 //! Owns usage sampling: each running chute's cgroup counters every interval, and its
 //! network counters every fifth.
 //!
-//! One source of network byte counters: the chute's own interfaces in
-//! `/proc/<pid>/net/dev` (received = down, sent = up). It counts every chute, shaped or
-//! not, is one file read with no namespace to enter, and is what the chute itself saw.
-//! tc's class statistics add only what nothing else knows, for shaped chutes: packets
-//! the shaper dropped and its rate estimate. `inspect`, heartbeats and the cloud all read
-//! these samples.
+//! One source of network counters, [`net_sample`]: bytes from the chute's own interfaces
+//! in `/proc/<pid>/net/dev` (received = down, sent = up), which counts every chute, shaped
+//! or not, with one file read and no namespace to enter; and for a shaped chute what only
+//! tc knows, the shaper's drops and rate estimate. `inspect` and heartbeats call it when
+//! they are built; the sampler refreshes shaped chutes every fifth tick (it enters their
+//! namespace for tc anyway) and reads nothing extra for unshaped ones.
 
 use std::path::Path;
 use std::rc::Rc;
@@ -94,14 +94,10 @@ pub async fn sample_usage(agent: Rc<Agent>) {
                     let b = view.borrow();
                     (b.pid, b.shaping.as_ref().and(b.sandbox_key.clone()))
                 };
-                if pid == 0 {
-                    continue;
+                let Some(netns) = netns else { continue };
+                if let Ok(stats) = tc_shaper::chute_stats(Path::new(&netns)).await {
+                    view.borrow_mut().net = net_sample(pid, Some(&stats));
                 }
-                let stats = match netns {
-                    Some(n) => tc_shaper::chute_stats(Path::new(&n)).await.ok(),
-                    None => None,
-                };
-                view.borrow_mut().net = net_sample(pid, stats.as_ref());
             }
         }
         let now = agent.now_ms();
