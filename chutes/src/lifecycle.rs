@@ -335,6 +335,9 @@ impl Lifecycle {
             // exited, the start it still owes is made on reconciliation, whatever the
             // policy (and a chute Podman did restart is adopted).
             (ChuteState::Running, Expect::RestartExit | Expect::Start) => ChuteState::Restarting,
+            // A requested start under way: owed too, so a crash before the container runs
+            // still ends with it running.
+            (ChuteState::Stopped | ChuteState::Failed, Expect::Start) => ChuteState::Restarting,
             (state, _) => state,
         }
     }

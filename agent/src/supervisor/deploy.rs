@@ -241,8 +241,9 @@ impl Actor {
             self.lc.state(),
             ChuteState::Running | ChuteState::Restarting
         );
-        // Recorded before the old container is touched: the new manifest, and (for a
-        // chute that ran) a state that makes reconciliation start it, whatever the policy.
+        // Recorded before the old container is touched: the new manifest, and a state that
+        // makes reconciliation start it, whatever the policy (an update starts the new
+        // version, as below).
         // Interrupted anywhere below, the chute ends running: a container of the old
         // version is replaced by one of the new (reconciliation compares the manifest in
         // its labels), a missing one re-created, a stopped one started.
@@ -251,7 +252,7 @@ impl Actor {
             v.manifest = manifest.clone();
             v.manifest_toml = manifest_toml.clone();
         }
-        self.pin = was_running.then_some(ChuteState::Restarting);
+        self.pin = Some(ChuteState::Restarting);
         if let Err(e) = self.persist() {
             self.pin = None;
             let mut v = self.view.borrow_mut();
@@ -336,7 +337,8 @@ impl Actor {
                 }
             }
             self.view.borrow_mut().reservation_held = old_held;
-            // The old manifest is what must run now.
+            // The old manifest is what must run now (if it ran before).
+            self.pin = was_running.then_some(ChuteState::Restarting);
             let _ = self.persist();
             if was_running {
                 let before = self.runs.starts_seen();

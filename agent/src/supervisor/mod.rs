@@ -29,6 +29,8 @@ pub mod spec;
 pub mod usage;
 
 #[cfg(test)]
+mod durability_tests;
+#[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
