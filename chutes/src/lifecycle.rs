@@ -927,6 +927,22 @@ mod tests {
     }
 
     #[test]
+    fn a_requested_start_under_way_is_recorded_as_owed() {
+        let mut l = running(RestartPolicy::Never);
+        l.handle(I::StopRequested, 1);
+        l.handle(I::ContainerExited { exit_code: 0 }, 2);
+        assert_eq!(l.snapshot_state(), S::Stopped);
+        l.handle(I::StartRequested, 3);
+        assert_eq!(
+            l.snapshot_state(),
+            S::Restarting,
+            "a crash before the start returns still owes it, whatever the policy"
+        );
+        l.handle(I::ContainerStarted, 4);
+        assert_eq!(l.snapshot_state(), S::Running);
+    }
+
+    #[test]
     fn a_restart_reported_whole_is_one_restart_and_no_failure() {
         let mut l = running(RestartPolicy::Never);
         l.handle(I::RestartRequested, 1);
