@@ -3,17 +3,21 @@
 # over 60 s with 100 chutes sampled every second, and stop/start/restart/deploy latency
 # through chuted against the podman CLI doing the same in the same run.
 #   usage: sudo scripts/bench.sh [--chutes N] [--cpu-secs S] [--rounds R] [--latency-cpu C]
+#                                [--userns BASE]
+# --userns BASE runs every chute in its own user namespace (agent config userns_base);
+# compare its latency table with a run without it.
 # --latency-cpu is the CPU cap (cores) of the chute whose stop/start/restart is timed
 # (default 0.5). Under a tight cap the container's own start (runc init, the shell) is
 # throttled and dominates both sides: at 0.05 a start takes ~600 ms either way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-N=100; CPU_SECS=60; ROUNDS=5; LAT_CPU=0.5
+N=100; CPU_SECS=60; ROUNDS=5; LAT_CPU=0.5; USERNS=
 usage() { echo "usage: $0 [--chutes N] [--cpu-secs S] [--rounds R] [--latency-cpu C]" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   [ $# -ge 2 ] || usage
   case "$1" in
     --chutes) N=$2 ;; --cpu-secs) CPU_SECS=$2 ;; --rounds) ROUNDS=$2 ;; --latency-cpu) LAT_CPU=$2 ;;
+    --userns) USERNS=$2 ;;
     *) usage ;;
   esac; shift 2
 done
@@ -41,6 +45,8 @@ podman system service --time=0 "unix://$PS" & PODMAN=$!
 for _ in $(seq 50); do [ -S "$PS" ] && break; sleep 0.1; done
 cat > "$W/agent.toml" <<CONF
 stop_timeout_secs = 5
+allow_unpinned_images = true
+${USERNS:+userns_base = $USERNS}
 [pools]
 cpu = 64.0
 memory = "8GiB"
@@ -106,3 +112,15 @@ c0=$(ticks); sleep "$CPU_SECS"; c1=$(ticks)
 echo "agent CPU with $N chutes sampled every 1 s over $CPU_SECS s: $(awk "BEGIN{printf \"%.3f\", ($c1-$c0)/$HZ/$CPU_SECS*100}")% of one core"
 echo "agent RSS after the CPU run: $(rss) KiB"
 echo "chutes running: $(C list --json | python3 -c 'import json,sys; print(sum(1 for c in json.load(sys.stdin) if c["state"]=="running"))')"
+
+# --- after a crash: kill -9, restart, reconcile adopts every chute ----------------------
+running() { C list --json | python3 -c 'import json,sys; print(sum(1 for c in json.load(sys.stdin) if c["state"]=="running"))'; }
+kill -9 "$AGENT"; wait "$AGENT" 2>/dev/null || true
+t0=$(now)
+"$BIN" --admin-socket "$AS" run --state-dir "$W/state" --podman-socket "$PS" --config "$W/agent.toml" --log-level info 2>>"$W/agent.log" & AGENT=$!
+for _ in $(seq 600); do "$BIN" --admin-socket "$AS" status >/dev/null 2>&1 && break; sleep 0.05; done
+t1=$(now)
+echo "agent back after kill -9 with $N chutes (reconciled, serving): $(( (t1-t0)/1000000 )) ms"
+sleep 2
+echo "agent RSS after kill -9 and restart with $N chutes: $(rss) KiB"
+echo "chutes running after the restart: $(running) (adopted, not restarted)"

@@ -45,7 +45,9 @@ impl Agent {
                 .await
                 .map(|d| Response::Inspect(Box::new(d))),
             Request::Start { name } => self.op(&name, ChuteOp::Start).await,
-            Request::Stop { name } => self.op(&name, ChuteOp::Stop).await,
+            Request::Stop { name, timeout_secs } => {
+                self.op(&name, ChuteOp::Stop { timeout_secs }).await
+            }
             Request::Restart { name } => self.op(&name, ChuteOp::Restart).await,
             Request::Remove { name } => self.op(&name, ChuteOp::Remove).await,
             Request::Status => {

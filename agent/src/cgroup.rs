@@ -133,17 +133,9 @@ pub struct Usage {
     pub pids: u64,
 }
 
-/// Limits as the kernel enforces them; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Limits {
-    pub memory_max: Option<u64>,
-    /// Swap allowed beyond `memory_max` (v1: `memsw - mem`; v2: `memory.swap.max`).
-    /// `None` if unlimited or not accounted by this kernel.
-    pub memory_swap_max: Option<u64>,
-    pub cpu_quota_us: Option<i64>,
-    pub cpu_period_us: u64,
-    pub pids_max: Option<u64>,
-}
+/// Limits as the kernel enforces them; `None` means unlimited. The API's type: what
+/// `inspect` shows is what was read.
+pub use chute_api::CgroupLimits as Limits;
 
 /// v1 "unlimited" memory is `PAGE_COUNTER_MAX * PAGE_SIZE`, just under `i64::MAX`; any
 /// value this large cannot be a real limit.
@@ -316,15 +308,15 @@ impl CgroupPaths {
     }
 }
 
-struct Mount {
-    root: String,
-    point: PathBuf,
-    options: String,
-    v2: bool,
+pub(crate) struct Mount {
+    pub(crate) root: String,
+    pub(crate) point: PathBuf,
+    pub(crate) options: String,
+    pub(crate) v2: bool,
 }
 
 /// Cgroup mounts from mountinfo: `id parent dev root point opts [tags] - fstype src super`.
-fn parse_mountinfo(s: &str) -> Vec<Mount> {
+pub(crate) fn parse_mountinfo(s: &str) -> Vec<Mount> {
     s.lines()
         .filter_map(|line| {
             let (pre, post) = line.split_once(" - ")?;
@@ -370,7 +362,7 @@ fn unescape(s: &str) -> String {
 
 /// The cgroup path relative to the mount's root (they differ inside a cgroup namespace
 /// or when a subtree is bind-mounted).
-fn relative<'a>(cg_path: &'a str, mount_root: &str) -> &'a str {
+pub(crate) fn relative<'a>(cg_path: &'a str, mount_root: &str) -> &'a str {
     let rel = if mount_root == "/" {
         cg_path
     } else {

@@ -24,6 +24,56 @@ pub const DEFAULT_CAPS: &[&str] = &[
     "SETUID",
 ];
 
+/// Capabilities `cap_add` may grant: ordinary in-container privileges. Anything else is
+/// refused at start; [`refused_cap_reason`] says why for the well-known dangerous ones.
+pub const ALLOWED_CAPS: &[&str] = &[
+    "AUDIT_WRITE",
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "MKNOD",
+    "NET_BIND_SERVICE",
+    "SETFCAP",
+    "SETGID",
+    "SETPCAP",
+    "SETUID",
+    "SYS_CHROOT",
+];
+
+/// Why a capability outside [`ALLOWED_CAPS`] is refused.
+pub fn refused_cap_reason(cap: &str) -> &'static str {
+    match cap {
+        "ALL" => "grants every capability, host root in all but name",
+        "SYS_ADMIN" => "mounts, namespaces and most of the kernel's admin interface",
+        "NET_ADMIN" => {
+            "reconfigures interfaces, routes, firewall and the shaping that caps bandwidth"
+        }
+        "NET_RAW" => "raw sockets: spoofed packets and sniffing on the chute's network",
+        "SYS_TIME" => "sets the host clock, which command expiry is judged by",
+        "SYS_MODULE" => "loads kernel modules",
+        "BPF" | "PERFMON" => "loads BPF programs / reads kernel performance data",
+        "SYS_PTRACE" => "traces and injects into other processes",
+        "SYS_RAWIO" => "raw I/O ports and device memory",
+        "DAC_READ_SEARCH" => "bypasses file read permissions (open_by_handle_at escapes)",
+        "SYS_BOOT" => "reboots the host",
+        "SYS_RESOURCE" => "overrides resource limits",
+        "SYS_NICE" => "raises priorities above other chutes and the agent",
+        "MAC_ADMIN" | "MAC_OVERRIDE" => "changes or bypasses mandatory access control",
+        "LINUX_IMMUTABLE" => "alters immutable and append-only files",
+        "SYSLOG" => "reads and clears the kernel log",
+        "AUDIT_CONTROL" | "AUDIT_READ" => "controls or reads the kernel audit log",
+        "CHECKPOINT_RESTORE" => "checkpoint/restore of other processes",
+        "IPC_LOCK" | "IPC_OWNER" => "locks memory / bypasses IPC permissions",
+        "WAKE_ALARM" | "BLOCK_SUSPEND" => "keeps the host awake or wakes it",
+        _ => "not on the list of capabilities a chute may be given",
+    }
+}
+
+/// Default host-port range chutes may publish on (unprivileged ports).
+pub const DEFAULT_HOST_PORTS: (u16, u16) = (1024, 65535);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
@@ -64,6 +114,13 @@ struct RawConfig {
     cgroup_parent: Option<String>,
     podman_timeout_secs: Option<u64>,
     image_timeout_secs: Option<u64>,
+    command_lifetime_secs: Option<u64>,
+    allow_unpinned_images: Option<bool>,
+    host_ports: Option<String>,
+    host_bind: Option<String>,
+    partial_image_max_age_secs: Option<u64>,
+    userns_base: Option<u32>,
+    image_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +162,58 @@ pub struct AgentConfig {
     pub podman_timeout: Duration,
     /// Deadline of an image load or pull.
     pub image_timeout: Duration,
+    /// Longest lifetime of a signed command (default 300 s, at most 3600).
+    pub command_lifetime_secs: u64,
+    /// Local `chuted deploy` may name an image by a mutable tag (no archive, no
+    /// `@sha256:`). Off by default; cloud deploys are always pinned.
+    pub allow_unpinned_images: bool,
+    /// Host ports a manifest may publish on, inclusive (default 1024-65535).
+    pub host_ports: (u16, u16),
+    /// Address published ports bind to (`None`: every interface). The OpenWrt init
+    /// passes the LAN address from UCI.
+    pub host_bind: Option<std::net::IpAddr>,
+    /// A partial image transfer not resumed for this long is removed (default 24 h).
+    pub partial_image_max_age: Duration,
+    /// First host id of per-chute user namespaces (65536 ids each); `None`: off.
+    pub userns_base: Option<u32>,
+    /// Where image archives received from the cloud are kept (up to 1 GiB each): beside
+    /// Podman's storage, not in the state dir, which on OpenWrt is on `/etc` flash and
+    /// kept across sysupgrade. `None`: `<state_dir>/images`.
+    pub image_dir: Option<PathBuf>,
+}
+
+/// A manifest port outside the owner's allow-list.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "chute `{chute}` publishes host port {port}, outside this device's allowed host ports \
+     {low}-{high} (config `host_ports`)"
+)]
+pub struct HostPortRefused {
+    pub chute: String,
+    pub port: u16,
+    pub low: u16,
+    pub high: u16,
+}
+
+impl AgentConfig {
+    /// Refuses a manifest that publishes a host port outside `host_ports`, naming it.
+    pub fn check_host_ports(&self, m: &chutes::Manifest) -> Result<(), HostPortRefused> {
+        let (low, high) = self.host_ports;
+        match m
+            .network
+            .ports
+            .iter()
+            .find(|p| p.host < low || p.host > high)
+        {
+            Some(p) => Err(HostPortRefused {
+                chute: m.name.to_string(),
+                port: p.host,
+                low,
+                high,
+            }),
+            None => Ok(()),
+        }
+    }
 }
 
 /// What [`check_cgroup_parent`] accepts, for error messages.
@@ -189,7 +298,21 @@ impl AgentConfig {
             cgroup_parent: None,
             podman_timeout: crate::podman::DEFAULT_CALL_TIMEOUT,
             image_timeout: crate::podman::DEFAULT_IMAGE_TIMEOUT,
+            command_lifetime_secs: proto::DEFAULT_COMMAND_LIFETIME,
+            allow_unpinned_images: false,
+            host_ports: DEFAULT_HOST_PORTS,
+            host_bind: None,
+            partial_image_max_age: Duration::from_secs(24 * 3600),
+            userns_base: None,
+            image_dir: None,
         }
+    }
+
+    /// The directory image archives go to: `image_dir`, else `<state_dir>/images`.
+    pub fn image_dir(&self, state_dir: &Path) -> PathBuf {
+        self.image_dir
+            .clone()
+            .unwrap_or_else(|| state_dir.join("images"))
     }
 
     pub fn load(path: &Path, host: HostFacts) -> Result<Self, ConfigError> {
@@ -377,6 +500,16 @@ impl AgentConfig {
             }
             cfg.cgroup_parent = Some(cg);
         }
+        if let Some(d) = raw.image_dir {
+            if !d.is_absolute() || d.components().any(|c| c == std::path::Component::ParentDir) {
+                return Err(invalid(
+                    "image_dir",
+                    format!("{:?}", d.display().to_string()),
+                    "an absolute directory without \"..\", e.g. \"/opt/podman/chuted-images\"",
+                ));
+            }
+            cfg.image_dir = Some(d);
+        }
         if let Some(caps) = raw.cap_add {
             for c in &caps {
                 let bare = c.trim_start_matches("CAP_");
@@ -387,24 +520,79 @@ impl AgentConfig {
                         "capability names such as \"NET_BIND_SERVICE\"",
                     ));
                 }
-                if matches!(
-                    bare,
-                    "SYS_ADMIN"
-                        | "NET_ADMIN"
-                        | "SYS_MODULE"
-                        | "SYS_RAWIO"
-                        | "SYS_PTRACE"
-                        | "DAC_READ_SEARCH"
-                        | "SYS_BOOT"
-                        | "MAC_ADMIN"
-                ) {
-                    return Err(invalid("cap_add", format!("{c:?}"), "not a capability that reaches the host (SYS_ADMIN, NET_ADMIN, SYS_MODULE, SYS_RAWIO, SYS_PTRACE, ... are refused)"));
+                if !ALLOWED_CAPS.contains(&bare) {
+                    return Err(invalid(
+                        "cap_add",
+                        format!("{c:?}"),
+                        &format!(
+                            "refused: {}; allowed are {}",
+                            refused_cap_reason(bare),
+                            ALLOWED_CAPS.join(", ")
+                        ),
+                    ));
                 }
             }
             cfg.cap_add = caps
                 .into_iter()
                 .map(|c| c.trim_start_matches("CAP_").to_owned())
                 .collect();
+        }
+        if let Some(s) = raw.command_lifetime_secs {
+            if !(1..=proto::MAX_COMMAND_LIFETIME).contains(&s) {
+                return Err(invalid(
+                    "command_lifetime_secs",
+                    s.to_string(),
+                    &format!("1..={} (seconds)", proto::MAX_COMMAND_LIFETIME),
+                ));
+            }
+            cfg.command_lifetime_secs = s;
+        }
+        if let Some(v) = raw.allow_unpinned_images {
+            cfg.allow_unpinned_images = v;
+        }
+        if let Some(r) = raw.host_ports {
+            let parsed = r
+                .split_once('-')
+                .and_then(|(a, b)| {
+                    Some((a.trim().parse::<u16>().ok()?, b.trim().parse::<u16>().ok()?))
+                })
+                .filter(|(a, b)| *a >= 1 && a <= b);
+            cfg.host_ports = parsed.ok_or_else(|| {
+                invalid(
+                    "host_ports",
+                    format!("{r:?}"),
+                    "a range LOW-HIGH of ports 1..=65535, e.g. \"1024-65535\"",
+                )
+            })?;
+        }
+        if let Some(s) = raw.partial_image_max_age_secs {
+            if s == 0 {
+                return Err(invalid(
+                    "partial_image_max_age_secs",
+                    s.to_string(),
+                    "seconds >= 1",
+                ));
+            }
+            cfg.partial_image_max_age = Duration::from_secs(s);
+        }
+        if let Some(b) = raw.userns_base {
+            if b < 65536 {
+                return Err(invalid(
+                    "userns_base",
+                    b.to_string(),
+                    "a host id >= 65536, above every real user (e.g. 1000000)",
+                ));
+            }
+            cfg.userns_base = Some(b);
+        }
+        if let Some(b) = raw.host_bind {
+            cfg.host_bind = Some(b.parse().map_err(|_| {
+                invalid(
+                    "host_bind",
+                    format!("{b:?}"),
+                    "an IPv4 or IPv6 address such as \"192.168.1.1\"",
+                )
+            })?);
         }
         Ok(cfg)
     }
@@ -494,6 +682,121 @@ mod tests {
                 "{bad:?}: {e}"
             );
         }
+    }
+
+    /// Image archives (up to 1 GiB) go where `image_dir` says, not into the state dir
+    /// that OpenWrt keeps on flash across sysupgrade.
+    #[test]
+    fn image_dir_is_configurable_and_absolute() {
+        let state = Path::new("/etc/chuted");
+        assert_eq!(
+            parse("").unwrap().image_dir(state),
+            Path::new("/etc/chuted/images")
+        );
+        let c = parse("image_dir = \"/opt/podman/chuted-images\"\n").unwrap();
+        assert_eq!(c.image_dir(state), Path::new("/opt/podman/chuted-images"));
+        for bad in ["images", "/opt/../etc/chuted", ""] {
+            let e = parse(&format!("image_dir = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("image_dir") && e.contains("absolute directory"),
+                "{bad:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn cap_add_is_an_allow_list_and_refusals_say_why() {
+        for bad in [
+            "ALL",
+            "SYS_ADMIN",
+            "NET_ADMIN",
+            "NET_RAW",
+            "SYS_TIME",
+            "SYS_MODULE",
+            "BPF",
+            "SYS_PTRACE",
+            "CAP_SYS_ADMIN",
+            "PERFMON",
+            "WHATEVER",
+        ] {
+            let e = parse(&format!("cap_add = [{bad:?}]\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("cap_add") && e.contains(bad) && e.contains("refused"),
+                "{e}"
+            );
+            assert!(e.contains("NET_BIND_SERVICE"), "lists what is allowed: {e}");
+        }
+        let e = parse("cap_add = [\"NET_RAW\"]\n").unwrap_err().to_string();
+        assert!(e.contains("raw sockets"), "{e}");
+        let c = parse("cap_add = [\"CHOWN\", \"CAP_NET_BIND_SERVICE\"]\n").unwrap();
+        assert_eq!(c.cap_add, ["CHOWN", "NET_BIND_SERVICE"]);
+        for cap in DEFAULT_CAPS {
+            assert!(ALLOWED_CAPS.contains(cap), "default {cap} must be allowed");
+        }
+    }
+
+    #[test]
+    fn command_lifetime_defaults_to_300_and_stops_at_an_hour() {
+        assert_eq!(parse("").unwrap().command_lifetime_secs, 300);
+        assert_eq!(
+            parse("command_lifetime_secs = 3600\n")
+                .unwrap()
+                .command_lifetime_secs,
+            3600
+        );
+        let e = parse("command_lifetime_secs = 3601\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("command_lifetime_secs") && e.contains("1..=3600"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn host_ports_outside_the_allow_list_are_refused_naming_the_port() {
+        let m = |port: u16| {
+            chutes::Manifest::from_toml_str(&format!(
+                "name = \"web\"\nversion = \"1\"\nimage = \"x@sha256:{}\"\n[network]\nports = [\"{port}:80\"]\n",
+                "a".repeat(64)
+            ))
+            .unwrap()
+        };
+        let c = parse("").unwrap();
+        assert_eq!(c.host_ports, (1024, 65535));
+        assert_eq!(c.host_bind, None);
+        c.check_host_ports(&m(8080)).unwrap();
+        let e = c.check_host_ports(&m(80)).unwrap_err().to_string();
+        assert!(
+            e.contains("host port 80") && e.contains("1024-65535"),
+            "{e}"
+        );
+        let c = parse("host_ports = \"8000-8099\"\nhost_bind = \"192.168.1.1\"\n").unwrap();
+        assert!(c.check_host_ports(&m(8100)).is_err());
+        c.check_host_ports(&m(8000)).unwrap();
+        assert_eq!(c.host_bind, Some("192.168.1.1".parse().unwrap()));
+        for bad in ["80", "9000-8000", "0-10", "a-b"] {
+            let e = parse(&format!("host_ports = {bad:?}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("host_ports") && e.contains("LOW-HIGH"), "{e}");
+        }
+        assert!(parse("host_bind = \"lan\"\n").is_err());
+    }
+
+    #[test]
+    fn userns_is_off_by_default_and_its_base_above_real_users() {
+        assert_eq!(parse("").unwrap().userns_base, None);
+        assert_eq!(
+            parse("userns_base = 1000000\n").unwrap().userns_base,
+            Some(1_000_000)
+        );
+        let e = parse("userns_base = 1000\n").unwrap_err().to_string();
+        assert!(e.contains("userns_base") && e.contains(">= 65536"), "{e}");
     }
 
     #[test]

@@ -40,6 +40,12 @@ pub enum IdentityError {
         "{path} is not a key of 64 hex characters ({reason}); move it aside to create a new one"
     )]
     Corrupt { path: PathBuf, reason: String },
+    #[error(
+        "{path} has mode {mode:03o}: group or others may read or change it, so it is not \
+         trusted; check who could have read or replaced it, then `chmod 600 {path}` (or \
+         remove it to start over)"
+    )]
+    LooseMode { path: PathBuf, mode: u32 },
     #[error("cannot create the device key: {reason}")]
     Random { reason: String },
     #[error("owner key {given:?} is not an Ed25519 public key: {reason} (expected 64 hex characters, as printed by the owner's tool)")]
@@ -55,7 +61,21 @@ pub enum IdentityError {
     },
 }
 
+/// Refuses a key file that group or others can access. Not silently tightened: a
+/// secret that was readable may have been copied, and a trust root that was writable
+/// may have been replaced; the owner decides.
+fn check_mode(path: &Path) -> Result<(), IdentityError> {
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 != 0 => Err(IdentityError::LooseMode {
+            path: path.to_owned(),
+            mode: meta.permissions().mode() & 0o777,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn read_hex32(path: &Path) -> Result<Option<[u8; 32]>, IdentityError> {
+    check_mode(path)?;
     match std::fs::read_to_string(path) {
         Ok(text) => {
             hex_decode::<32>("key", text.trim())
@@ -79,21 +99,10 @@ fn read_hex32(path: &Path) -> Result<Option<[u8; 32]>, IdentityError> {
 }
 
 /// Loads the device key from `state_dir`, creating it (0600) if absent. A key file
-/// that has become readable by others is tightened back to 0600.
+/// that group or others can access is refused with the fix (see [`check_mode`]).
 pub fn load_or_create_device_key(state_dir: &Path) -> Result<Keypair, IdentityError> {
     let path = state_dir.join(DEVICE_KEY_FILE);
     if let Some(seed) = read_hex32(&path)? {
-        if let Ok(meta) = std::fs::metadata(&path) {
-            if meta.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(
-                    |source| IdentityError::Write {
-                        path: path.clone(),
-                        source,
-                    },
-                )?;
-                tracing::warn!(path = %path.display(), "device key was readable by others; reset to 0600");
-            }
-        }
         return Ok(Keypair::from_seed(seed));
     }
     let key = Keypair::generate().map_err(|e| IdentityError::Random {
@@ -170,14 +179,26 @@ mod tests {
     }
 
     #[test]
-    fn loose_key_file_is_tightened() {
+    fn loose_key_files_are_refused_with_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         load_or_create_device_key(dir.path()).unwrap();
         let p = dir.path().join(DEVICE_KEY_FILE);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        load_or_create_device_key(dir.path()).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = load_or_create_device_key(dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("device.key") && e.contains("640") && e.contains("chmod 600"),
+            "{e}"
+        );
         let mode = std::fs::metadata(&p).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(mode & 0o777, 0o640, "not silently changed");
+        // The owner key too.
+        let owner = proto::testkit::owner().public();
+        let path = trust_owner(dir.path(), &owner).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o604)).unwrap();
+        let e = owner_key(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("owner.key") && e.contains("chmod 600"), "{e}");
     }
 
     #[test]

@@ -1,21 +1,18 @@
-//! `chuted`: the agent daemon (`chuted run`) and its local admin CLI.
+//! `chuted`: the agent daemon (`chuted run`) and its local admin CLI. Flag definitions
+//! and wiring only: the daemon starts in `chuted::daemon`, requests and answers are
+//! `chute_api` types, and the human output is `chute_api::render`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::rc::Rc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Context;
 use argh::FromArgs;
 use chute_api::admin::Reply;
-use chute_api::{render, ApiError, ErrorClass, LogLine, Request, Response};
-use chuted::config::{AgentConfig, HostFacts};
-use chuted::podman::Podman;
-use chuted::supervisor::{self, Agent};
-
-const DEFAULT_ADMIN_SOCKET: &str = "/run/chuted/admin.sock";
-const DEFAULT_PODMAN_SOCKET: &str = "/run/podman/podman.sock";
+use chute_api::{render, ApiError, ErrorClass, LogLine, Request};
+use chuted::daemon::{self, DEFAULT_ADMIN_SOCKET};
+use serde::de::DeserializeOwned;
 
 /// chuted runs third-party containers ("chutes") under Podman with enforced CPU, memory,
 /// pids and bandwidth caps. `chuted run` is the agent; the other commands talk to a running
@@ -50,6 +47,7 @@ enum Cmd {
     Validate(ValidateCmd),
     Id(IdCmd),
     Trust(TrustCmd),
+    Revoke(RevokeCmd),
     Selftest(SelftestCmd),
 }
 
@@ -181,6 +179,10 @@ struct StopTag {
     /// chute name
     #[argh(positional)]
     name: String,
+    /// seconds between SIGTERM and SIGKILL (default and maximum: the agent's
+    /// stop_timeout_secs)
+    #[argh(option)]
+    timeout: Option<u32>,
     /// print the result as JSON
     #[argh(switch)]
     json: bool,
@@ -232,6 +234,22 @@ struct TrustCmd {
     /// the owner's Ed25519 public key (64 hex characters)
     #[argh(option)]
     owner_key: String,
+}
+
+/// Revoke developer grants on this device: every grant for the key issued until now
+/// stops working at the agent's next command (a newer grant from the owner works).
+#[derive(FromArgs)]
+#[argh(subcommand, name = "revoke")]
+struct RevokeCmd {
+    /// the agent's state directory
+    #[argh(option)]
+    state_dir: PathBuf,
+    /// the developer's Ed25519 public key (64 hex characters)
+    #[argh(option)]
+    developer: Option<String>,
+    /// revoke every developer's grants (also resets an unreadable grant store)
+    #[argh(switch)]
+    all: bool,
 }
 
 /// Check that signing and verification work on this machine (keys, a signed command
@@ -334,13 +352,13 @@ fn main() -> ExitCode {
 
 /// `--admin-socket` may be given before the subcommand (every command) or after `run`
 /// (where a service file naturally writes it); two different paths are refused.
-fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf> {
+fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> anyhow::Result<PathBuf> {
     let local = match cmd {
         Cmd::Run(r) => r.admin_socket.clone(),
         _ => None,
     };
     match (global, local) {
-        (Some(g), Some(l)) if g != l => bail!(
+        (Some(g), Some(l)) if g != l => anyhow::bail!(
             "--admin-socket given twice with different paths ({} before `run`, {} after it); give it once",
             g.display(),
             l.display()
@@ -350,13 +368,21 @@ fn admin_socket(global: Option<PathBuf>, cmd: &Cmd) -> Result<PathBuf> {
     }
 }
 
-/// Prints an answer: JSON with `--json`, else the renderer's text.
-fn print(json: bool, resp: &Response, human: impl FnOnce(&Response) -> String) {
+/// Asks and prints the answer: the agent's JSON as sent with `--json`, else the
+/// renderer's text of the answer decoded as `T`.
+fn show<T: DeserializeOwned>(
+    admin: &Path,
+    req: &Request,
+    json: bool,
+    human: impl FnOnce(&T) -> String,
+) -> Result<(), CliError> {
     if json {
-        println!("{}", resp.to_json());
-    } else {
-        print!("{}", human(resp));
+        let v: Option<serde_json::Value> = call(admin, req, |_| true)?;
+        println!("{}", v.unwrap_or_default());
+    } else if let Some(answer) = call::<T>(admin, req, |_| true)? {
+        print!("{}", human(&answer));
     }
+    Ok(())
 }
 
 fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
@@ -385,6 +411,13 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
                 chuted::identity::trust_owner(&t.state_dir, &owner).map_err(anyhow::Error::from)?;
             println!("trusting owner {owner} ({})", path.display());
         }
+        Cmd::Revoke(c) => {
+            let now = chuted::cloud::unix_now();
+            let msg =
+                chuted::cloud::grants::revoke_cli(&c.state_dir, c.developer.as_deref(), c.all, now)
+                    .map_err(bad_input)?;
+            println!("{msg}");
+        }
         Cmd::Selftest(_) => {
             println!("{}", proto::selftest().map_err(anyhow::Error::from)?);
         }
@@ -405,35 +438,24 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
                 manifest_toml,
                 dir: Some(dir.to_string_lossy().into_owned()),
             };
-            let resp = call(admin, &req, |_| true)?;
-            print(d.json, &resp, |r| match r {
-                Response::Deploy(d) => render::deploy(d),
-                _ => String::new(),
-            });
+            show(admin, &req, d.json, render::deploy)?
         }
-        Cmd::List(l) => {
-            let resp = call(admin, &Request::List, |_| true)?;
-            print(l.json, &resp, |r| match r {
-                Response::List(list) => render::list(list),
-                _ => String::new(),
-            });
-        }
-        Cmd::Inspect(i) => {
-            let resp = call(admin, &Request::Inspect { name: i.name }, |_| true)?;
-            print(i.json, &resp, |r| match r {
-                Response::Inspect(d) => render::inspect(d),
-                _ => String::new(),
-            });
-        }
-        Cmd::Status(s) => {
-            let resp = call(admin, &Request::Status, |_| true)?;
-            print(s.json, &resp, |r| match r {
-                Response::Status(st) => render::status(st),
-                _ => String::new(),
-            });
-        }
+        Cmd::List(l) => show(admin, &Request::List, l.json, |v: &Vec<_>| render::list(v))?,
+        Cmd::Inspect(i) => show(
+            admin,
+            &Request::Inspect { name: i.name },
+            i.json,
+            render::inspect,
+        )?,
+        Cmd::Status(s) => show(admin, &Request::Status, s.json, render::status)?,
         Cmd::Start(c) => lifecycle(admin, Request::Start { name: c.name }, c.json)?,
-        Cmd::Stop(c) => lifecycle(admin, Request::Stop { name: c.name }, c.json)?,
+        Cmd::Stop(c) => {
+            let req = Request::Stop {
+                name: c.name,
+                timeout_secs: c.timeout,
+            };
+            lifecycle(admin, req, c.json)?
+        }
         Cmd::Restart(c) => lifecycle(admin, Request::Restart { name: c.name }, c.json)?,
         Cmd::Remove(c) => lifecycle(admin, Request::Remove { name: c.name }, c.json)?,
         Cmd::Logs(l) => {
@@ -444,7 +466,7 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
             };
             let stdout = std::io::stdout();
             let json = l.json;
-            call(admin, &req, |line| {
+            call::<serde_json::Value>(admin, &req, |line| {
                 let mut out = stdout.lock();
                 let written = if json {
                     serde_json::to_string(&line)
@@ -483,21 +505,17 @@ fn dispatch(cmd: Cmd, admin: &Path) -> Result<(), CliError> {
 }
 
 fn lifecycle(admin: &Path, req: Request, json: bool) -> Result<(), CliError> {
-    let resp = call(admin, &req, |_| true)?;
-    print(json, &resp, |r| match r {
-        Response::Chute(a) => render::ack(a),
-        _ => String::new(),
-    });
-    Ok(())
+    show(admin, &req, json, render::ack)
 }
 
-/// Sends one request and decodes its answer; progress goes to stderr as it arrives, log
-/// lines to `on_log` (which returns false to stop reading).
-fn call(
+/// Sends one request and decodes its answer as `T` (the type the request's kind names, or
+/// `serde_json::Value`); progress goes to stderr as it arrives, log lines to `on_log`
+/// (which returns false to stop reading: the answer is then `None`).
+fn call<T: DeserializeOwned>(
     admin: &Path,
     req: &Request,
     mut on_log: impl FnMut(LogLine) -> bool,
-) -> Result<Response, CliError> {
+) -> Result<Option<T>, CliError> {
     let mut stream = UnixStream::connect(admin).map_err(|source| CliError::Unreachable {
         path: admin.to_owned(),
         source,
@@ -508,155 +526,56 @@ fn call(
     let reader = BufReader::new(stream);
     for line in reader.lines() {
         let line = line.context("reading the agent's reply")?;
-        let reply: Reply = serde_json::from_str(&line)
+        let reply: Reply<T> = serde_json::from_str(&line)
             .with_context(|| format!("unreadable reply from the agent: {line}"))?;
         match reply {
             Reply::Progress(p) => eprintln!("… {p}"),
             Reply::Log(l) => {
                 if !on_log(l) {
-                    return Ok(Response::LogsEnd);
+                    return Ok(None);
                 }
             }
-            Reply::Ok(v) => {
-                return Response::from_json(req.kind(), v)
-                    .context("unreadable answer from the agent")
-                    .map_err(CliError::Internal);
-            }
+            Reply::Ok(answer) => return Ok(Some(answer)),
             Reply::Error(e) => return Err(CliError::Agent(e)),
         }
     }
     Err(anyhow::anyhow!("the agent closed the connection without answering").into())
 }
 
-fn run(r: RunCmd, admin: &Path) -> Result<ExitCode> {
+/// `chuted run`: the daemon, configured from the flags.
+fn run(r: RunCmd, admin: &Path) -> Result<(), CliError> {
     let level: tracing::Level = r.log_level.parse().map_err(|_| {
-        anyhow::anyhow!(
+        bad_input(anyhow::anyhow!(
             "--log-level {:?}: expected error, warn, info, debug or trace",
             r.log_level
-        )
+        ))
     })?;
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-
-    match chuted::limits::raise_nofile() {
-        Ok(l) => tracing::info!(
-            nofile = l.soft,
-            before = l.soft_before,
-            chutes_carried = chuted::limits::chutes_carried(l.soft),
-            "open-files limit"
-        ),
-        Err(e) => tracing::warn!(error = %e, "keeping the open-files limit"),
-    }
-    let host = HostFacts::detect();
-    let mut cfg = match &r.config {
-        Some(p) => AgentConfig::load(p, host)?,
-        None => AgentConfig::defaults(host),
+    let opts = daemon::Options {
+        state_dir: r.state_dir,
+        admin_socket: admin.to_owned(),
+        podman_socket: r
+            .podman_socket
+            .unwrap_or_else(|| PathBuf::from(daemon::DEFAULT_PODMAN_SOCKET)),
+        config: r.config,
+        cloud: r.cloud,
+        cloud_ca: r.cloud_ca,
+        cloud_realm: r.cloud_realm,
+        cloud_keepalive: std::time::Duration::from_secs(r.cloud_keepalive_secs),
     };
-    // Set by the OpenWrt init, which made that cgroup beside the agent's own; it wins over
-    // the file so a package's config cannot put chutes outside the subtree procd manages.
-    if let Some(cg) = std::env::var_os("CHUTED_CGROUP_PARENT").filter(|v| !v.is_empty()) {
-        let cg = cg.to_string_lossy().into_owned();
-        if !chuted::config::check_cgroup_parent(&cg) {
-            bail!(
-                "CHUTED_CGROUP_PARENT={cg:?}: expected {}",
-                chuted::config::CGROUP_PARENT_ALLOWED
-            );
+    daemon::run(opts).map_err(|e| {
+        if e.is_bad_input() {
+            bad_input(e)
+        } else {
+            CliError::Internal(e.into())
         }
-        cfg.cgroup_parent = Some(cg);
-    }
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&r.state_dir)
-            .with_context(|| format!("cannot create state dir {}", r.state_dir.display()))?;
-    }
-    let lock_path = r.state_dir.join("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("cannot open {}", lock_path.display()))?;
-    if lock.try_lock().is_err() {
-        bail!(
-            "another chuted is already running with state dir {}",
-            r.state_dir.display()
-        );
-    }
-    let device = chuted::identity::load_or_create_device_key(&r.state_dir)?;
-    let owner = chuted::identity::owner_key(&r.state_dir, cfg.owner_key.as_deref())?;
-    let link_cfg = match r.cloud.clone().or_else(|| cfg.cloud.clone()) {
-        Some(url) => {
-            let keepalive = std::time::Duration::from_secs(r.cloud_keepalive_secs.max(1));
-            let mut lc = chuted::cloud::LinkConfig::new(url);
-            lc.realm = r.cloud_realm.clone();
-            lc.heartbeat = cfg.heartbeat;
-            lc.keepalive = keepalive;
-            lc.dead_after = keepalive.min(std::time::Duration::from_secs(30));
-            lc.ca_file = r.cloud_ca.clone();
-            // Refuse a bad URL or unreadable CA file now, not after reconciling.
-            chuted::cloud::Endpoint::parse(&lc.url, lc.ca_file.as_deref())?;
-            Some(lc)
-        }
-        None => None,
-    };
-
-    let podman_socket = r
-        .podman_socket
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_PODMAN_SOCKET));
-    let podman = Podman::new(&podman_socket).with_timeouts(cfg.podman_timeout, cfg.image_timeout);
-    let ex = Rc::new(smol::LocalExecutor::new());
-    let ex2 = ex.clone();
-    let admin = admin.to_owned();
-    smol::block_on(ex.run(async move {
-        // A Podman just started (socket activation at boot) can take longer than one
-        // call's deadline to answer its first request.
-        let first_call = podman.clone().with_timeouts(
-            cfg.podman_timeout.max(std::time::Duration::from_secs(30)),
-            cfg.image_timeout,
-        );
-        let version = first_call.version().await.with_context(|| {
-            format!(
-                "Podman API at {} (start it with `podman system service --time=0 unix://{}`)",
-                podman_socket.display(),
-                podman_socket.display()
-            )
-        })?;
-        tracing::info!(podman = %version, state_dir = %r.state_dir.display(), "chuted {} starting", env!("CARGO_PKG_VERSION"));
-        let agent = Agent::new(podman, cfg, r.state_dir.clone(), ex2);
-        agent
-            .reconcile()
-            .await
-            .map_err(|e| anyhow::anyhow!("reconciliation failed: {e}"))?;
-        let listener = chuted::server::bind(&admin)?;
-        tracing::info!(admin_socket = %admin.display(), chutes = agent.list().len(), "ready");
-        agent.spawn(supervisor::route_events(agent.clone())).detach();
-        agent.spawn(supervisor::sample_usage(agent.clone())).detach();
-        tracing::info!(device = %device.device_id(), owner = ?owner.map(|o| o.to_hex()), "identity");
-        if let Some(lc) = link_cfg {
-            if owner.is_none() {
-                tracing::warn!("no owner key trusted: every cloud command will be refused (run `chuted trust`)");
-            }
-            let cloud = chuted::cloud::Cloud::new(agent.clone(), device, owner, lc)?;
-            agent.spawn(cloud.run()).detach();
-        }
-        chuted::server::serve(agent, listener).await;
-        drop(lock);
-        Ok(ExitCode::SUCCESS)
-    }))
+    })
 }
 
 fn create_state_dir(dir: &Path) -> Result<(), CliError> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .with_context(|| format!("cannot create state dir {}", dir.display()))
-        .map_err(CliError::Internal)
+    daemon::create_state_dir(dir).map_err(|e| CliError::Internal(e.into()))
 }

@@ -110,6 +110,11 @@ pub struct ContainerSpec {
     pub host_network: bool,
     /// `(host port, container port, "tcp" | "udp")`.
     pub ports: Vec<(u16, u16, String)>,
+    /// Address the host ports bind to; `None`: every interface.
+    pub host_ip: Option<String>,
+    /// Own user namespace mapping container ids 0.. to host ids `(first, size)`;
+    /// `None`: the host's.
+    pub userns: Option<(u32, u32)>,
     /// e.g. `runc`; `None` uses Podman's default.
     pub oci_runtime: Option<String>,
     pub stop_timeout_secs: u32,
@@ -725,6 +730,26 @@ struct SpecGenerator<'a> {
     stop_timeout: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     cgroup_parent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    userns: Option<Namespace>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idmappings: Option<IdMappings>,
+}
+
+/// libpod's `storage.IDMappingOptions` (Go field names, no json tags upstream).
+#[derive(Serialize)]
+struct IdMappings {
+    #[serde(rename = "UIDMap")]
+    uid_map: [IdMap; 1],
+    #[serde(rename = "GIDMap")]
+    gid_map: [IdMap; 1],
+}
+
+#[derive(Serialize, Clone, Copy)]
+struct IdMap {
+    container_id: u32,
+    host_id: u32,
+    size: u32,
 }
 
 #[derive(Serialize)]
@@ -768,6 +793,8 @@ struct Namespace {
 
 #[derive(Serialize)]
 struct PortMapping<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host_ip: Option<&'a str>,
     host_port: u16,
     container_port: u16,
     protocol: &'a str,
@@ -813,6 +840,7 @@ impl<'a> From<&'a ContainerSpec> for SpecGenerator<'a> {
                 .ports
                 .iter()
                 .map(|(host, container, proto)| PortMapping {
+                    host_ip: s.host_ip.as_deref(),
                     host_port: *host,
                     container_port: *container,
                     protocol: proto,
@@ -821,6 +849,18 @@ impl<'a> From<&'a ContainerSpec> for SpecGenerator<'a> {
             oci_runtime: s.oci_runtime.as_deref(),
             stop_timeout: s.stop_timeout_secs,
             cgroup_parent: s.cgroup_parent.as_deref(),
+            userns: s.userns.map(|_| Namespace { nsmode: "private" }),
+            idmappings: s.userns.map(|(host_id, size)| {
+                let m = IdMap {
+                    container_id: 0,
+                    host_id,
+                    size,
+                };
+                IdMappings {
+                    uid_map: [m],
+                    gid_map: [m],
+                }
+            }),
         }
     }
 }
@@ -1162,6 +1202,7 @@ mod tests {
             cap_add: vec!["CAP_NET_BIND_SERVICE".into()],
             no_new_privileges: true,
             ports: vec![(8080, 80, "tcp".into())],
+            host_ip: Some("127.0.0.1".into()),
             oci_runtime: Some("runc".into()),
             stop_timeout_secs: 7,
             cgroup_parent: Some("/chuted/chutes".into()),
@@ -1178,6 +1219,7 @@ mod tests {
         assert_eq!(v["cap_add"][0], "CAP_NET_BIND_SERVICE");
         assert_eq!(v["netns"]["nsmode"], "bridge");
         assert_eq!(v["portmappings"][0]["host_port"], 8080);
+        assert_eq!(v["portmappings"][0]["host_ip"], "127.0.0.1");
         assert_eq!(v["oci_runtime"], "runc");
         assert_eq!(v["stop_timeout"], 7);
         assert_eq!(v["cgroup_parent"], "/chuted/chutes");

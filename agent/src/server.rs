@@ -37,7 +37,21 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
         source,
     };
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // A directory we create is 0700: only root reaches the socket inside it.
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io)?;
+        // An existing directory is not ours to change (it may be /tmp); say so when it
+        // lets others in, since the socket's 0600 is then the only gate.
+        if let Ok(meta) = std::fs::metadata(dir) {
+            if meta.permissions().mode() & 0o077 != 0 {
+                warn!(dir = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                    "admin socket directory is open to others; a root-only 0700 directory is safer");
+            }
+        }
     }
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         // Only a socket can be a stale admin socket; anything else at this path (a typo
@@ -54,9 +68,12 @@ pub fn bind(path: &Path) -> Result<UnixListener, AdminSocketError> {
         }
         std::fs::remove_file(path).map_err(io)?;
     }
-    // Bind under a restrictive umask equivalent: create, then tighten before anyone can
-    // have connected (the directory is root-only too).
-    let listener = UnixListener::bind(path).map_err(io)?;
+    // The socket is born 0600 (umask 0177 around bind; the agent is single-threaded
+    // here, before it serves anything), never briefly open to others.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound.map_err(io)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     Ok(listener)
 }
@@ -81,7 +98,7 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
                         "too many admin connections ({MAX_ADMIN_CONNECTIONS} open); try again when one ends"
                     );
                     // Best effort and bounded: a client that does not read is dropped.
-                    let refusal = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
+                    let refusal: Reply<()> = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
                     let reply = write_reply(&mut stream, &refusal);
                     let _ = smol::future::or(async { reply.await.map(Some) }, async {
                         smol::Timer::after(std::time::Duration::from_millis(100)).await;
@@ -110,7 +127,10 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
     }
 }
 
-async fn write_reply(w: &mut UnixStream, reply: &Reply) -> std::io::Result<()> {
+async fn write_reply<T: serde::Serialize>(
+    w: &mut UnixStream,
+    reply: &Reply<T>,
+) -> std::io::Result<()> {
     w.write_all(&reply.to_line()).await
 }
 
@@ -128,7 +148,9 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
         },
     )
     .await?;
-    let bad = |message: String| Reply::Error(ApiError::new(ErrorCode::BadRequest, message));
+    let bad = |message: String| -> Reply<()> {
+        Reply::Error(ApiError::new(ErrorCode::BadRequest, message))
+    };
     if read.is_none() {
         let msg = format!(
             "no complete request line within {}s; send one JSON request ending in a newline",
@@ -158,7 +180,7 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut w2 = writer.clone();
     let forward = async move {
         while let Ok(ev) = rx.recv().await {
-            let reply = match ev {
+            let reply: Reply<()> = match ev {
                 Event::Progress(p) => Reply::Progress(p),
                 Event::Log(l) => Reply::Log(l),
             };
@@ -170,4 +192,19 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let (result, forwarded) = futures_lite::future::zip(answer, forward).await;
     forwarded?;
     write_reply(&mut writer, &Reply::answer(result)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_socket_is_born_0600_in_a_0700_directory() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("run").join("admin.sock");
+        let _l = bind(&path).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(path.parent().unwrap()), 0o700);
+    }
 }

@@ -1,7 +1,7 @@
 //! Crash-safe state: the agent's snapshot of its chutes.
 //!
-//! Layout: `CHSN` magic, format version (u16 LE), payload length (u32 LE), CRC-32 of the
-//! payload (u32 LE), then the postcard payload. Written atomically (temp file in the same
+//! Layout: `CHSN` magic, format major (u8) and minor (u8) version, payload length (u32
+//! LE), CRC-32 of the payload (u32 LE), then the postcard payload. Written atomically (temp file in the same
 //! directory, fsync, rename, fsync of the directory) so a crash at any instant leaves either
 //! the old or the new snapshot, never a mix. A snapshot that fails any check is reported
 //! and set aside.
@@ -14,6 +14,11 @@
 //! restart counters. Only when both are unusable does the agent fall back to the manifest
 //! each container carries in its labels.
 //!
+//! Compatibility is by rule, not equality: a reader accepts any snapshot of its own major
+//! version, whatever the minor. A minor version may only append fields at the end of
+//! [`Snapshot`] (postcard leaves trailing bytes unread, so an older reader ignores them);
+//! any other change is a new major version, which older agents set aside.
+//!
 //! The manifest is stored as its TOML source and parsed again on load: the snapshot then
 //! never depends on the in-memory layout of the manifest types.
 
@@ -25,7 +30,15 @@ use chutes::ChuteState;
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: [u8; 4] = *b"CHSN";
-pub const VERSION: u16 = 1;
+/// The format this agent writes. Snapshots of version 1 before the major/minor split
+/// stored the u16 1 in little endian: the same bytes as major 1, minor 0.
+pub const FORMAT_MAJOR: u8 = 1;
+pub const FORMAT_MINOR: u8 = 0;
+
+/// Whether this agent reads a snapshot of format `major.minor`.
+pub fn readable(major: u8, _minor: u8) -> bool {
+    major == FORMAT_MAJOR
+}
 const HEADER_LEN: usize = 4 + 2 + 4 + 4;
 /// Far above any real snapshot (100 chutes is ~100 KB) but small enough that a corrupt
 /// length field cannot make us allocate the machine's memory.
@@ -53,12 +66,11 @@ pub struct ChuteRecord {
 pub enum SnapshotError {
     #[error("snapshot {path}: not a chuted snapshot (bad magic)")]
     BadMagic { path: PathBuf },
-    #[error("snapshot {path}: format version {found} is not supported (this agent reads version {supported})")]
-    UnsupportedVersion {
-        path: PathBuf,
-        found: u16,
-        supported: u16,
-    },
+    #[error(
+        "snapshot {path}: format {major}.{minor} is not supported (this agent reads {}.x)",
+        FORMAT_MAJOR
+    )]
+    UnsupportedVersion { path: PathBuf, major: u8, minor: u8 },
     #[error("snapshot {path}: truncated ({found} bytes, expected {expected})")]
     Truncated {
         path: PathBuf,
@@ -105,7 +117,7 @@ pub fn encode(snapshot: &Snapshot) -> Vec<u8> {
         postcard::to_allocvec(snapshot).expect("serializing plain data into a Vec cannot fail");
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
+    out.extend_from_slice(&[FORMAT_MAJOR, FORMAT_MINOR]);
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32(&payload).to_le_bytes());
     out.extend_from_slice(&payload);
@@ -127,13 +139,9 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
     if bytes[..4] != MAGIC {
         return Err(SnapshotError::BadMagic { path });
     }
-    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != VERSION {
-        return Err(SnapshotError::UnsupportedVersion {
-            path,
-            found: version,
-            supported: VERSION,
-        });
+    let (major, minor) = (bytes[4], bytes[5]);
+    if !readable(major, minor) {
+        return Err(SnapshotError::UnsupportedVersion { path, major, minor });
     }
     let len = u32::from_le_bytes([bytes[6], bytes[7], bytes[8], bytes[9]]) as usize;
     let stored = u32::from_le_bytes([bytes[10], bytes[11], bytes[12], bytes[13]]);
@@ -172,7 +180,8 @@ pub fn decode(bytes: &[u8], path: &Path) -> Result<Snapshot, SnapshotError> {
     })
 }
 
-/// Writes `bytes` to `path` atomically: temp file, fsync, rename, fsync of the directory.
+/// Writes `bytes` to `path` atomically: temp file (created `O_EXCL|O_NOFOLLOW` with
+/// `mode`), fsync, rename, fsync of the directory.
 /// `mode` applies to the new file from its creation (key files are 0600 from birth, never
 /// briefly world-readable).
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
@@ -183,11 +192,17 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{file_name}.tmp.{}", std::process::id()));
+    // A leftover of a crash (or anything planted there, a symlink included) is removed,
+    // not followed; then the file is created exclusively (O_EXCL|O_NOFOLLOW).
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .mode(mode)
             .open(&tmp)?;
         f.write_all(bytes)?;
@@ -378,7 +393,8 @@ mod tests {
                 "truncated at {cut} accepted"
             );
         }
-        for i in 0..bytes.len() {
+        // Byte 5 is the minor version, which by rule does not decide readability.
+        for i in (0..bytes.len()).filter(|&i| i != 5) {
             for bit in 0..8 {
                 let mut b = bytes.clone();
                 b[i] ^= 1 << bit;
@@ -395,7 +411,10 @@ mod tests {
         let p = Path::new("/x/snapshot.bin");
         let mut b = encode(&sample());
         b[4] = 9;
-        assert!(decode(&b, p).unwrap_err().to_string().contains("version 9"));
+        assert!(decode(&b, p)
+            .unwrap_err()
+            .to_string()
+            .contains("format 9.0"));
         let b = encode(&sample());
         assert!(decode(&b[..b.len() - 1], p)
             .unwrap_err()
@@ -456,6 +475,32 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_minor_is_read_and_a_newer_major_is_refused() {
+        let p = Path::new("/x/snapshot.bin");
+        // What version 1 agents wrote: the u16 1, little endian, is major 1 minor 0.
+        let mut b = encode(&sample());
+        assert_eq!(&b[4..6], &1u16.to_le_bytes());
+        // A later minor appends a field to the end of the payload: still readable here.
+        b[5] = 3;
+        let mut payload = b[HEADER_LEN..].to_vec();
+        payload.extend_from_slice(&[7, 1, 2, 3]);
+        b.truncate(HEADER_LEN);
+        b[6..10].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        b[10..14].copy_from_slice(&crc32(&payload).to_le_bytes());
+        b.extend_from_slice(&payload);
+        assert_eq!(decode(&b, p).unwrap(), sample());
+        b[4] = FORMAT_MAJOR + 1;
+        assert!(matches!(
+            decode(&b, p),
+            Err(SnapshotError::UnsupportedVersion {
+                major: 2,
+                minor: 3,
+                ..
+            })
+        ));
+    }
+
+    #[test]
     fn missing_snapshot_is_a_first_start() {
         let dir = tempdir();
         assert_eq!(load(&dir).unwrap(), None);
@@ -472,5 +517,26 @@ mod tests {
         ));
         fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    #[test]
+    fn write_atomic_never_follows_a_planted_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        let tmp = d
+            .path()
+            .join(format!(".state.bin.tmp.{}", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        write_atomic(&d.path().join("state.bin"), b"new", 0o600).unwrap();
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"keep",
+            "wrote through the symlink"
+        );
+        let meta = fs::metadata(d.path().join("state.bin")).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(fs::read(d.path().join("state.bin")).unwrap(), b"new");
     }
 }

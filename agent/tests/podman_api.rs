@@ -165,6 +165,8 @@ fn base_spec(image: &TestImage, label: &str, command: &[&str]) -> (ContainerSpec
         no_new_privileges: true,
         host_network: false,
         ports: vec![],
+        host_ip: None,
+        userns: None,
         oci_runtime: Some("runc".to_owned()),
         stop_timeout_secs: 2,
         cgroup_parent: None,

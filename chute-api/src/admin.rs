@@ -6,32 +6,35 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{ApiError, LogLine, Response};
+use crate::{ApiError, LogLine};
 
 /// Longest request line the agent reads; a manifest is a few KB.
 pub const MAX_REQUEST: usize = 256 * 1024;
 
-/// One line from the agent.
+/// One line from the agent. `T` is the answer: the agent sends a
+/// [`Response`](crate::Response); a reader decodes the type its request's
+/// [`kind`](crate::Request::kind) names (`DeployResult`, `Vec<ChuteSummary>`, ...), or
+/// `serde_json::Value` to take any.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "snake_case")]
-pub enum Reply {
+pub enum Reply<T> {
     Progress(String),
     Log(LogLine),
-    /// The answer's JSON; decode it with [`Response::from_json`] and the request's
-    /// [`kind`](crate::Request::kind).
-    Ok(serde_json::Value),
+    Ok(T),
     Error(ApiError),
 }
 
-impl Reply {
+impl<T> Reply<T> {
     /// The final line for an answer.
-    pub fn answer(result: Result<Response, ApiError>) -> Self {
+    pub fn answer(result: Result<T, ApiError>) -> Self {
         match result {
-            Ok(r) => Reply::Ok(r.to_json()),
+            Ok(r) => Reply::Ok(r),
             Err(e) => Reply::Error(e),
         }
     }
+}
 
+impl<T: Serialize> Reply<T> {
     /// The line as sent: JSON and a newline.
     pub fn to_line(&self) -> Vec<u8> {
         // Serializing these types to JSON cannot fail (string keys, finite numbers).
@@ -44,11 +47,11 @@ impl Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ChuteAck, ChuteState, ErrorCode, LogStream, Request};
+    use crate::{ChuteAck, ChuteState, ErrorCode, LogStream, Request, Response};
 
     #[test]
     fn lines_keep_their_documented_shape() {
-        let log = Reply::Log(LogLine {
+        let log: Reply<()> = Reply::Log(LogLine {
             stream: LogStream::Stderr,
             line: "oops".into(),
         });
@@ -56,13 +59,20 @@ mod tests {
             serde_json::to_string(&log).expect("json"),
             r#"{"log":{"stream":"stderr","line":"oops"}}"#
         );
-        let err = Reply::Error(ApiError::new(ErrorCode::NoSuchChute, "no chute named `x`"));
+        let err: Reply<()> =
+            Reply::Error(ApiError::new(ErrorCode::NoSuchChute, "no chute named `x`"));
         assert_eq!(
             serde_json::to_string(&err).expect("json"),
             r#"{"error":{"code":"no-such-chute","message":"no chute named `x`"}}"#
         );
         let req: Request = serde_json::from_str(r#"{"op":"stop","name":"web"}"#).expect("reads");
-        assert_eq!(req, Request::Stop { name: "web".into() });
+        assert_eq!(
+            req,
+            Request::Stop {
+                name: "web".into(),
+                timeout_secs: None
+            }
+        );
     }
 
     #[test]
@@ -74,10 +84,15 @@ mod tests {
             restarts: 2,
         };
         let line = Reply::answer(Ok(Response::Chute(ack.clone()))).to_line();
-        let Reply::Ok(v) = serde_json::from_slice(&line).expect("reads") else {
+        // Decoded as the type the request names, or as any JSON.
+        let typed: Reply<ChuteAck> = serde_json::from_slice(&line).expect("reads");
+        assert_eq!(typed, Reply::Ok(ack.clone()));
+        let Reply::Ok(v) =
+            serde_json::from_slice::<Reply<serde_json::Value>>(&line).expect("reads")
+        else {
             panic!("not an ok line");
         };
-        let kind = Request::Stop { name: "web".into() }.kind();
+        let kind = Request::Restart { name: "web".into() }.kind();
         assert_eq!(
             Response::from_json(kind, v).expect("decodes"),
             Response::Chute(ack)

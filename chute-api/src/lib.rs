@@ -47,8 +47,12 @@ pub enum Request {
     Start {
         name: String,
     },
+    /// `timeout_secs`: seconds between SIGTERM and SIGKILL; at most the agent's own
+    /// `stop_timeout_secs` (the device owner's policy), which is also the default.
     Stop {
         name: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        timeout_secs: Option<u32>,
     },
     Restart {
         name: String,
@@ -293,7 +297,7 @@ pub struct ShapingInfo {
 }
 
 /// Limits the kernel enforces; `None` is unlimited.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CgroupLimits {
     pub memory_max: Option<u64>,
     pub memory_swap_max: Option<u64>,
@@ -340,6 +344,24 @@ pub struct AgentStatus {
     pub pools: PoolStatus,
     /// Containers with this agent's labels that it does not know: left alone, reported.
     pub unknown_containers: Vec<UnknownContainer>,
+    /// The device clock judged against the latest verified command time (a clock set
+    /// back cannot revive expired commands).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub clock: Option<ClockStatus>,
+    /// Bytes under the agent's state dir (image transfers land there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state_dir_bytes: Option<u64>,
+}
+
+/// The device clock as the command verifier sees it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ClockStatus {
+    /// The device's wall clock, Unix seconds.
+    pub secs: u64,
+    /// `ok`, `behind floor` (set back below the latest verified command) or `ahead`.
+    pub state: String,
+    /// The latest verified command's `issued_at` (0: none yet).
+    pub time_floor: u64,
 }
 
 /// The device's pools.

@@ -209,6 +209,16 @@ pub fn status(s: &AgentStatus) -> String {
             f(&p.free)
         );
     }
+    if let Some(c) = &s.clock {
+        let _ = writeln!(
+            o,
+            "clock: {} (device time {}, time floor {})",
+            c.state, c.secs, c.time_floor
+        );
+    }
+    if let Some(b) = s.state_dir_bytes {
+        let _ = writeln!(o, "state dir: {}", format_bytes(b));
+    }
     if s.unknown_containers.is_empty() {
         let _ = writeln!(o, "unknown containers: none");
     } else {
@@ -315,6 +325,12 @@ mod tests {
                 container_id: "feedfacecafe0000".into(),
                 chute: Some("old".into()),
             }],
+            clock: Some(crate::ClockStatus {
+                secs: 1_800_000_000,
+                state: "behind floor".into(),
+                time_floor: 1_800_000_100,
+            }),
+            state_dir_bytes: Some(3 << 20),
         };
         let out = status(&s);
         assert!(
@@ -327,6 +343,8 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("feedfacecafe old"), "{out}");
+        assert!(out.contains("clock: behind floor"), "{out}");
+        assert!(out.contains("state dir: 3 MiB"), "{out}");
         assert!(!out.trim_start().starts_with('{'), "not JSON: {out}");
     }
 

@@ -9,7 +9,7 @@
 //!    Failed  <-------------- Stopped/Failed (zombie timer armed) <--+
 //!                             | zombie timer fires
 //!                             v
-//!  (any) --RemoveRequested--> Dead  (remove container, release reservation, purge config)
+//!  (any) --RemoveRequested--> Dead  (remove container, release reservation; the agent forgets it)
 //! ```
 //!
 //! A requested restart is one `RestartContainer` (the reservation is kept throughout); the
@@ -193,8 +193,6 @@ pub enum Action {
     RemoveContainer,
     /// Return the chute's reservation to the ledger.
     ReleaseReservation,
-    /// Delete the chute's stored manifest and state.
-    PurgeConfig,
     /// Feed `Input::TimerFired { token }` back after `after_ms`. Supersedes every earlier
     /// timer of this chute: only the latest token is honoured.
     SetTimer {
@@ -304,7 +302,7 @@ impl Lifecycle {
     /// Actions that bring a restored machine back to life: a `Restarting` chute gets its
     /// backoff timer, a `Stopped`/`Failed` one its zombie timer (a full timeout from now:
     /// time spent while the agent was down is not counted against the chute).
-    pub fn resume(&mut self, _now_ms: u64) -> Vec<Action> {
+    pub fn resume(&mut self) -> Vec<Action> {
         match self.state {
             ChuteState::Restarting => {
                 let delay = self.next_backoff_ms();
@@ -602,11 +600,7 @@ impl Lifecycle {
                 self.timer = None;
                 self.expect = Expect::Nothing;
                 self.state = ChuteState::Dead;
-                Ok(vec![
-                    Action::RemoveContainer,
-                    Action::ReleaseReservation,
-                    Action::PurgeConfig,
-                ])
+                Ok(vec![Action::RemoveContainer, Action::ReleaseReservation])
             }
             // Every transition out of these states clears the timer, so this is only
             // reachable through a hand-edited snapshot; ignoring it is the safe answer.
@@ -623,11 +617,7 @@ impl Lifecycle {
                 timeout_secs: self.cfg.stop_timeout_secs,
             });
         }
-        actions.extend([
-            Action::RemoveContainer,
-            Action::ReleaseReservation,
-            Action::PurgeConfig,
-        ]);
+        actions.extend([Action::RemoveContainer, Action::ReleaseReservation]);
         self.state = ChuteState::Dead;
         self.timer = None;
         self.expect = Expect::Nothing;
@@ -862,7 +852,7 @@ mod tests {
             let z = timer(&l.handle(I::ContainerExited { exit_code: code }, 1), DAY);
             assert_eq!(
                 l.handle(I::TimerFired { token: z }, DAY + 1),
-                vec![A::RemoveContainer, A::ReleaseReservation, A::PurgeConfig]
+                vec![A::RemoveContainer, A::ReleaseReservation]
             );
             assert_eq!(l.state(), S::Dead);
             for i in [
@@ -1008,7 +998,7 @@ mod tests {
             if stop {
                 v.push(STOP);
             }
-            v.extend([A::RemoveContainer, A::ReleaseReservation, A::PurgeConfig]);
+            v.extend([A::RemoveContainer, A::ReleaseReservation]);
             v
         };
         let mut l = Lifecycle::new(RestartPolicy::Always, LifecycleConfig::default());
@@ -1050,7 +1040,7 @@ mod tests {
         unchanged(&mut l, I::StartRequested);
         assert_eq!(
             l.handle(I::TimerFired { token: z }, DAY),
-            vec![A::RemoveContainer, A::ReleaseReservation, A::PurgeConfig]
+            vec![A::RemoveContainer, A::ReleaseReservation]
         );
     }
 
@@ -1112,7 +1102,7 @@ mod tests {
         let cfg = LifecycleConfig::default();
         let mut l = Lifecycle::restore(S::Restarting, 7, RestartPolicy::Always, cfg);
         assert_eq!(l.restarts(), 7);
-        let t = timer(&l.resume(0), 1_000);
+        let t = timer(&l.resume(), 1_000);
         assert_eq!(
             l.handle(I::TimerFired { token: t }, 1_000),
             vec![A::StartContainer]
@@ -1120,11 +1110,14 @@ mod tests {
         assert_eq!(l.restarts(), 8);
 
         let mut l = Lifecycle::restore(S::Failed, 0, RestartPolicy::Never, cfg);
-        let z = timer(&l.resume(0), DAY);
-        assert_eq!(l.handle(I::TimerFired { token: z }, DAY).len(), 3);
+        let z = timer(&l.resume(), DAY);
+        assert_eq!(
+            l.handle(I::TimerFired { token: z }, DAY),
+            vec![A::RemoveContainer, A::ReleaseReservation]
+        );
 
         let mut l = Lifecycle::restore(S::Running, 0, RestartPolicy::Never, cfg);
-        assert_eq!(l.resume(0), vec![]);
+        assert_eq!(l.resume(), vec![]);
         timer(&l.handle(I::ContainerExited { exit_code: 9 }, 1), DAY);
         assert_eq!(l.state(), S::Failed);
     }

@@ -342,7 +342,7 @@ proptest! {
             None => Lifecycle::new(policy, cfg),
             Some(s) => Lifecycle::restore(s, 0, policy, cfg),
         };
-        let mut actions_log = l.resume(now);
+        let mut actions_log = l.resume();
         let mut released = false;
         for st in steps {
             for a in &actions_log {

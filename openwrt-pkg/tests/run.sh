@@ -25,7 +25,8 @@ SHELLS="sh"
 command -v busybox >/dev/null && busybox sh -c 'exit 0' 2>/dev/null && SHELLS="$SHELLS busybox-ash"
 shell_cmd() { if [ "$1" = busybox-ash ]; then echo "busybox sh"; else echo "$1"; fi; }
 
-for f in "$INIT" "$FILES/chuted-cgexec" "$PKGROOT/build-ipk.sh"; do
+for f in "$INIT" "$FILES/chuted-cgexec" "$PKGROOT/build-ipk.sh" "$PKGROOT/make-source.sh" \
+    "$HERE/sdk-build.sh" "$ROOT/cross/rust-1.85.sh"; do
     for s in $SHELLS; do
         check "$s -n $(basename "$f")" $(shell_cmd "$s") -n "$f"
     done
@@ -40,8 +41,13 @@ for want in 'include $(TOPDIR)/rules.mk' 'include $(INCLUDE_DIR)/package.mk' \
     check "Makefile has: $want" mk_has "$want"
 done
 mk_depends=$(sed -n 's/^ *DEPENDS:=//p' "$MAKEFILE")
-for dep in '$(RUST_ARCH_DEPENDS)' +podman +conmon +kmod-sched-core +kmod-veth; do
+for dep in '$(RUST_ARCH_DEPENDS)' +podman +kmod-sched-core +ca-bundle; do
     check "Makefile DEPENDS has $dep" sh -c 'echo " $1 " | grep -qF " $2 "' _ "$mk_depends" "$dep"
+done
+# podman already depends on conmon, crun and kmod-veth; naming them again only hides
+# which of chuted's needs are its own.
+for dep in +conmon +kmod-veth +crun; do
+    check "Makefile DEPENDS leaves $dep to podman" sh -c '! echo " $1 " | grep -qF " $2 "' _ "$mk_depends" "$dep"
 done
 check "Makefile PKG_VERSION matches Cargo.toml ($VERSION)" grep -qx "PKG_VERSION:=$VERSION" "$MAKEFILE"
 check "Makefile lists /etc/config/chuted in conffiles" \
@@ -52,9 +58,64 @@ for f in chuted.init chuted.config chuted.upgrade chuted-cgexec; do
 done
 check "init runs after podman (START=99, podman's) and uses procd" \
     sh -c 'grep -qx START=99 "$1" && grep -qx USE_PROCD=1 "$1"' _ "$INIT"
-check "keep.d keeps the default state dir across sysupgrade" \
-    sh -c 'd=$(sed -n "s/^[[:space:]]*option state_dir .\(.*\)./\1/p" "$1"); grep -qx "$d/" "$2"' \
-    _ "$FILES/chuted.config" "$FILES/chuted.upgrade"
+# sysupgrade tars every kept path into RAM: keep the identity and durable state only
+# (the agent's file names), never the directory where image archives used to live.
+state_default=$(sed -n "s/^[[:space:]]*option state_dir .\(.*\)./\1/p" "$FILES/chuted.config")
+for f in device.key owner.key snapshot.bin grants.bin replay.window; do
+    check "keep.d keeps $state_default/$f across sysupgrade" grep -qx "$state_default/$f" "$FILES/chuted.upgrade"
+done
+check "keep.d keeps exactly those five files (no directory, no images)" \
+    sh -c '[ "$(grep -c . "$1")" = 5 ] && ! grep -q "/$" "$1" && ! grep -q image "$1"' _ "$FILES/chuted.upgrade"
+for c in 'DEVICE_KEY_FILE: &str = "device.key"' 'OWNER_KEY_FILE: &str = "owner.key"' \
+    'FILE_NAME: &str = "snapshot.bin"' 'GRANTS_FILE: &str = "grants.bin"' 'WINDOW_FILE: &str = "replay.window"'; do
+    check "the agent still names its state file: $c" grep -rqF "$c" "$ROOT/agent/src"
+done
+
+# --- license, source tarball, apk ------------------------------------------------------------
+for f in $(sed -n 's/^PKG_LICENSE_FILES:=//p' "$MAKEFILE"); do
+    check "PKG_LICENSE_FILES: $f exists in the repository" test -s "$ROOT/$f"
+done
+check "LICENSE is the Apache License 2.0 Cargo.toml declares" \
+    sh -c 'grep -q "Apache License" "$1" && grep -q "Version 2.0, January 2004" "$1" && grep -qx "license = \"Apache-2.0\"" "$2" && grep -qx "PKG_LICENSE:=Apache-2.0" "$3"' \
+    _ "$ROOT/LICENSE" "$ROOT/Cargo.toml" "$MAKEFILE"
+if [ -f /usr/share/common-licenses/Apache-2.0 ]; then
+    check "LICENSE is word for word Debian's Apache-2.0 text" cmp "$ROOT/LICENSE" /usr/share/common-licenses/Apache-2.0
+fi
+check "Makefile source is the packager's (CHUTED_SOURCE_URL, PKG_HASH), no placeholder or skip" \
+    sh -c 'grep -qx "PKG_SOURCE_URL:=\$(CHUTED_SOURCE_URL)" "$1" && grep -qx "PKG_HASH?=" "$1" &&
+           grep -qx "PKG_SOURCE:=\$(PKG_NAME)-\$(PKG_VERSION).tar.gz" "$1" && ! grep -q "example.invalid/chuted.git\|HASH:=skip" "$1"' _ "$MAKEFILE"
+if git -C "$ROOT" rev-parse --verify -q HEAD >/dev/null 2>&1; then
+    "$PKGROOT/make-source.sh" HEAD "$TMP/src1" >"$TMP/src1.out" 2>&1
+    "$PKGROOT/make-source.sh" HEAD "$TMP/src2" >"$TMP/src2.out" 2>&1
+    tarball=$TMP/src1/chuted-$VERSION.tar.gz
+    check "make-source.sh writes chuted-$VERSION.tar.gz (the Makefile's PKG_SOURCE)" test -s "$tarball"
+    check "make-source.sh's PKG_HASH line is the tarball's sha256" \
+        sh -c 'grep -qx "PKG_HASH:=$(sha256sum "$2" | cut -d" " -f1)" "$1"' _ "$TMP/src1.out" "$tarball"
+    check "the tarball is reproducible (two runs, same PKG_HASH)" \
+        sh -c '[ "$(grep PKG_HASH "$1")" = "$(grep PKG_HASH "$2")" ]' _ "$TMP/src1.out" "$TMP/src2.out"
+    check "the tarball unpacks to chuted-$VERSION/ (PKG_BUILD_DIR) with the sources cargo needs" \
+        sh -c 'l=$(tar -tzf "$1"); for f in Cargo.toml Cargo.lock agent/Cargo.toml LICENSE; do
+                   echo "$l" | grep -qx "chuted-$2/$f" || exit 1; done
+               [ -z "$(echo "$l" | grep -v "^chuted-$2/")" ]' _ "$tarball" "$VERSION"
+    check "make-source.sh refuses a non-commit" sh -c '! "$1" no-such-rev "$2" 2>/dev/null' _ "$PKGROOT/make-source.sh" "$TMP/src3"
+else
+    echo "note  not a git checkout: source tarball tests not run"
+fi
+# apk-tools v3 (OpenWrt 25.12 and snapshots): the SDK names the package
+# chuted-<PKG_VERSION>-r<PKG_RELEASE>.apk, and apk refuses a version outside its grammar.
+apk_version="$(sed -n 's/^PKG_VERSION:=//p' "$MAKEFILE")-r$(sed -n 's/^PKG_RELEASE:=//p' "$MAKEFILE")"
+check "apk version $apk_version is valid for apk-tools (digits.dots[letter][_suffixN]-rN)" \
+    sh -c 'echo "$1" | grep -Eqx "[0-9]+(\.[0-9]+)*[a-z]?(_(alpha|beta|pre|rc|cvs|svn|git|hg|p)[0-9]*)*-r[0-9]+"' _ "$apk_version"
+# package-pack.mk writes apk's post-install/pre-deinstall (exporting root and pkgname)
+# and opkg's postinst/prerm from the same defaults; a custom script written for one
+# format (IPKG_INSTROOT, $0) would be wrong in the other.
+check "Makefile leaves maintainer scripts to package-pack.mk (right for ipk and apk)" \
+    sh -c '! grep -Eq "^define Package/chuted/(preinst|postinst|prerm|postrm)" "$1"' _ "$MAKEFILE"
+
+# --- MSRV ------------------------------------------------------------------------------------
+msrv=$(sed -n 's/^rust-version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml")
+check "README states the Rust version Cargo.toml declares ($msrv)" \
+    grep -q "Minimum Rust: $msrv" "$ROOT/README.md"
 
 # --- the init script against stub procd / UCI ---------------------------------------------
 # run_init SHELL UCI_FILE CASE [cgroup=v2|none] [podman=enabled|disabled]: runs
@@ -66,9 +127,14 @@ run_init() {
     rm -rf "$_d"
     mkdir -p "$_d/uci" "$_d/cg" "$_d/run"
     cp "$_uci" "$_d/uci/chuted"
-    if [ "$_cg" = v2 ]; then
-        echo "cpuset cpu io memory hugetlb pids rdma" >"$_d/cg/cgroup.controllers"
-    fi
+    case "$_cg" in
+        v2) echo "cpuset cpu io memory hugetlb pids rdma" >"$_d/cg/cgroup.controllers" ;;
+        v2fail)
+            echo "cpuset cpu io memory hugetlb pids rdma" >"$_d/cg/cgroup.controllers"
+            mkdir -p "$_d/cg/cgroup.subtree_control"
+            ;;
+        v2nocpu) echo "cpuset io memory pids" >"$_d/cg/cgroup.controllers" ;;
+    esac
     cat >"$_d/podman-init" <<EOF
 #!/bin/sh
 echo "\$*" >>"$_d/podman-calls"
@@ -80,6 +146,7 @@ EOF
     # shellcheck disable=SC2016
     env UCI_DIR="$_d/uci" RECORD="$_d/record" CHUTED_RUN_DIR="$_d/run" \
         CHUTED_CGROUP_ROOT="$_d/cg" CHUTED_PODMAN_INIT="$_d/podman-init" \
+        CHUTED_STORAGE_CONF="${STORAGE_CONF_FILE:-$_d/no-storage.conf}" \
         STUBS="$HERE/stubs.sh" INIT="$INIT" \
         $(shell_cmd "$_shell") -c '
             . "$STUBS"
@@ -136,6 +203,7 @@ for s in $SHELLS; do
     cat >"$TMP/want" <<'EOF'
 # Generated by /etc/init.d/chuted from /etc/config/chuted; edit that instead.
 heartbeat_secs = 30
+image_dir = "/var/lib/containers/chuted-images"
 
 [pools]
 EOF
@@ -171,6 +239,7 @@ EOF
 heartbeat_secs = 10
 owner_key = "9f2c4e1d00aa"
 oci_runtime = "crun"
+image_dir = "/var/lib/containers/chuted-images"
 
 [pools]
 cpu = 1.5
@@ -214,6 +283,36 @@ EOF
     check "$s: quote and backslash escaped in TOML" \
         grep -qx 'owner_key = "ab\\"c\\\\d"' "$TMP/$s-quote/run/config.toml"
     check "$s: escaped TOML parses" toml_ok "$TMP/$s-quote/run/config.toml"
+
+    # 5b. Image archives: beside Podman's graphroot; an explicit dir; never under /etc.
+    printf '[storage]\ndriver = "overlay"\n  graphroot = "/mnt/sda1/podman/storage"\n' >"$TMP/storage.conf"
+    STORAGE_CONF_FILE=$TMP/storage.conf run_init "$s" "$TMP/full.uci" "$s-graphroot"
+    check "$s: image_dir defaults beside Podman's graphroot" \
+        grep -qx 'image_dir = "/mnt/sda1/podman/chuted-images"' "$TMP/$s-graphroot/run/config.toml"
+    sed "s#option oci_runtime 'crun'#option oci_runtime 'crun'\n\toption image_dir '/srv/img'#" "$TMP/full.uci" >"$TMP/img.uci"
+    run_init "$s" "$TMP/img.uci" "$s-imgdir"
+    check "$s: image_dir option is rendered" grep -qx 'image_dir = "/srv/img"' "$TMP/$s-imgdir/run/config.toml"
+    for bad in /etc/chuted/images relative/dir; do
+        sed "s#option oci_runtime 'crun'#option oci_runtime 'crun'\n\toption image_dir '$bad'#" "$TMP/full.uci" >"$TMP/img.uci"
+        run_init "$s" "$TMP/img.uci" "$s-badimg"
+        check "$s: image_dir '$bad' refused, naming the option" \
+            sh -c '! grep -q open_instance "$1" && grep -q "chuted.agent.image_dir" "$2"' _ "$TMP/$s-badimg/record" "$TMP/$s-badimg/stderr"
+    done
+
+    # 5c. A controller that cannot be enabled is logged, naming it and the file (it used
+    # to go to /dev/null). cgroup.subtree_control as a directory makes every write fail.
+    run_init "$s" "$TMP/full.uci" "$s-cgfail" v2fail
+    d=$TMP/$s-cgfail
+    check "$s: failed +cpu is logged with the file and the RT-scheduling cause" \
+        sh -c 'grep -q "^logger .*cannot enable +cpu in $2/cgroup.subtree_control" "$1" &&
+               grep -q "^logger .*realtime tasks" "$1"' _ "$d/record" "$d/cg"
+    check "$s: failed +memory and +pids are logged too" \
+        sh -c 'grep -q "^logger .*+memory" "$1" && grep -q "^logger .*+pids" "$1"' _ "$d/record"
+    check "$s: the agent still starts (it refuses chutes itself, naming the controller)" \
+        grep -q '^open_instance' "$d/record"
+    run_init "$s" "$TMP/full.uci" "$s-nocpu" v2nocpu
+    check "$s: a kernel without the cpu controller is logged" \
+        grep -q '^logger .*no cpu cgroup controller' "$TMP/$s-nocpu/record"
 
     # 6. No cgroup v2: the agent runs directly, no cgroup env.
     run_init "$s" "$TMP/full.uci" "$s-nocg" none
@@ -342,8 +441,8 @@ EOF
     check "$short: control Package: chuted" grep -qx 'Package: chuted' "$c"
     check "$short: control Version: $VERSION-1" grep -qx "Version: $VERSION-1" "$c"
     check "$short: control Architecture: $opkgarch" grep -qx "Architecture: $opkgarch" "$c"
-    check "$short: control Depends: podman, conmon, kmod-sched-core, kmod-veth" \
-        grep -qx 'Depends: podman, conmon, kmod-sched-core, kmod-veth' "$c"
+    check "$short: control Depends: podman, kmod-sched-core, ca-bundle" \
+        grep -qx 'Depends: podman, kmod-sched-core, ca-bundle' "$c"
     check "$short: control Installed-Size is the unpacked size" \
         sh -c 'n=$(sed -n "s/^Installed-Size: //p" "$1"); [ "$n" = "$(gzip -dc "$2" | wc -c)" ]' _ "$c" "$TMP/x/data.tar.gz"
     check "$short: conffiles is /etc/config/chuted" sh -c '[ "$(cat "$1")" = /etc/config/chuted ]' _ "$TMP/x/ctrl/conffiles"
@@ -357,6 +456,28 @@ check "build-ipk.sh refuses an ARM binary for aarch64" \
     sh -c '! "$1" aarch64 "$2" "$3" 2>/dev/null' _ "$PKGROOT/build-ipk.sh" "$TMP/arm.elf" "$TMP/refused"
 check "build-ipk.sh refuses a host binary for armv7" \
     sh -c '! "$1" armv7 /bin/sh "$2" 2>/dev/null' _ "$PKGROOT/build-ipk.sh" "$TMP/refused"
+
+# --- the SDK's build, with the oldest Rust chuted claims -----------------------------------
+# sdk-build.sh runs the exact `cargo install` command and environment of rust-package.mk's
+# Build/Compile/Cargo (SDK profile overrides included) on the `git archive` source the
+# Makefile expects, and fails unless the binary matches the release profile's within 2%.
+# It builds with Debian's Rust $msrv (cross/rust-1.85.sh), which also proves the declared
+# rust-version. One x86_64 release build; CHUTED_SKIP_SDK_BUILD=1 skips it.
+if [ -n "${CHUTED_SKIP_SDK_BUILD:-}" ]; then
+    echo "note  CHUTED_SKIP_SDK_BUILD set: SDK-equivalent build and MSRV build not run"
+elif ! command -v make >/dev/null || ! git -C "$ROOT" rev-parse -q --verify HEAD >/dev/null 2>&1; then
+    bad "SDK-equivalent build needs GNU make and a git checkout"
+elif rust_env=$("$ROOT/cross/rust-1.85.sh" 2>"$TMP/rust185.err"); then
+    (. "$rust_env" && rustc --version) >"$TMP/rustc185" 2>&1
+    check "the SDK build's Rust is $msrv, the declared rust-version" grep -q "^rustc $msrv\." "$TMP/rustc185"
+    if (. "$rust_env" && "$HERE/sdk-build.sh") >"$TMP/sdk.out" 2>&1; then
+        ok "SDK-equivalent build with Rust $msrv: $(grep '^release profile' "$TMP/sdk.out")"
+    else
+        bad "SDK-equivalent build (openwrt-pkg/tests/sdk-build.sh) with Rust $msrv" "$TMP/sdk.out"
+    fi
+else
+    bad "cannot unpack Debian's Rust $msrv (cross/rust-1.85.sh)" "$TMP/rust185.err"
+fi
 
 # --- systemd unit --------------------------------------------------------------------------
 for want in 'Wants=podman.socket' 'After=podman.socket' 'Restart=always' 'KillMode=process' \

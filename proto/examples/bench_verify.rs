@@ -49,6 +49,18 @@ fn main() {
     }
     let verify_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
+    // The order and time checks a device adds (protocol v2): judge time at the floor,
+    // refuse stale, record (each command changes the same chute).
+    let mut order = proto::CommandOrder::new();
+    let t = Instant::now();
+    for c in &commands {
+        let now = order.judge_time(NOW);
+        verifier.check(c, now).expect("valid");
+        order.check(&c.command).expect("in order");
+        order.record(&c.command);
+    }
+    let ordered_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+
     let t = Instant::now();
     for f in &frames {
         decode(f).expect("decodes");
@@ -57,7 +69,14 @@ fn main() {
 
     let t = Instant::now();
     for i in 0..n {
-        let _ = testkit::signed_command(&owner, &dev, device_id, i, NOW, testkit::start_args("x"));
+        let _ = testkit::signed_command(
+            &owner,
+            &dev,
+            device_id,
+            i,
+            NOW,
+            testkit::start_args("test-x"),
+        );
     }
     let sign_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
 
@@ -75,6 +94,7 @@ fn main() {
     println!("{}", proto::selftest().expect("selftest passes"));
     println!("iterations: {n}");
     println!("verify signed command: {verify_us:.1} us/command (2 strict Ed25519 verifications + checks + replay window)");
+    println!("verify + time floor + per-chute order: {ordered_us:.1} us/command");
     println!(
         "decode CALL frame ({} bytes): {decode_us:.2} us/frame",
         frames[0].len()

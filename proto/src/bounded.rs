@@ -319,7 +319,7 @@ impl<'de, T: Deserialize<'de>, const MAX: usize> Deserialize<'de> for BoundedVec
 /// Longest chute name (the manifest's rule: `[a-z0-9-]`, 1..=40).
 pub const MAX_CHUTE_NAME: usize = 40;
 
-fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
+pub(crate) fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
     if s.len() > MAX_CHUTE_NAME {
         return Err(FieldError::TooLong {
             what,
@@ -340,75 +340,79 @@ fn check_name_chars(what: &'static str, s: &str) -> Result<(), FieldError> {
     Ok(())
 }
 
-macro_rules! name_type {
-    ($(#[$doc:meta])* $ty:ident, $what:literal, $allow_empty:literal) => {
-        $(#[$doc])*
-        #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-        pub struct $ty(String);
+/// A chute name: the model's (`chutes::ChuteName`), wrapped for the wire.
+pub use crate::chute::ChuteName;
+/// Which chutes a grant covers: an exact chute name (`web` covers `web` only) or a
+/// prefix ending in `-*` (`acme-*` covers `acme-web`, never `acme` nor `acmex`). Other
+/// forms (empty, a bare `*`, `acme*`, a `*` anywhere else) are refused when the pattern
+/// is built (a grant being issued) and when it is decoded (a grant being verified), so
+/// a pattern can never match more than its owner could read in it.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ChutePattern(String);
 
-        impl $ty {
-            pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
-                let s = s.into();
-                if !$allow_empty && s.is_empty() {
-                    return Err(FieldError::Invalid {
-                        what: $what,
-                        value: s,
-                        why: "must not be empty",
-                    });
-                }
-                check_name_chars($what, &s)?;
-                Ok(Self(s))
-            }
+/// What [`ChutePattern::new`] accepts, for error messages.
+pub const CHUTE_PATTERN_ALLOWED: &str =
+    "an exact chute name (`web`) or a prefix ending in `-*` (`acme-*`)";
 
-            pub fn as_str(&self) -> &str {
-                &self.0
-            }
+impl ChutePattern {
+    pub fn new(s: impl Into<String>) -> Result<Self, FieldError> {
+        let s = s.into();
+        let invalid = |value: String| FieldError::Invalid {
+            what: "chute pattern",
+            value,
+            why: "a pattern is an exact chute name (`web`) or a prefix ending in `-*` (`acme-*`)",
+        };
+        let stem = s.strip_suffix("-*").unwrap_or(&s);
+        if stem.is_empty() || stem.contains('*') {
+            return Err(invalid(s));
         }
-
-        impl Deref for $ty {
-            type Target = str;
-            fn deref(&self) -> &str {
-                &self.0
-            }
+        if s.len() > MAX_CHUTE_NAME {
+            return Err(FieldError::TooLong {
+                what: "chute pattern",
+                len: s.len(),
+                max: MAX_CHUTE_NAME,
+            });
         }
+        check_name_chars("chute pattern", stem)?;
+        Ok(Self(s))
+    }
 
-        impl fmt::Debug for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                fmt::Debug::fmt(&self.0, f)
-            }
-        }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 
-        impl fmt::Display for $ty {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(&self.0)
-            }
+    /// Whether `chute` is this exact name or lies under this `prefix-*` on a `-`
+    /// boundary (with at least one character after it).
+    pub fn covers(&self, chute: &str) -> bool {
+        match self.0.strip_suffix('*') {
+            // `acme-*`: the stem keeps its trailing `-`.
+            Some(stem) => chute.len() > stem.len() && chute.starts_with(stem),
+            None => chute == self.0,
         }
-
-        impl Serialize for $ty {
-            fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-                s.serialize_str(&self.0)
-            }
-        }
-
-        impl<'de> Deserialize<'de> for $ty {
-            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                // The cap is checked on the borrowed length before anything is copied.
-                let raw = BoundedString::<MAX_CHUTE_NAME>::deserialize(d)?;
-                $ty::new(raw.into_string()).map_err(refuse)
-            }
-        }
-    };
+    }
 }
 
-name_type!(
-    /// A chute name: `[a-z0-9-]`, 1..=40 bytes (same rule as the manifest).
-    ChuteName,
-    "chute name",
-    false
-);
-name_type!(
-    /// A chute-name prefix in a grant: `[a-z0-9-]`, 0..=40 bytes; empty grants every name.
-    NamePrefix,
-    "chute-name prefix",
-    true
-);
+impl fmt::Debug for ChutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Display for ChutePattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Serialize for ChutePattern {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for ChutePattern {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = BoundedString::<MAX_CHUTE_NAME>::deserialize(d)?;
+        ChutePattern::new(raw.into_string()).map_err(refuse)
+    }
+}

@@ -69,6 +69,11 @@ codes! {
     Replayed = 15 => "chute.error.replayed",
     /// The grant is not signed by the device owner or does not name the signer.
     InvalidGrant = 16 => "chute.error.invalid_grant",
+    /// Issued before the last command that changed the same chute (reordered delivery).
+    Stale = 17 => "chute.error.stale",
+    /// The device's grant store is unreadable: every command is refused until the owner
+    /// acts (revocations could otherwise be lost).
+    GrantStoreUnavailable = 18 => "chute.error.grant_store_unavailable",
     /// No chute of that name.
     NoSuchChute = 20 => "chute.error.no_such_chute",
     /// A chute of that name already exists.

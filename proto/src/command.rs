@@ -1,9 +1,16 @@
 //! Signed commands, owner-signed grants and device-signed results.
 //!
 //! Canonical encoding: a signature covers `DOMAIN_TAG || postcard(value)`, where the
-//! tag names the purpose (`chute.v1 command\0`, `chute.v1 grant\0`, `chute.v1 result\0`)
+//! tag names the purpose (`chute.v2 command\0`, `chute.v2 grant\0`, `chute.v1 result\0`)
 //! so a signature made for one purpose is worthless for another. Verification always
 //! re-encodes the *decoded* value, so only what the device acts on is what was signed.
+//! A tag's version is the protocol version in which that structure last changed.
+//!
+//! How a developer signs a command (protocol v2): build the [`Command`] (any value in
+//! `grant_digest`), then [`SignedCommand::sign`] with the developer key and the grant
+//! the owner issued; `sign` writes [`SignedGrant::digest`] into `grant_digest` before
+//! signing, so the signature covers the grant and nobody relaying the command can
+//! attach another (older, broader) grant of the same developer.
 
 use std::fmt;
 
@@ -13,14 +20,14 @@ use serde::{Deserialize, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
 use crate::bounded::{
-    refuse, BoundedBytes, BoundedString, BoundedVec, ChuteName, FieldError, NamePrefix,
+    refuse, BoundedBytes, BoundedString, BoundedVec, ChuteName, ChutePattern, FieldError,
 };
 use crate::code::ErrorCode;
 use crate::keys::{DeviceId, Keypair, PublicKey, SignatureBytes};
-use crate::{Text, MAX_GRANT_DEVICES, MAX_GRANT_PREFIXES, MAX_MANIFEST, MAX_PAYLOAD};
+use crate::{Text, MAX_GRANT_DEVICES, MAX_GRANT_PATTERNS, MAX_MANIFEST, MAX_PAYLOAD};
 
-pub(crate) const COMMAND_TAG: &[u8] = b"chute.v1 command\0";
-pub(crate) const GRANT_TAG: &[u8] = b"chute.v1 grant\0";
+pub(crate) const COMMAND_TAG: &[u8] = b"chute.v2 command\0";
+pub(crate) const GRANT_TAG: &[u8] = b"chute.v2 grant\0";
 pub(crate) const RESULT_TAG: &[u8] = b"chute.v1 result\0";
 
 pub(crate) fn canonical<T: Serialize>(tag: &[u8], value: &T) -> Vec<u8> {
@@ -115,13 +122,38 @@ impl<'de> Deserialize<'de> for Procedure {
     }
 }
 
-/// A set of procedures, one bit per procedure code. Unknown bits (from a newer owner
-/// tool) are kept and ignored.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
-pub struct Rights(pub u32);
+/// A set of procedures, one bit per procedure code. Only bits of procedures that exist
+/// can be set: an unknown bit is refused when rights are built ([`Rights::from_bits`])
+/// and when a grant is decoded, so a grant never carries rights for procedures a later
+/// version might add.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Serialize)]
+pub struct Rights(u32);
+
+impl<'de> Deserialize<'de> for Rights {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Rights::from_bits(u32::deserialize(d)?).map_err(refuse)
+    }
+}
 
 impl Rights {
     pub const NONE: Rights = Rights(0);
+
+    /// Rights from their wire bits, refusing bits that name no procedure.
+    pub fn from_bits(bits: u32) -> Result<Self, FieldError> {
+        let unknown = bits & !Self::all().0;
+        if unknown != 0 {
+            return Err(FieldError::UnknownCode {
+                what: "rights bit",
+                code: u64::from(unknown.trailing_zeros()),
+            });
+        }
+        Ok(Rights(bits))
+    }
+
+    /// The wire bits.
+    pub fn bits(self) -> u32 {
+        self.0
+    }
 
     pub fn of(procedures: &[Procedure]) -> Self {
         Rights(procedures.iter().fold(0, |acc, p| acc | (1u32 << p.code())))
@@ -305,6 +337,9 @@ pub struct Command {
     /// Unix seconds; the command is refused after this.
     pub expires_at: u64,
     pub args: Args,
+    /// [`SignedGrant::digest`] of the grant this command is issued under (set by
+    /// [`SignedCommand::sign`]); a command carrying any other grant is refused.
+    pub grant_digest: [u8; 32],
 }
 
 impl Command {
@@ -323,14 +358,14 @@ impl Command {
     }
 }
 
-/// An owner's statement: `developer` may call `rights` on chutes whose names start with
-/// one of `chute_prefixes`, on `devices` (empty = every device that trusts this owner),
-/// from `issued_at` until `expires_at` (unix seconds).
+/// An owner's statement: `developer` may call `rights` on chutes matched by one of
+/// `chute_patterns` (see [`ChutePattern`]), on `devices` (empty = every device that
+/// trusts this owner), from `issued_at` until `expires_at` (unix seconds).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Grant {
     pub developer: PublicKey,
     pub rights: Rights,
-    pub chute_prefixes: BoundedVec<NamePrefix, MAX_GRANT_PREFIXES>,
+    pub chute_patterns: BoundedVec<ChutePattern, MAX_GRANT_PATTERNS>,
     pub devices: BoundedVec<DeviceId, MAX_GRANT_DEVICES>,
     pub issued_at: u64,
     pub expires_at: u64,
@@ -350,11 +385,9 @@ impl Grant {
         }
     }
 
-    /// Whether `chute` starts with one of the granted prefixes.
+    /// Whether one of the granted patterns covers `chute` (on name boundaries).
     pub fn covers_chute(&self, chute: &str) -> bool {
-        self.chute_prefixes
-            .iter()
-            .any(|p| chute.starts_with(p.as_str()))
+        self.chute_patterns.iter().any(|p| p.covers(chute))
     }
 
     pub fn covers_device(&self, device: &DeviceId) -> bool {
@@ -370,6 +403,11 @@ pub struct SignedGrant {
 }
 
 impl SignedGrant {
+    /// sha256 of the grant's canonical bytes: what a command's `grant_digest` names.
+    pub fn digest(&self) -> [u8; 32] {
+        Sha256::digest(self.grant.canonical_bytes()).into()
+    }
+
     /// Whether `owner` signed this grant.
     pub fn is_signed_by(&self, owner: &PublicKey) -> bool {
         owner.verify_strict(&self.grant.canonical_bytes(), &self.signature)
@@ -386,8 +424,10 @@ pub struct SignedCommand {
 }
 
 impl SignedCommand {
-    /// Signs `command` with the developer key and attaches the grant.
-    pub fn sign(command: Command, developer: &Keypair, grant: SignedGrant) -> Self {
+    /// Binds `command` to `grant` (sets `grant_digest`), signs it with the developer
+    /// key and attaches the grant.
+    pub fn sign(mut command: Command, developer: &Keypair, grant: SignedGrant) -> Self {
+        command.grant_digest = grant.digest();
         let signature = developer.sign_raw(&command.canonical_bytes());
         Self {
             command,

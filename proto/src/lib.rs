@@ -14,8 +14,27 @@
 //!
 //! Caps: a frame over [`MAX_FRAME`] is refused before decoding; every string, byte
 //! string and list has a cap checked while decoding (see the `MAX_*` constants).
+//!
+//! Protocol version 2 (subprotocol `chute.v2.postcard`; version-1 frames are refused by
+//! their version byte) changed, for devices shared by several developers:
+//! * [`Grant::chute_patterns`] (was `chute_prefixes`): each [`ChutePattern`] is an
+//!   exact chute name or a prefix ending in `-*`, matched on name boundaries; other
+//!   forms are refused when built and when decoded.
+//! * [`Command::grant_digest`]: the developer's signature covers the digest of the
+//!   grant it is issued under; [`SignedCommand::sign`] fills it in, so a developer tool
+//!   signs exactly as before (`SignedCommand::sign(command, &key, grant)`).
+//! * [`Rights`] refuses bits that name no procedure (`Rights::from_bits`; the field is
+//!   private).
+//! * [`Heartbeat`] carries the device clock, its [`ClockState`] and the state
+//!   directory's disk usage.
+//! * New refusal codes [`ErrorCode::Stale`] and [`ErrorCode::GrantStoreUnavailable`];
+//!   the default command lifetime is 300 s ([`Policy`]), at most
+//!   [`MAX_COMMAND_LIFETIME`]; [`CommandOrder`] (per-chute order and the time floor) and
+//!   [`GrantFloors`] (never evicted) are what a device persists besides the
+//!   [`ReplayWindow`].
 
 mod bounded;
+mod chute;
 mod code;
 mod command;
 mod keys;
@@ -25,7 +44,8 @@ mod transfer;
 mod verify;
 
 pub use bounded::{
-    BoundedBytes, BoundedString, BoundedVec, ChuteName, FieldError, NamePrefix, MAX_CHUTE_NAME,
+    BoundedBytes, BoundedString, BoundedVec, ChuteName, ChutePattern, FieldError,
+    CHUTE_PATTERN_ALLOWED, MAX_CHUTE_NAME,
 };
 pub use code::ErrorCode;
 pub use command::{
@@ -44,14 +64,15 @@ pub use message::{
 };
 pub use transfer::{Accepted, Transfer, TransferError};
 pub use verify::{
-    GrantFloors, GrantUpdateError, Policy, ReplayReason, ReplayWindow, Verified, Verifier,
-    VerifyError, WindowLoadError, MAX_GRANT_FLOORS, REPLAY_IDS, REPLAY_SIGNERS,
+    ClockState, CommandOrder, GrantFloors, GrantUpdateError, Policy, ReplayReason, ReplayWindow,
+    Verified, Verifier, VerifyError, WindowLoadError, DEFAULT_COMMAND_LIFETIME,
+    MAX_COMMAND_LIFETIME, MAX_GRANT_FLOORS, MAX_ORDERED_CHUTES, REPLAY_IDS, REPLAY_SIGNERS,
 };
 
 /// Websocket subprotocol name; the version in it matches [`VERSION`].
-pub const SUBPROTOCOL: &str = "chute.v1.postcard";
+pub const SUBPROTOCOL: &str = "chute.v2.postcard";
 /// First byte of every frame.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Largest frame accepted or produced (1 MiB): one image chunk plus headroom.
 pub const MAX_FRAME: usize = 1024 * 1024;
 /// Largest image chunk payload (512 KiB).
@@ -64,8 +85,8 @@ pub const MAX_MANIFEST: usize = 64 * 1024;
 pub const MAX_SHORT: usize = 128;
 /// Human-readable messages in ERROR / ABORT / GOODBYE / failed outcomes.
 pub const MAX_TEXT: usize = 1024;
-/// Chute-name prefixes in one grant.
-pub const MAX_GRANT_PREFIXES: usize = 16;
+/// Chute patterns in one grant.
+pub const MAX_GRANT_PATTERNS: usize = 16;
 /// Devices named in one grant.
 pub const MAX_GRANT_DEVICES: usize = 64;
 /// Chutes in one heartbeat.

@@ -248,6 +248,12 @@ pub struct Heartbeat {
     pub agent_version: ShortText,
     pub resources: Resources,
     pub chutes: BoundedVec<ChuteUsage, MAX_HEARTBEAT_CHUTES>,
+    /// The device clock (unix seconds) and how it compares with the time floor kept
+    /// from verified commands (v2).
+    pub clock_secs: u64,
+    pub clock: crate::verify::ClockState,
+    /// Bytes used by the agent's state directory (partial image transfers included) (v2).
+    pub state_dir_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

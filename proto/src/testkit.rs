@@ -2,7 +2,7 @@
 //! corpus, the fuzz targets, the bench and peers' tests. Not for production keys: the
 //! seeds are public.
 
-use crate::bounded::{BoundedBytes, BoundedString, BoundedVec, ChuteName, NamePrefix};
+use crate::bounded::{BoundedBytes, BoundedString, BoundedVec, ChuteName, ChutePattern};
 use crate::code::ErrorCode;
 use crate::command::{
     Args, ChuteArgs, Command, DeployArgs, Grant, Outcome, Procedure, Rights, SignedCommand,
@@ -49,19 +49,19 @@ pub fn deploy_args(chute: &str) -> Args {
     })
 }
 
-/// The owner's grant for `developer`: every procedure on chutes starting with `""`
-/// (all) — tests narrow it themselves.
-pub fn grant_for(developer: &Keypair, rights: Rights, prefixes: &[&str], now: u64) -> Grant {
+/// The owner's grant for `developer`: `rights` on chutes matched by `patterns` (exact
+/// names or `prefix-*`), issued a day before `now`, valid for 30 days.
+pub fn grant_for(developer: &Keypair, rights: Rights, patterns: &[&str], now: u64) -> Grant {
     Grant {
         developer: developer.public(),
         rights,
-        chute_prefixes: BoundedVec::new(
-            prefixes
+        chute_patterns: BoundedVec::new(
+            patterns
                 .iter()
-                .map(|p| NamePrefix::new(*p).expect("fixture prefixes are valid"))
+                .map(|p| ChutePattern::new(*p).expect("fixture patterns are valid"))
                 .collect(),
         )
-        .expect("fixture prefix list fits"),
+        .expect("fixture pattern list fits"),
         devices: BoundedVec::default(),
         issued_at: now - 86_400,
         expires_at: now + 30 * 86_400,
@@ -69,7 +69,8 @@ pub fn grant_for(developer: &Keypair, rights: Rights, prefixes: &[&str], now: u6
 }
 
 /// A command for `device_id` signed by `developer` under a grant from `owner` for all
-/// procedures on every chute, valid from `now` for 5 minutes.
+/// procedures on the command's chute (by exact name) and on `test-*`, valid from `now`
+/// for 5 minutes.
 pub fn signed_command(
     owner: &Keypair,
     developer: &Keypair,
@@ -78,24 +79,28 @@ pub fn signed_command(
     now: u64,
     args: Args,
 ) -> SignedCommand {
-    let grant = grant_for(developer, Rights::all(), &[""], now).sign(owner);
+    let chute = args.chute().map(|c| c.to_string());
+    let mut patterns = vec!["test-*"];
+    patterns.extend(chute.as_deref());
+    let grant = grant_for(developer, Rights::all(), &patterns, now).sign(owner);
     let command = Command {
         device_id,
         request_id,
         issued_at: now,
         expires_at: now + 300,
         args,
+        grant_digest: [0; 32],
     };
     SignedCommand::sign(command, developer, grant)
 }
 
-/// The fixture deploy command (developer → device, granted prefix `hello-`).
+/// The fixture deploy command (developer → device, granted pattern `hello-*`).
 pub fn sample_command() -> SignedCommand {
     let dev = developer();
     let grant = grant_for(
         &dev,
         Rights::of(&[Procedure::Deploy, Procedure::Start, Procedure::Logs]),
-        &["hello-"],
+        &["hello-*"],
         NOW,
     )
     .sign(&owner());
@@ -105,6 +110,7 @@ pub fn sample_command() -> SignedCommand {
         issued_at: NOW,
         expires_at: NOW + 300,
         args: deploy_args("hello-web"),
+        grant_digest: [0; 32],
     };
     SignedCommand::sign(command, &dev, grant)
 }
@@ -148,6 +154,9 @@ pub fn heartbeat(n: usize) -> Heartbeat {
             pids_free: 3900,
         },
         chutes: BoundedVec::new(chutes).expect("heartbeat fixture size within cap"),
+        clock_secs: NOW,
+        clock: crate::verify::ClockState::Ok,
+        state_dir_bytes: 5_242_880,
     }
 }
 
@@ -391,7 +400,7 @@ pub fn verify_seeds() -> Vec<(&'static str, Vec<u8>)> {
     future.expires_at = NOW + 400;
     let mut wrong_device = base.command.clone();
     wrong_device.device_id = DeviceId([9; 8]);
-    let mut old_grant = grant_for(&dev, Rights::all(), &[""], NOW);
+    let mut old_grant = grant_for(&dev, Rights::all(), &["test-*"], NOW);
     old_grant.expires_at = NOW - 1;
     vec![
         call("accepted", base.clone()),
@@ -431,9 +440,14 @@ pub fn verify_seeds() -> Vec<(&'static str, Vec<u8>)> {
             "grant_not_by_owner",
             resign(
                 base.command.clone(),
-                grant_for(&dev, Rights::all(), &[""], NOW).sign(&dev),
+                grant_for(&dev, Rights::all(), &["test-*"], NOW).sign(&dev),
             ),
         ),
+        call("grant_swapped", {
+            let mut swapped = base.clone();
+            swapped.grant = grant_for(&dev, Rights::all(), &["hello-*", "other-*"], NOW).sign(&own);
+            swapped
+        }),
         call(
             "status_all_rights",
             signed_command(&own, &dev, device_id, 7, NOW, Args::Status),

@@ -2,17 +2,26 @@
 //! seconds) and owns the window, which it persists so replays stay refused after a
 //! restart.
 //!
-//! Order of checks: command signature, validity period, device id, grant signature by
-//! the owner, grant not superseded by an installed update, grant names the signer, grant
-//! validity period and device scope, grant covers the procedure and the chute, and only
-//! then the replay window, which is the only step that mutates anything. A refused
-//! command leaves the window untouched.
+//! Order of checks: command signature, the command names the grant it carries (its
+//! digest is signed), validity period, device id, grant signature by the owner, grant
+//! not superseded by an installed update, grant names the signer, grant validity period
+//! and device scope, grant covers the procedure and the chute, and only then the replay
+//! window, which is the only step that mutates anything. A refused command leaves the
+//! window untouched.
+//!
+//! Time: the device has no trusted clock (routers rarely have an RTC and NTP is not
+//! authenticated). [`CommandOrder`] keeps a time floor, the newest verified
+//! `issued_at`, and commands are judged at `max(clock, floor)` ([`CommandOrder::judge_time`]),
+//! so setting the clock back cannot revive an expired command. It also refuses, per
+//! chute, a command issued before the last one that changed that chute (the cloud may
+//! hold and reorder commands). Persist it with the replay window.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::bounded::{BoundedVec, ChuteName};
 use crate::code::ErrorCode;
-use crate::command::{Procedure, Rights, SignedCommand, SignedGrant};
+use crate::command::{Args, Command, Procedure, Rights, SignedCommand, SignedGrant};
 use crate::keys::{DeviceId, PublicKey};
 
 /// Signers tracked by the replay window at once.
@@ -20,21 +29,24 @@ pub const REPLAY_SIGNERS: usize = 16;
 /// Request ids remembered per signer.
 pub const REPLAY_IDS: usize = 64;
 
-/// Developers whose newest installed grant is tracked individually.
-pub const MAX_GRANT_FLOORS: usize = 64;
+/// Developers whose newest installed grant (or local revocation) is tracked. A floor
+/// is never dropped to make room: when the table is full, installing a grant for one
+/// more developer is refused ([`GrantUpdateError::Full`]).
+pub const MAX_GRANT_FLOORS: usize = 256;
 
-/// Which grants have been superseded by an `update-grant`: per developer key, grants
-/// issued before the newest installed one are refused, so the owner narrows or revokes
-/// a key by installing a newer grant (with no rights, to revoke). Bounded: when full,
-/// the entry with the oldest floor is folded into a floor for every key (grants issued
-/// before it must then be re-issued). Persist it with the replay window.
+/// Which grants have been superseded: per developer key, grants issued before the
+/// newest installed one (or before a local revocation) are refused, so the owner
+/// narrows or revokes a key by installing a newer grant (with no rights, to revoke) or
+/// with `chuted revoke`. `all` is a floor for every key (a reset after a lost store).
+/// This is the one supersession rule: [`Verifier::check`] applies it and the agent
+/// persists it.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct GrantFloors {
-    per_key: heapless::Vec<(PublicKey, u64), MAX_GRANT_FLOORS>,
+    per_key: BoundedVec<(PublicKey, u64), MAX_GRANT_FLOORS>,
     all: u64,
 }
 
-/// An `update-grant` that was not installed.
+/// An `update-grant` (or a local revocation) that was not installed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum GrantUpdateError {
     #[error("grant for {developer} is not signed by the owner key {owner}")]
@@ -50,6 +62,12 @@ pub enum GrantUpdateError {
         issued_at: u64,
         floor: u64,
     },
+    #[error(
+        "grant for {developer} not installed: {max} developers already have a grant floor and \
+         floors are never forgotten (a forgotten floor would revive revoked grants); \
+         reset with `chuted revoke --all` and re-issue the grants still wanted"
+    )]
+    Full { developer: PublicKey, max: usize },
 }
 
 impl GrantFloors {
@@ -63,25 +81,36 @@ impl GrantFloors {
         own.max(self.all)
     }
 
-    fn raise(&mut self, developer: &PublicKey, issued_at: u64) {
-        if let Some(entry) = self.per_key.iter_mut().find(|(k, _)| k == developer) {
-            entry.1 = entry.1.max(issued_at);
-            return;
-        }
-        if self.per_key.is_full() {
-            let (pos, oldest) = self
-                .per_key
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, (_, f))| *f)
-                .map(|(i, (_, f))| (i, *f))
-                .expect("a full list has a minimum");
-            self.per_key.swap_remove(pos);
-            self.all = self.all.max(oldest);
+    /// Raises `developer`'s floor to `floor` (never lowers it). Unchanged on error.
+    pub fn raise(&mut self, developer: &PublicKey, floor: u64) -> Result<(), GrantUpdateError> {
+        if let Some(pos) = self.per_key.iter().position(|(k, _)| k == developer) {
+            let mut entries = std::mem::take(&mut self.per_key).into_vec();
+            entries[pos].1 = entries[pos].1.max(floor);
+            self.per_key = BoundedVec::new(entries).expect("same length as before");
+            return Ok(());
         }
         self.per_key
-            .push((*developer, issued_at))
-            .expect("a slot was freed above");
+            .push((*developer, floor))
+            .map_err(|_| GrantUpdateError::Full {
+                developer: *developer,
+                max: MAX_GRANT_FLOORS,
+            })
+    }
+
+    /// Local revocation at device time `now`: every grant for `developer` issued at
+    /// or before `now` is superseded; a grant the owner issues later works again.
+    pub fn revoke(&mut self, developer: &PublicKey, now: u64) -> Result<(), GrantUpdateError> {
+        self.raise(developer, now.saturating_add(1))
+    }
+
+    /// Supersedes every grant of every developer issued at or before `now`.
+    pub fn revoke_all(&mut self, now: u64) {
+        self.all = self.all.max(now.saturating_add(1));
+    }
+
+    /// Developers with a floor of their own, and the floor for all keys.
+    pub fn entries(&self) -> (&[(PublicKey, u64)], u64) {
+        (self.per_key.as_slice(), self.all)
     }
 
     /// Persistable form (postcard).
@@ -100,15 +129,21 @@ pub struct Policy {
     /// How far in the future `issued_at` may be (device clock behind the developer's).
     pub max_skew_secs: u64,
     /// Longest allowed `expires_at - issued_at`. Bounds how long a captured command
-    /// stays useful, and with it how long the replay window must remember it.
+    /// stays useful, and with it how long the replay window must remember it. At most
+    /// [`MAX_COMMAND_LIFETIME`] ([`CommandOrder`] relies on that bound).
     pub max_lifetime_secs: u64,
 }
+
+/// Default command lifetime (5 minutes).
+pub const DEFAULT_COMMAND_LIFETIME: u64 = 300;
+/// Longest command lifetime a device may be configured to accept (1 hour).
+pub const MAX_COMMAND_LIFETIME: u64 = 3600;
 
 impl Default for Policy {
     fn default() -> Self {
         Self {
             max_skew_secs: 60,
-            max_lifetime_secs: 3600,
+            max_lifetime_secs: DEFAULT_COMMAND_LIFETIME,
         }
     }
 }
@@ -118,14 +153,14 @@ impl Default for Policy {
 pub enum VerifyError {
     #[error("request {request_id}: signature does not verify for signer {signer}")]
     BadSignature { request_id: u64, signer: PublicKey },
-    #[error("request {request_id}: issued at {issued_at}, later than now ({now}) + {max_skew_secs}s skew")]
+    #[error("request {request_id}: issued at {issued_at}, later than device time {now} + {max_skew_secs}s skew")]
     NotYetValid {
         request_id: u64,
         issued_at: u64,
         now: u64,
         max_skew_secs: u64,
     },
-    #[error("request {request_id}: expired at {expires_at}, now is {now}")]
+    #[error("request {request_id}: expired at {expires_at}; device time is {now}")]
     Expired {
         request_id: u64,
         expires_at: u64,
@@ -137,6 +172,15 @@ pub enum VerifyError {
         issued_at: u64,
         expires_at: u64,
         max_lifetime_secs: u64,
+    },
+    #[error(
+        "request {request_id}: the signature covers grant {signed} but grant {carried} is \
+         attached (a command only runs under the grant its developer signed it with)"
+    )]
+    GrantNotBound {
+        request_id: u64,
+        signed: String,
+        carried: String,
     },
     #[error("request {request_id}: addressed to device {got}, this is device {expected}")]
     WrongDevice {
@@ -166,7 +210,9 @@ pub enum VerifyError {
         signer: PublicKey,
         developer: PublicKey,
     },
-    #[error("request {request_id}: grant for {developer} expired at {expires_at}, now is {now}")]
+    #[error(
+        "request {request_id}: grant for {developer} expired at {expires_at}; device time is {now}"
+    )]
     GrantExpired {
         request_id: u64,
         developer: PublicKey,
@@ -174,7 +220,7 @@ pub enum VerifyError {
         now: u64,
     },
     #[error(
-        "request {request_id}: grant for {developer} is valid only from {issued_at}, now is {now}"
+        "request {request_id}: grant for {developer} is valid only from {issued_at}; device time is {now}"
     )]
     GrantNotYetValid {
         request_id: u64,
@@ -195,12 +241,22 @@ pub enum VerifyError {
         procedure: Procedure,
         granted: Rights,
     },
-    #[error("request {request_id}: {developer} may not touch chute {chute:?}; granted prefixes {prefixes:?}")]
+    #[error("request {request_id}: {developer} may not touch chute {chute:?}; granted patterns {patterns:?}")]
     ChuteNotGranted {
         request_id: u64,
         developer: PublicKey,
         chute: String,
-        prefixes: Vec<String>,
+        patterns: Vec<String>,
+    },
+    #[error(
+        "request {request_id}: stale: issued at {issued_at}, before the last command that \
+         changed chute {chute:?} (issued at {last}); re-issue it"
+    )]
+    Stale {
+        request_id: u64,
+        chute: String,
+        issued_at: u64,
+        last: u64,
     },
     #[error("request {request_id} from {signer}: {reason}")]
     Replay {
@@ -219,6 +275,7 @@ impl VerifyError {
             VerifyError::Expired { .. } | VerifyError::BadLifetime { .. } => ErrorCode::Expired,
             VerifyError::WrongDevice { .. } => ErrorCode::WrongDevice,
             VerifyError::GrantNotByOwner { .. }
+            | VerifyError::GrantNotBound { .. }
             | VerifyError::GrantForOtherKey { .. }
             | VerifyError::GrantSuperseded { .. } => ErrorCode::InvalidGrant,
             VerifyError::GrantExpired { .. } => ErrorCode::Expired,
@@ -227,6 +284,7 @@ impl VerifyError {
             | VerifyError::ProcedureNotGranted { .. }
             | VerifyError::ChuteNotGranted { .. } => ErrorCode::NotAuthorized,
             VerifyError::Replay { .. } => ErrorCode::Replayed,
+            VerifyError::Stale { .. } => ErrorCode::Stale,
         }
     }
 }
@@ -293,8 +351,7 @@ impl Verifier {
                 floor,
             });
         }
-        self.grants.raise(&developer, grant.grant.issued_at);
-        Ok(())
+        self.grants.raise(&developer, grant.grant.issued_at)
     }
 
     /// Every check except the replay window; mutates nothing.
@@ -306,6 +363,14 @@ impl Verifier {
             return Err(VerifyError::BadSignature {
                 request_id,
                 signer: sc.signer,
+            });
+        }
+        let carried = sc.grant.digest();
+        if cmd.grant_digest != carried {
+            return Err(VerifyError::GrantNotBound {
+                request_id,
+                signed: crate::keys::hex_encode(&cmd.grant_digest[..8]),
+                carried: crate::keys::hex_encode(&carried[..8]),
             });
         }
         if cmd.expires_at < cmd.issued_at
@@ -403,7 +468,7 @@ impl Verifier {
                     request_id,
                     developer,
                     chute: chute.to_string(),
-                    prefixes: grant.chute_prefixes.iter().map(|p| p.to_string()).collect(),
+                    patterns: grant.chute_patterns.iter().map(|p| p.to_string()).collect(),
                 });
             }
         }
@@ -591,6 +656,171 @@ impl ReplayWindow {
     }
 
     /// Reads back [`ReplayWindow::to_bytes`]; the capacities are enforced while reading.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, WindowLoadError> {
+        postcard::from_bytes(bytes).map_err(|source| WindowLoadError { source })
+    }
+}
+
+/// Chutes whose last change is remembered individually by [`CommandOrder`].
+pub const MAX_ORDERED_CHUTES: usize = 1024;
+
+/// How the device clock compares with what signed commands have shown of real time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ClockState {
+    /// At or past the time floor, and no recent command arrived already expired.
+    Ok,
+    /// Behind the newest verified `issued_at`: commands are judged at the floor.
+    BehindFloor,
+    /// The newest authentic command arrived already expired: the clock is probably
+    /// ahead (or the cloud held the command too long).
+    Ahead,
+}
+
+impl ClockState {
+    /// `ok`, `behind floor` or `ahead` (as shown in `status`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClockState::Ok => "ok",
+            ClockState::BehindFloor => "behind floor",
+            ClockState::Ahead => "ahead",
+        }
+    }
+}
+
+impl std::fmt::Display for ClockState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Order and time across commands, persisted by the device:
+///
+/// * a time floor, the newest `issued_at` of a verified command: commands are judged
+///   at `max(clock, floor)`, so a clock set back (no RTC, forged NTP) cannot revive an
+///   expired command;
+/// * per chute, the `issued_at` of the last command that changed it (deploy, start,
+///   stop, restart, remove): an older one is refused as stale, so a held and reordered
+///   deploy cannot roll a fix back. Reads (inspect, logs, status) neither count nor are
+///   refused.
+///
+/// Bounded: an entry older than the floor minus [`MAX_COMMAND_LIFETIME`] is dropped
+/// (any command issued before it has expired at the judged time); if the table is
+/// still full, the oldest entry is folded into `chutes_floor`, which then applies to
+/// every chute not in the table (stricter, never looser).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct CommandOrder {
+    time_floor: u64,
+    chutes: BoundedVec<(ChuteName, u64), MAX_ORDERED_CHUTES>,
+    chutes_floor: u64,
+    /// `issued_at` of the newest authentic command that arrived already expired, when
+    /// it is newer than the floor (evidence that the clock runs ahead).
+    expired_on_arrival: u64,
+}
+
+impl CommandOrder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The newest verified `issued_at`.
+    pub fn time_floor(&self) -> u64 {
+        self.time_floor
+    }
+
+    /// The device time a command is judged by: the clock, never below the floor.
+    pub fn judge_time(&self, clock: u64) -> u64 {
+        clock.max(self.time_floor)
+    }
+
+    pub fn clock_state(&self, clock: u64) -> ClockState {
+        if clock < self.time_floor {
+            ClockState::BehindFloor
+        } else if self.expired_on_arrival > self.time_floor {
+            ClockState::Ahead
+        } else {
+            ClockState::Ok
+        }
+    }
+
+    /// Notes that an authentic command (it passes every check at its own `issued_at`)
+    /// arrived already expired.
+    pub fn note_expired_on_arrival(&mut self, issued_at: u64) {
+        self.expired_on_arrival = self.expired_on_arrival.max(issued_at);
+    }
+
+    fn changes_chute(cmd: &Command) -> Option<&ChuteName> {
+        match &cmd.args {
+            Args::Deploy(_)
+            | Args::Start(_)
+            | Args::Stop(_)
+            | Args::Restart(_)
+            | Args::Remove(_) => cmd.args.chute(),
+            _ => None,
+        }
+    }
+
+    /// When the last command that changed `chute` was issued (0: none remembered).
+    pub fn last_change(&self, chute: &str) -> u64 {
+        self.chutes
+            .iter()
+            .find(|(c, _)| c.as_str() == chute)
+            .map_or(self.chutes_floor, |(_, t)| *t)
+    }
+
+    /// Refuses a command that changes a chute and was issued before the last command
+    /// that changed it. Mutates nothing.
+    pub fn check(&self, cmd: &Command) -> Result<(), VerifyError> {
+        let Some(chute) = Self::changes_chute(cmd) else {
+            return Ok(());
+        };
+        let last = self.last_change(chute);
+        if cmd.issued_at < last {
+            return Err(VerifyError::Stale {
+                request_id: cmd.request_id,
+                chute: chute.to_string(),
+                issued_at: cmd.issued_at,
+                last,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records an accepted command: raises the time floor and, for a command that
+    /// changes a chute, that chute's last change.
+    pub fn record(&mut self, cmd: &Command) {
+        self.time_floor = self.time_floor.max(cmd.issued_at);
+        let Some(chute) = Self::changes_chute(cmd) else {
+            return;
+        };
+        let mut entries = std::mem::take(&mut self.chutes).into_vec();
+        match entries.iter_mut().find(|(c, _)| c == chute) {
+            Some(e) => e.1 = e.1.max(cmd.issued_at),
+            None => {
+                if entries.len() >= MAX_ORDERED_CHUTES {
+                    let horizon = self.time_floor.saturating_sub(MAX_COMMAND_LIFETIME);
+                    entries.retain(|(_, t)| *t >= horizon);
+                }
+                if entries.len() >= MAX_ORDERED_CHUTES {
+                    let (pos, oldest) = entries
+                        .iter()
+                        .enumerate()
+                        .min_by_key(|(_, (_, t))| *t)
+                        .map(|(i, (_, t))| (i, *t))
+                        .expect("a full table has a minimum");
+                    entries.swap_remove(pos);
+                    self.chutes_floor = self.chutes_floor.max(oldest);
+                }
+                entries.push((chute.clone(), cmd.issued_at.max(self.chutes_floor)));
+            }
+        }
+        self.chutes = BoundedVec::new(entries).expect("kept within the cap above");
+    }
+
+    /// Persistable form (postcard).
+    pub fn to_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(self).expect("postcard encoding of command order cannot fail")
+    }
+
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, WindowLoadError> {
         postcard::from_bytes(bytes).map_err(|source| WindowLoadError { source })
     }

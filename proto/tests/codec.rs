@@ -30,16 +30,16 @@ fn oversized_frame_is_refused_before_decoding() {
 #[test]
 fn version_and_type_errors_are_clear() {
     assert_eq!(decode(&[]), Err(ProtoError::Empty));
-    let err = decode(&[2, 1, 0]).expect_err("version 2");
+    let err = decode(&[3, 1, 0]).expect_err("version 3");
     assert_eq!(
         err,
         ProtoError::UnsupportedVersion {
-            got: 2,
-            supported: 1
+            got: 3,
+            supported: 2
         }
     );
     assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
-    assert!(err.to_string().contains("version 2"), "{err}");
+    assert!(err.to_string().contains("version 3"), "{err}");
     assert_eq!(decode(&[VERSION]), Err(ProtoError::MissingType));
     let err = decode(&[VERSION, 0x77, 0, 0]).expect_err("unknown type");
     assert_eq!(err, ProtoError::UnknownType { code: 0x77 });

@@ -2,11 +2,14 @@
 //! signed canonical encodings and the persisted replay window). A change here is a wire
 //! format change: bump the version or keep old peers working. Regenerate deliberately
 //! with `UPDATE_GOLDEN=1 cargo test -p proto --test golden`.
+//!
+//! `tests/golden/` holds the current version (2); `tests/golden/v1/` keeps the frames
+//! of protocol version 1, which this version refuses by its version byte.
 
 use std::path::PathBuf;
 
 use proto::testkit;
-use proto::{decode, encode, hex_encode, MessageType, ReplayWindow};
+use proto::{decode, encode, hex_encode, ErrorCode, MessageType, ProtoError, ReplayWindow};
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden")
@@ -78,4 +81,53 @@ fn key_derivations_match_fixture() {
     check("device_pubkey", &device.public().0);
     check("device_id", &device.device_id().0);
     assert_eq!(device.device_id().to_hex().len(), 16);
+}
+
+#[test]
+fn version_1_frames_are_refused_by_their_version_byte() {
+    let dir = golden_dir().join("v1");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).expect("v1 fixtures kept") {
+        let path = entry.expect("dir entry").path();
+        let name = path
+            .file_name()
+            .expect("file name")
+            .to_string_lossy()
+            .into_owned();
+        let is_frame = testkit::sample_messages()
+            .iter()
+            .any(|(n, _)| format!("{n}.hex") == name);
+        if !is_frame {
+            continue;
+        }
+        let bytes = hex::decode(std::fs::read_to_string(&path).expect("read").trim())
+            .expect("fixture is hex");
+        let err = decode(&bytes).expect_err("a v1 frame is not a v2 frame");
+        assert_eq!(
+            err,
+            ProtoError::UnsupportedVersion {
+                got: 1,
+                supported: 2
+            },
+            "{name}"
+        );
+        assert_eq!(err.code(), ErrorCode::UnsupportedVersion);
+        seen += 1;
+    }
+    assert_eq!(
+        seen,
+        testkit::sample_messages().len(),
+        "v1 frame fixtures found"
+    );
+}
+
+#[test]
+fn grant_floors_and_command_order_match_fixtures() {
+    let dev = testkit::developer();
+    let mut floors = proto::GrantFloors::default();
+    floors.revoke(&dev.public(), testkit::NOW).expect("room");
+    check("grant_floors", &floors.to_bytes());
+    let mut order = proto::CommandOrder::new();
+    order.record(&testkit::sample_command().command);
+    check("command_order", &order.to_bytes());
 }

@@ -6,7 +6,7 @@ use proto::testkit;
 use proto::*;
 
 fn chute_name() -> impl Strategy<Value = ChuteName> {
-    "[a-z0-9-]{1,40}".prop_map(|s| ChuteName::new(s).expect("matches the rule"))
+    "[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?".prop_map(|s| ChuteName::new(s).expect("matches the rule"))
 }
 
 fn text() -> impl Strategy<Value = Text> {
@@ -56,8 +56,8 @@ fn args() -> impl Strategy<Value = Args> {
         any::<u32>().prop_map(|r| Args::UpdateGrant(UpdateGrantArgs {
             grant: Grant {
                 developer: testkit::stranger().public(),
-                rights: Rights(r),
-                chute_prefixes: BoundedVec::default(),
+                rights: Rights::from_bits(r & Rights::all().bits()).expect("known bits"),
+                chute_patterns: BoundedVec::default(),
                 devices: BoundedVec::default(),
                 issued_at: 1,
                 expires_at: 2,
@@ -210,6 +210,9 @@ fn message() -> impl Strategy<Value = Message> {
                         agent_version,
                         resources: Resources::default(),
                         chutes: BoundedVec::new(chutes).expect("under cap"),
+                        clock_secs: seq / 3,
+                        clock: proto::ClockState::BehindFloor,
+                        state_dir_bytes: seq / 5,
                     })
                 })
             ),

@@ -12,6 +12,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+pub use chute_api::{
+    AgentStatus, ChuteDetail, ChuteState, ChuteSummary, DeployOutcome, DeployResult, RestartPolicy,
+};
 use serde_json::Value;
 
 pub const IMAGE: &str = "localhost/chuted-hello-web:1";
@@ -107,10 +110,10 @@ pub struct World {
     pub run_args: Vec<String>,
     /// Extra environment for `chuted run`.
     pub agent_env: Vec<(String, String)>,
+    /// Pass `--admin-socket` after `run` (a service file's form) instead of before it.
+    pub admin_socket_after_run: bool,
     /// Top-level cgroups this test had Podman create (a `cgroup_parent`); removed in Drop.
     cgroup_trees: Vec<String>,
-    /// Give `--admin-socket` after `run` (a service file's form) instead of before it.
-    pub admin_socket_after_run: bool,
 }
 
 impl World {
@@ -130,7 +133,17 @@ impl World {
         let config_path = dir.join("agent.toml");
         // Each test's agent owns only its own containers, though all share one Podman store.
         let instance = unique("e2e-");
-        std::fs::write(&config_path, format!("instance = \"{instance}\"\n{config}")).unwrap();
+        // The tests deploy the test image by its tag; pinning is tested where it is named.
+        let unpinned = if config.contains("allow_unpinned_images") {
+            ""
+        } else {
+            "allow_unpinned_images = true\n"
+        };
+        std::fs::write(
+            &config_path,
+            format!("instance = \"{instance}\"\n{unpinned}{config}"),
+        )
+        .unwrap();
         let w = World {
             instance,
             admin_socket: dir.join("admin.sock"),
@@ -142,8 +155,8 @@ impl World {
             containers: Vec::new(),
             run_args: Vec::new(),
             agent_env: Vec::new(),
-            cgroup_trees: Vec::new(),
             admin_socket_after_run: false,
+            cgroup_trees: Vec::new(),
             dir,
         };
         wait_until("podman socket", Duration::from_secs(10), || {
@@ -159,13 +172,16 @@ impl World {
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let mut cmd = Command::new(chuted_bin());
-        if self.admin_socket_after_run {
-            cmd.arg("run").arg("--admin-socket").arg(&self.admin_socket);
+        let socket_flag = ["--admin-socket".as_ref(), self.admin_socket.as_os_str()];
+        let (before, after) = if self.admin_socket_after_run {
+            (&[][..], &socket_flag[..])
         } else {
-            cmd.arg("--admin-socket").arg(&self.admin_socket).arg("run");
-        }
-        let child = cmd
+            (&socket_flag[..], &[][..])
+        };
+        let child = Command::new(chuted_bin())
+            .args(before)
+            .arg("run")
+            .args(after)
             .arg("--state-dir")
             .arg(&self.state_dir)
             .arg("--podman-socket")
@@ -283,12 +299,13 @@ impl World {
         serde_json::from_str(&self.cli(&a)).unwrap()
     }
 
-    pub fn inspect(&self, name: &str) -> Value {
-        self.json(&["inspect", name])
+    /// A `--json` answer, decoded as the typed API a front end uses.
+    pub fn typed<T: serde::de::DeserializeOwned>(&self, args: &[&str]) -> T {
+        serde_json::from_value(self.json(args)).unwrap()
     }
 
     /// `inspect --json`, or `None` while the agent refuses admin connections.
-    pub fn inspect_when_possible(&self, name: &str) -> Option<Value> {
+    pub fn inspect_when_possible(&self, name: &str) -> Option<ChuteDetail> {
         let o = self.try_cli(&["inspect", name, "--json"]);
         o.status
             .success()
@@ -296,11 +313,32 @@ impl World {
             .flatten()
     }
 
-    pub fn state(&self, name: &str) -> String {
-        self.inspect(name)["state"].as_str().unwrap().to_owned()
+    pub fn inspect(&self, name: &str) -> ChuteDetail {
+        self.typed(&["inspect", name])
     }
 
-    pub fn wait_state(&self, name: &str, want: &str, timeout: Duration) {
+    pub fn list(&self) -> Vec<ChuteSummary> {
+        self.typed(&["list"])
+    }
+
+    /// The names `list` shows.
+    pub fn names(&self) -> Vec<String> {
+        self.list()
+            .into_iter()
+            .map(|c| c.name.to_string())
+            .collect()
+    }
+
+    pub fn state(&self, name: &str) -> ChuteState {
+        self.inspect(name).state
+    }
+
+    /// Memory the pools have handed out.
+    pub fn used_memory(&self) -> u64 {
+        self.status().pools.used.memory_bytes
+    }
+
+    pub fn wait_state(&self, name: &str, want: ChuteState, timeout: Duration) {
         let start = Instant::now();
         loop {
             let s = self.state(name);
@@ -340,8 +378,16 @@ impl World {
         self.containers.push(name.to_owned());
     }
 
-    pub fn deploy(&mut self, dir: &Path) -> Value {
-        self.json(&["deploy", dir.to_str().unwrap()])
+    pub fn deploy(&mut self, dir: &Path) -> DeployResult {
+        self.typed(&["deploy", dir.to_str().unwrap()])
+    }
+
+    /// Deploys and returns the container id.
+    pub fn deploy_id(&mut self, dir: &Path) -> String {
+        self.deploy(dir)
+            .chute
+            .container_id
+            .expect("a deployed chute has a container")
     }
 
     pub fn container_pid(&self, name: &str) -> u32 {
@@ -359,8 +405,8 @@ impl World {
         ])
     }
 
-    pub fn status(&self) -> Value {
-        self.json(&["status"])
+    pub fn status(&self) -> AgentStatus {
+        self.typed(&["status"])
     }
 }
 

@@ -212,6 +212,11 @@ impl Reply {
         }
     }
 
+    /// The result decoded as its `chute_api` type.
+    pub fn ok<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_value(self.ok_json()).unwrap()
+    }
+
     pub fn error(&self) -> &ErrorMsg {
         match self {
             Reply::Error(e) => e,
@@ -359,6 +364,9 @@ impl Session {
     /// Waits until the agent closes the connection.
     pub fn wait_closed(&mut self, timeout: Duration) {
         let start = Instant::now();
+        // Set aside what earlier waits kept, or `recv` would hand it back forever
+        // without reading the socket.
+        let mut kept: VecDeque<Message> = self.backlog.drain(..).collect();
         while !self.closed {
             assert!(
                 start.elapsed() < timeout,
@@ -366,10 +374,11 @@ impl Session {
             );
             if let Some(m) = self.recv(Duration::from_millis(100)) {
                 if !is_heartbeat(&m) {
-                    self.backlog.push_back(m);
+                    kept.push_back(m);
                 }
             }
         }
+        self.backlog = kept;
     }
 }
 
@@ -382,6 +391,8 @@ pub struct Developer {
     pub owner: Keypair,
     pub key: Keypair,
     pub device: DeviceId,
+    /// What [`Developer::sign`]'s grant covers (default `cl-*`, the cloud tests' chutes).
+    pub patterns: Vec<String>,
     next_id: u64,
 }
 
@@ -397,6 +408,7 @@ impl Developer {
             owner,
             key: Keypair::generate().unwrap(),
             device,
+            patterns: vec!["cl-*".to_owned()],
             next_id: micros,
         }
     }
@@ -406,22 +418,25 @@ impl Developer {
         self.next_id
     }
 
-    /// A command under a grant of every right on every chute, valid for 5 minutes.
+    /// A command under a grant of every right on [`Developer::patterns`], valid for 5
+    /// minutes.
     pub fn sign(&mut self, args: Args) -> SignedCommand {
-        let id = self.next_id();
-        proto::testkit::signed_command(&self.owner, &self.key, self.device, id, unix_now(), args)
+        let patterns = self.patterns.clone();
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        self.sign_with(args, Rights::all(), &patterns)
     }
 
-    /// A command under a narrower grant.
-    pub fn sign_with(&mut self, args: Args, rights: Rights, prefixes: &[&str]) -> SignedCommand {
+    /// A command under a narrower grant (chute patterns: exact names or `prefix-*`).
+    pub fn sign_with(&mut self, args: Args, rights: Rights, patterns: &[&str]) -> SignedCommand {
         let now = unix_now();
-        let grant = proto::testkit::grant_for(&self.key, rights, prefixes, now).sign(&self.owner);
+        let grant = proto::testkit::grant_for(&self.key, rights, patterns, now).sign(&self.owner);
         let command = Command {
             device_id: self.device,
             request_id: self.next_id(),
             issued_at: now,
             expires_at: now + 300,
             args,
+            grant_digest: [0; 32],
         };
         SignedCommand::sign(command, &self.key, grant)
     }

@@ -19,7 +19,7 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     let name = unique("caps");
     let dir = w.chute_dir(&name, SLEEPER, &res("0.5", "64MiB", 64));
     let v = w.deploy(&dir);
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.chute.state, ChuteState::Running, "{v:?}");
     let pid = w.container_pid(&name);
     assert_eq!(
         cgroup_file(pid, "memory", "memory.limit_in_bytes"),
@@ -80,9 +80,12 @@ fn caps_are_exactly_what_the_manifest_asked_for() {
     );
 
     // The agent reports the same limits it enforces.
-    let lim = &w.inspect(&name)["cgroup_limits"];
-    assert_eq!(lim["memory_max"], 64u64 << 20, "{lim}");
-    assert_eq!(lim["pids_max"], 64, "{lim}");
+    let lim = w
+        .inspect(&name)
+        .cgroup_limits
+        .expect("a running chute's limits");
+    assert_eq!(lim.memory_max, Some(64u64 << 20), "{lim:?}");
+    assert_eq!(lim.pids_max, Some(64), "{lim:?}");
 }
 
 /// Chutes go under the agent's `cgroup_parent` (OpenWrt's init passes it in
@@ -124,7 +127,7 @@ fn chutes_land_under_the_configured_cgroup_parent() {
     w.start_agent();
     let name = unique("cgparent");
     let dir = w.chute_dir(&name, SLEEPER, &res("0.5", "64MiB", 64));
-    assert_eq!(w.deploy(&dir)["state"], "running");
+    assert_eq!(w.deploy(&dir).chute.state, ChuteState::Running);
     let pid = w.container_pid(&name);
     for controller in ["memory", "pids", "cpu"] {
         let path = cgroup_path(pid, controller);
@@ -139,8 +142,11 @@ fn chutes_land_under_the_configured_cgroup_parent() {
     );
     assert_eq!(cgroup_file(pid, "pids", "pids.max"), "64");
     // The agent reads usage and limits from where the chute really is.
-    let lim = &w.inspect(&name)["cgroup_limits"];
-    assert_eq!(lim["memory_max"], 64u64 << 20, "{lim}");
+    let lim = w
+        .inspect(&name)
+        .cgroup_limits
+        .expect("a running chute's limits");
+    assert_eq!(lim.memory_max, Some(64u64 << 20), "{lim:?}");
     w.cli(&["remove", &name]);
 }
 
@@ -171,10 +177,10 @@ fn an_over_committed_deploy_is_refused_and_creates_nothing() {
         "{{.ID}}",
     ]);
     assert!(ps.is_empty(), "a container was created: {ps}");
-    let list = w.json(&["list"]);
-    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
-    let used = &w.status()["pools"]["used"];
-    assert_eq!(used["memory_bytes"], 128u64 << 20, "{used}");
+    let list = w.list();
+    assert_eq!(list.len(), 1, "{list:?}");
+    let used = &w.status().pools.used;
+    assert_eq!(used.memory_bytes, 128u64 << 20, "{used:?}");
 }
 
 #[test]
@@ -218,7 +224,7 @@ fn bad_manifests_are_refused_with_the_key_and_what_is_allowed() {
     // validate works without an agent, same messages.
     let err = w.cli_err(&["validate", dir.to_str().unwrap()]);
     assert!(err.contains("restart.policy"), "{err}");
-    assert!(w.json(&["list"]).as_array().unwrap().is_empty());
+    assert!(w.list().is_empty());
     // Host network is refused unless the agent allows it.
     let dir = w.chute_dir(&name, SLEEPER, "[network]\nhost_network = true\n");
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
@@ -249,8 +255,8 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
         &(res("0.25", "32MiB", 32) + "[restart]\npolicy = \"on-failure\"\n"),
     );
     let first = w.deploy(&dir);
-    let id = first["container_id"].as_str().unwrap().to_owned();
-    let used_before = w.status()["pools"]["used"].clone();
+    let id = first.chute.container_id.clone().unwrap();
+    let used_before = w.status().pools.used;
 
     let mut gaps = Vec::new();
     for round in 1..=2u64 {
@@ -262,21 +268,19 @@ fn a_killed_chute_comes_back_under_on_failure_with_backoff_and_the_same_reservat
             .unwrap();
         wait_until("restart", Duration::from_secs(20), || {
             let v = w.inspect(&name);
-            v["state"] == "running"
-                && v["restarts"].as_u64().unwrap() >= round
-                && v["pid"].as_u64().unwrap_or(0) != u64::from(pid)
+            v.state == ChuteState::Running && u64::from(v.restarts) >= round && v.pid != pid
         });
         gaps.push(killed.elapsed());
         // While restarting, the reservation never left the ledger.
-        assert_eq!(w.status()["pools"]["used"], used_before);
+        assert_eq!(w.status().pools.used, used_before);
     }
     let v = w.inspect(&name);
     assert_eq!(
-        v["container_id"].as_str().unwrap(),
+        v.container_id.as_deref().unwrap(),
         id,
         "restart must reuse the container"
     );
-    assert_eq!(v["last_exit_code"], 137);
+    assert_eq!(v.last_exit_code, Some(137));
     // backoff_initial_ms = 300: the first restart waits >= 300 ms, the second >= 600 ms.
     assert!(gaps[0] >= Duration::from_millis(300), "{gaps:?}");
     assert!(gaps[1] >= Duration::from_millis(600), "{gaps:?}");
@@ -294,7 +298,7 @@ fn a_clean_exit_under_on_failure_stays_stopped_and_never_policy_marks_failure() 
         "[restart]\npolicy = \"on-failure\"\n",
     );
     w.deploy(&dir);
-    w.wait_state(&ok, "stopped", Duration::from_secs(15));
+    w.wait_state(&ok, ChuteState::Stopped, Duration::from_secs(15));
     let bad = unique("never");
     let dir = w.chute_dir(
         &bad,
@@ -302,9 +306,9 @@ fn a_clean_exit_under_on_failure_stays_stopped_and_never_policy_marks_failure() 
         "[restart]\npolicy = \"never\"\n",
     );
     w.deploy(&dir);
-    w.wait_state(&bad, "failed", Duration::from_secs(15));
-    assert_eq!(w.inspect(&bad)["last_exit_code"], 3);
-    assert_eq!(w.inspect(&bad)["restarts"], 0);
+    w.wait_state(&bad, ChuteState::Failed, Duration::from_secs(15));
+    assert_eq!(w.inspect(&bad).last_exit_code, Some(3));
+    assert_eq!(w.inspect(&bad).restarts, 0);
 }
 
 #[test]
@@ -318,25 +322,24 @@ fn stop_start_restart_remove_through_the_cli() {
         r#"["sh", "-c", "echo hello-from-chute; exec sleep 3600"]"#,
         &res("0.25", "32MiB", 32),
     );
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     w.cli(&["stop", &name]);
-    assert_eq!(w.state(&name), "stopped");
+    assert_eq!(w.state(&name), ChuteState::Stopped);
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]),
         "false"
     );
     // A stopped chute keeps its reservation.
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
+    assert_eq!(w.used_memory(), 32u64 << 20);
     let err = w.cli_err(&["stop", &name]);
     assert!(err.contains("stopped"), "{err}");
-    let started = w.json(&["start", &name]);
-    assert_eq!(started["state"], "running", "{started}");
-    assert_eq!(w.state(&name), "running");
+    w.cli(&["start", &name]);
+    assert_eq!(w.state(&name), ChuteState::Running);
     let before = w.started_at(&name);
     w.cli(&["restart", &name]);
-    assert_eq!(w.state(&name), "running");
+    assert_eq!(w.state(&name), ChuteState::Running);
     assert_ne!(w.started_at(&name), before);
-    assert_eq!(w.inspect(&name)["restarts"], 1);
+    assert_eq!(w.inspect(&name).restarts, 1);
     let logs = w.cli(&["logs", &name]);
     assert!(logs.contains("hello-from-chute"), "{logs}");
     let first: serde_json::Value =
@@ -344,8 +347,8 @@ fn stop_start_restart_remove_through_the_cli() {
     assert_eq!(first["stream"], "stdout", "{first}");
     assert_eq!(first["line"], "hello-from-chute", "{first}");
     w.cli(&["remove", &name]);
-    assert!(w.json(&["list"]).as_array().unwrap().is_empty());
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 0);
+    assert!(w.list().is_empty());
+    assert_eq!(w.used_memory(), 0);
     assert!(!podman(&["container", "exists", &id]).status.success());
     let err = w.cli_err(&["inspect", &name]);
     assert!(err.contains("no chute named"), "{err}");
@@ -358,7 +361,7 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     w.start_agent();
     let name = unique("upd");
     let dir = w.chute_dir(&name, SLEEPER, &res("0.5", "64MiB", 64));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     // Grow beyond the 200 MiB pool: refused, old one untouched.
     let started = w.started_at(&name);
     std::fs::write(
@@ -372,8 +375,8 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(err.contains("memory"), "{err}");
     let v = w.inspect(&name);
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert_eq!(v["version"], "1");
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert_eq!(v.version, "1");
     assert_eq!(w.started_at(&name), started);
     // Shrink: accepted, reservation drops.
     std::fs::write(
@@ -385,9 +388,9 @@ fn update_shrinks_at_once_and_refuses_growth_that_does_not_fit() {
     )
     .unwrap();
     let v = w.deploy(&dir);
-    assert_eq!(v["state"], "running", "{v}");
-    assert_eq!(w.inspect(&name)["version"], "3");
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
+    assert_eq!(v.chute.state, ChuteState::Running, "{v:?}");
+    assert_eq!(w.inspect(&name).version, "3");
+    assert_eq!(w.used_memory(), 32u64 << 20);
     let pid = w.container_pid(&name);
     assert_eq!(
         cgroup_file(pid, "memory", "memory.limit_in_bytes"),
@@ -402,16 +405,16 @@ fn a_killed_agent_comes_back_and_adopts_its_running_chute_without_restarting_it(
     w.start_agent();
     let name = unique("adopt");
     let dir = w.chute_dir(&name, SLEEPER, &res("0.25", "32MiB", 32));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     let started = w.started_at(&name);
     w.kill_agent();
     w.start_agent();
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running");
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert_eq!(v["restarts"], 0);
+    assert_eq!(v.state, ChuteState::Running);
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert_eq!(v.restarts, 0);
     assert_eq!(w.started_at(&name), started, "the chute was restarted");
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
+    assert_eq!(w.used_memory(), 32u64 << 20);
     // And it is still supervised: a crash after adoption is restarted.
     let pid = w.container_pid(&name);
     std::process::Command::new("kill")
@@ -419,7 +422,7 @@ fn a_killed_agent_comes_back_and_adopts_its_running_chute_without_restarting_it(
         .status()
         .unwrap();
     wait_until("restart after adoption", Duration::from_secs(20), || {
-        w.inspect(&name)["restarts"] == 1 && w.state(&name) == "running"
+        w.inspect(&name).restarts == 1 && w.state(&name) == ChuteState::Running
     });
 }
 
@@ -465,19 +468,19 @@ fn a_chute_that_died_while_the_agent_was_down_is_handled_per_policy() {
             ]) == "false"
     });
     w.start_agent();
-    w.wait_state(&again, "running", Duration::from_secs(15));
-    assert_eq!(w.inspect(&again)["restarts"], 1);
+    w.wait_state(&again, ChuteState::Running, Duration::from_secs(15));
+    assert_eq!(w.inspect(&again).restarts, 1);
     let v = w.inspect(&gone);
-    assert_eq!(v["state"], "failed", "{v}");
-    assert_eq!(v["reservation_held"], false);
+    assert_eq!(v.state, ChuteState::Failed, "{v:?}");
+    assert!(!v.reservation_held);
     assert_eq!(
-        w.status()["pools"]["used"]["memory_bytes"],
+        w.used_memory(),
         32u64 << 20,
         "never-policy chute's reservation must be freed"
     );
     // Starting it again re-admits it.
     w.cli(&["start", &gone]);
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 80u64 << 20);
+    assert_eq!(w.used_memory(), 80u64 << 20);
 }
 
 #[test]
@@ -487,7 +490,7 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
     w.start_agent();
     let name = unique("corrupt");
     let dir = w.chute_dir(&name, SLEEPER, &res("0.25", "32MiB", 32));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     w.kill_agent();
     let snap = w.state_dir.join("snapshot.bin");
     let mut bytes = std::fs::read(&snap).unwrap();
@@ -496,8 +499,8 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
     std::fs::write(&snap, &bytes).unwrap();
     w.start_agent();
     let v = w.inspect(&name);
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert_eq!(v["state"], "running");
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert_eq!(v.state, ChuteState::Running);
     assert!(
         w.agent_log().contains("snapshot unusable"),
         "corruption must be reported"
@@ -515,7 +518,7 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
     w.kill_agent();
     std::fs::write(&snap, b"\x00\xffnot a snapshot at all").unwrap();
     w.start_agent();
-    assert_eq!(w.inspect(&name)["container_id"].as_str().unwrap(), id);
+    assert_eq!(w.inspect(&name).container_id.as_deref().unwrap(), id);
 }
 
 #[test]
@@ -549,8 +552,13 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     ]);
     w.start_agent();
     let st = w.status();
-    let unknown = st["unknown_containers"].as_array().unwrap();
-    assert!(unknown.iter().any(|u| u["chute"] == stray.as_str()), "{st}");
+    let unknown = &st.unknown_containers;
+    assert!(
+        unknown
+            .iter()
+            .any(|u| u.chute.as_deref() == Some(stray.as_str())),
+        "{st:?}"
+    );
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &stray]),
         "true"
@@ -578,37 +586,63 @@ fn an_image_archive_is_loaded_only_when_its_digest_matches() {
     .unwrap();
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(err.contains("sha256") && err.contains("refusing"), "{err}");
-    assert!(w.json(&["list"]).as_array().unwrap().is_empty());
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 0);
+    assert!(w.list().is_empty());
+    assert_eq!(w.used_memory(), 0);
     std::fs::write(dir.join("image.tar.sha256"), good).unwrap();
-    assert_eq!(w.deploy(&dir)["state"], "running");
+    assert_eq!(w.deploy(&dir).chute.state, ChuteState::Running);
 }
 
-/// A service file writes `chuted run --admin-socket PATH`; scripts write
-/// `chuted --admin-socket PATH run`. Both serve the socket; clients take the global form.
-/// `status` prints a table for people and JSON only with `--json`.
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
-fn the_admin_socket_is_accepted_before_and_after_run_and_status_prints_for_people() {
-    for after_run in [false, true] {
-        let mut w = World::new("");
-        w.admin_socket_after_run = after_run;
-        w.start_agent();
-        let text = w.cli(&["status"]);
-        assert!(
-            text.contains("POOL") && text.contains("memory") && text.contains("unknown containers"),
-            "status (after_run={after_run}) is not the people's table:\n{text}"
-        );
-        assert!(
-            serde_json::from_str::<serde_json::Value>(&text).is_err(),
-            "status without --json printed JSON:\n{text}"
-        );
-        let v = w.status();
-        assert!(
-            v["pools"]["capacity"]["memory_bytes"].as_u64().unwrap() > 0,
-            "{v}"
-        );
-    }
+fn cli_contract_socket_in_both_places_people_first_json_on_request_distinct_exit_codes() {
+    let mut w = World::new(&small_pools_config(""));
+    // `chuted --admin-socket PATH run ...`: the harness's form.
+    w.start_agent();
+
+    // People by default, JSON with --json, for status like every client command.
+    let human = w.cli(&["status"]);
+    assert!(human.starts_with("chuted "), "{human}");
+    assert!(human.contains("POOL"), "{human}");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&human).is_err(),
+        "{human}"
+    );
+    let st: AgentStatus = w.typed(&["status"]);
+    assert_eq!(st.chutes, 0);
+    let name = unique("contract");
+    let dir = w.chute_dir(&name, SLEEPER, "");
+    let human = w.cli(&["deploy", dir.to_str().unwrap()]);
+    assert!(
+        human.starts_with(&format!("deployed {name} (running")),
+        "{human}"
+    );
+    let human = w.cli(&["inspect", &name]);
+    assert!(human.contains("state:         running"), "{human}");
+    let ack: chute_api::ChuteAck = w.typed(&["stop", &name]);
+    assert_eq!(ack.state, ChuteState::Stopped);
+
+    // Exit status: 2 bad input, 3 unreachable, 4 refused.
+    let code = |args: &[&str]| w.try_cli(args).status.code();
+    assert_eq!(code(&["inspect", "no-such-chute"]), Some(2));
+    assert_eq!(code(&["frobnicate"]), Some(2));
+    assert_eq!(
+        code(&["stop", &name]),
+        Some(4),
+        "stopping a stopped chute is refused"
+    );
+    let unreachable = std::process::Command::new(chuted_bin())
+        .args(["--admin-socket", "/nonexistent/chuted.sock", "status"])
+        .output()
+        .unwrap();
+    assert_eq!(unreachable.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("cannot reach the agent"));
+    w.kill_agent();
+
+    // `chuted run --admin-socket PATH ...`: the form a service file writes.
+    w.admin_socket = w.dir.join("run-form.sock");
+    w.admin_socket_after_run = true;
+    w.start_agent();
+    assert_eq!(w.names(), vec![name], "the same state dir, the same chute");
 }
 
 #[test]

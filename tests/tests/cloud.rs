@@ -70,18 +70,36 @@ fn name(s: &str) -> ChuteName {
     ChuteName::new(s).unwrap()
 }
 
-fn manifest(chute: &str) -> String {
+/// The test image by content (`NAME@sha256:DIGEST`): a cloud deploy without an archive
+/// must pin its image so.
+fn pinned_image() -> String {
+    let digest = podman_ok(&["image", "inspect", "--format", "{{.Digest}}", IMAGE]);
+    let repo = IMAGE.rsplit_once(':').unwrap().0;
+    format!("{repo}@{}", digest.trim())
+}
+
+fn manifest_with(chute: &str, image: &str) -> String {
     format!(
-        "name = \"{chute}\"\nversion = \"1\"\nimage = \"{IMAGE}\"\n\
+        "name = \"{chute}\"\nversion = \"1\"\nimage = \"{image}\"\n\
          command = [\"sh\", \"-c\", \"while true; do echo tick; sleep 1; done\"]\n\
          [resources]\ncpu = 0.2\nmemory = \"32MiB\"\npids = 32\n"
     )
 }
 
+fn manifest(chute: &str) -> String {
+    manifest_with(chute, &pinned_image())
+}
+
+/// A deploy of `chute`: from an archive of the test image (its own tag) when `image`
+/// is given, else the test image by digest.
 fn deploy_args(chute: &str, image: Option<([u8; 32], u64)>) -> Args {
+    let toml = match image {
+        Some(_) => manifest_with(chute, IMAGE),
+        None => manifest(chute),
+    };
     Args::Deploy(DeployArgs {
         chute: name(chute),
-        manifest_toml: BoundedString::new(manifest(chute)).unwrap(),
+        manifest_toml: BoundedString::new(toml).unwrap(),
         image_sha256: image.map(|i| i.0),
         image_size: image.map_or(0, |i| i.1),
     })
@@ -92,8 +110,8 @@ fn chute_args(chute: &str) -> ChuteArgs {
 }
 
 /// What must not change when a command is refused: the agent's view and Podman's.
-fn observable(w: &World) -> (serde_json::Value, String) {
-    let list = w.json(&["list"]);
+fn observable(w: &World) -> (Vec<ChuteSummary>, String) {
+    let list = w.list();
     let ps = podman_ok(&[
         "ps",
         "-a",
@@ -132,9 +150,15 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
     result
         .verify(&c.s.hello.pubkey, &cmd.command)
         .expect("results are signed by the device key");
-    assert_eq!(reply.ok_json()["state"], "running", "{:?}", reply.ok_json());
-    c.w.wait_state(&chute, "running", T);
-    let container = c.w.inspect(&chute)["container_id"].clone();
+    let deployed: DeployResult = reply.ok();
+    assert_eq!(
+        deployed.chute.state,
+        chute_api::ChuteState::Running,
+        "{deployed:?}"
+    );
+    assert_eq!(deployed.outcome, DeployOutcome::Deployed);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
+    let container = c.w.inspect(&chute).container_id.clone();
 
     // The cloud resends the same command: same signed result, no second execution.
     let again = c.s.call(2, &cmd, T);
@@ -142,7 +166,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         panic!("{again:?}")
     };
     assert_eq!(&again, result, "a resend gets the remembered result");
-    assert_eq!(c.w.inspect(&chute)["container_id"], container);
+    assert_eq!(c.w.inspect(&chute).container_id, container);
 
     // Heartbeats report the chute with its usage.
     let start = Instant::now();
@@ -172,12 +196,13 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         );
     }
 
-    let v =
+    let v: ChuteDetail =
         c.s.call(3, &c.dev.sign(Args::Inspect(chute_args(&chute))), T)
-            .ok_json();
-    assert_eq!(v["name"], chute.as_str());
-    let v = c.s.call(4, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+            .ok();
+    assert_eq!(v.name.as_str(), chute.as_str());
+    let v: chute_api::DeviceStatus = c.s.call(4, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
+    assert!(v.chute_list.iter().any(|s| s.name.as_str() == chute));
 
     // Logs stream only while subscribed.
     let logs = c.dev.sign(Args::Logs(LogsArgs {
@@ -185,18 +210,9 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         tail: 3,
         follow: true,
     }));
-    let v = c.s.call(5, &logs, T).ok_json();
-    let sub = v["subscription"]
-        .as_u64()
-        .expect("follow gives a subscription");
-    assert!(
-        v["lines"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|l| l["line"] == "tick"),
-        "{v}"
-    );
+    let v: chute_api::LogBatch = c.s.call(5, &logs, T).ok();
+    let sub = v.subscription.expect("follow gives a subscription");
+    assert!(v.lines.iter().any(|l| l.line == "tick"), "{v:?}");
     c.s.wait_for("a log batch", T, |m| {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::Logs(b) if b.chute.as_str() == chute && b.lines.iter().any(|l| l.text.as_str() == "tick")))
@@ -240,7 +256,7 @@ fn signed_deploy_runs_a_chute_and_is_reported() {
         matches!(m, Message::Publish(p) if matches!(&p.publication,
             Publication::State(s) if s.chute.as_str() == chute && s.state == ChuteState::Dead))
     });
-    assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+    assert!(c.w.list().is_empty());
 }
 
 fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode, what: &str) {
@@ -251,17 +267,6 @@ fn expect_refused(s: &mut Session, request: u64, frame: Vec<u8>, code: ErrorCode
     assert!(!e.message.is_empty(), "{what}: the refusal explains itself");
 }
 
-/// Sends `cmd` as CALL `request`; it must be refused with `code`.
-fn expect_call_refused(
-    s: &mut Session,
-    request: u64,
-    cmd: &SignedCommand,
-    code: ErrorCode,
-    what: &str,
-) {
-    expect_refused(s, request, call_frame(request, cmd), code, what);
-}
-
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn bad_commands_are_refused_and_change_nothing() {
@@ -270,34 +275,39 @@ fn bad_commands_are_refused_and_change_nothing() {
     c.w.track(&chute);
     c.s.call(1, &c.dev.sign(deploy_args(&chute, None)), T)
         .ok_json();
-    c.w.wait_state(&chute, "running", T);
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
     let before = observable(&c.w);
     let remove = Args::Remove(chute_args(&chute));
     let now = unix_now();
 
-    // Garbage and malformed frames.
-    c.s.send_raw(vec![0xde, 0xad, 0xbe, 0xef]);
-    let m =
-        c.s.wait_for("ERROR for garbage", T, |m| matches!(m, Message::Error(_)));
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::UnsupportedVersion, "{}", e.message);
-    c.s.send_raw(vec![proto::VERSION, 0x77, 1, 2, 3]);
-    let m = c.s.wait_for("ERROR for an unknown type", T, |m| {
-        matches!(m, Message::Error(_))
-    });
-    let Message::Error(e) = m else { unreachable!() };
-    assert_eq!(e.code, ErrorCode::Malformed, "{}", e.message);
+    // Frames that are not a message at all: an ERROR, not tied to a request.
+    for (what, frame, code) in [
+        (
+            "garbage",
+            vec![0xde, 0xad, 0xbe, 0xef],
+            ErrorCode::UnsupportedVersion,
+        ),
+        (
+            "an unknown message type",
+            vec![proto::VERSION, 0x77, 1, 2, 3],
+            ErrorCode::Malformed,
+        ),
+    ] {
+        c.s.send_raw(frame);
+        let m = c.s.wait_for(&format!("ERROR for {what}"), T, |m| {
+            matches!(m, Message::Error(_))
+        });
+        let Message::Error(e) = m else { unreachable!() };
+        assert_eq!(e.code, code, "{what}: {}", e.message);
+    }
+
+    // Signed commands and broken CALLs, each refused before anything runs. Built first
+    // (the developer signs with fresh request ids), then sent in order.
     let valid = c.dev.sign(remove.clone());
-    let frame = call_frame(11, &valid);
-    expect_refused(
-        &mut c.s,
-        11,
-        frame[..frame.len() / 2].to_vec(),
-        ErrorCode::Malformed,
-        "truncated",
-    );
+    let truncated = call_frame(11, &valid);
+    let truncated = truncated[..truncated.len() / 2].to_vec();
     // Unknown procedure: patch the procedure byte of a valid CALL.
-    let mut frame = call_frame(12, &valid);
+    let mut unknown_procedure = call_frame(12, &valid);
     let varint = |v: u64| ((64 - v.leading_zeros()).max(1) as usize).div_ceil(7);
     let cmd = &valid.command;
     let pos = 2
@@ -306,24 +316,13 @@ fn bad_commands_are_refused_and_change_nothing() {
         + varint(cmd.request_id)
         + varint(cmd.issued_at)
         + varint(cmd.expires_at);
-    assert_eq!(frame[pos], Procedure::Remove.code());
-    frame[pos] = 99;
-    expect_refused(
-        &mut c.s,
-        12,
-        frame,
-        ErrorCode::NoSuchProcedure,
-        "unknown procedure",
-    );
-
-    // Forged: a signature byte flipped.
+    assert_eq!(unknown_procedure[pos], Procedure::Remove.code());
+    unknown_procedure[pos] = 99;
+    // A signature byte flipped; arguments changed after signing.
     let mut forged = c.dev.sign(remove.clone());
     forged.signature.0[0] ^= 1;
-    expect_call_refused(&mut c.s, 13, &forged, ErrorCode::InvalidSignature, "forged");
-    // Forged: arguments changed after signing.
     let mut edited = c.dev.sign(Args::Status);
     edited.command.args = remove.clone();
-    expect_call_refused(&mut c.s, 14, &edited, ErrorCode::InvalidSignature, "edited");
     // `remove`, signed by the developer after `change` to its command.
     let mut altered = |change: &dyn Fn(&mut Command)| {
         let base = c.dev.sign(remove.clone());
@@ -331,53 +330,26 @@ fn bad_commands_are_refused_and_change_nothing() {
         change(&mut command);
         c.dev.resign(&base, command)
     };
-    // Expired and not yet valid.
     let expired = altered(&|cmd| {
         cmd.issued_at = now - 400;
         cmd.expires_at = now - 100;
     });
-    expect_call_refused(&mut c.s, 15, &expired, ErrorCode::Expired, "expired");
     let future = altered(&|cmd| {
         cmd.issued_at = now + 600;
         cmd.expires_at = now + 700;
     });
-    expect_call_refused(&mut c.s, 16, &future, ErrorCode::NotYetValid, "future");
-    // Another device.
-    let other = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
-    expect_call_refused(&mut c.s, 17, &other, ErrorCode::WrongDevice, "wrong device");
-    // Ungranted procedure and chute.
+    let other_device = altered(&|cmd| cmd.device_id = DeviceId([9; 8]));
     let no_remove = c.dev.sign_with(
         remove.clone(),
         Rights::of(&[Procedure::Start, Procedure::Stop]),
-        &[""],
-    );
-    expect_call_refused(
-        &mut c.s,
-        18,
-        &no_remove,
-        ErrorCode::NotAuthorized,
-        "ungranted procedure",
+        &["cl-*"],
     );
     let other_prefix = c.dev.sign_with(remove.clone(), Rights::all(), &["zzz-"]);
-    expect_call_refused(
-        &mut c.s,
-        19,
-        &other_prefix,
-        ErrorCode::NotAuthorized,
-        "ungranted chute",
-    );
     // A grant the owner never signed (the developer granted itself everything).
     let mut self_granted = c.dev.sign(remove.clone());
     self_granted.grant =
-        proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now).sign(&c.dev.key);
+        proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now).sign(&c.dev.key);
     let self_granted = c.dev.resign(&self_granted, self_granted.command.clone());
-    expect_call_refused(
-        &mut c.s,
-        20,
-        &self_granted,
-        ErrorCode::InvalidGrant,
-        "self-granted",
-    );
     // A stranger's signature under the developer's grant.
     let base = c.dev.sign(remove.clone());
     let stranger = SignedCommand::sign(
@@ -385,8 +357,7 @@ fn bad_commands_are_refused_and_change_nothing() {
         &Keypair::generate().unwrap(),
         base.grant.clone(),
     );
-    expect_call_refused(&mut c.s, 21, &stranger, ErrorCode::InvalidGrant, "stranger");
-    // Replayed: a request id already used, now carrying a different command.
+    // A request id already used (by a status that ran), now carrying another command.
     let status = c.dev.sign(Args::Status);
     c.s.call(22, &status, T).ok_json();
     let replay = c.dev.resign(
@@ -396,7 +367,24 @@ fn bad_commands_are_refused_and_change_nothing() {
             ..status.command.clone()
         },
     );
-    expect_call_refused(&mut c.s, 23, &replay, ErrorCode::Replayed, "replayed id");
+    expect_refused(&mut c.s, 11, truncated, ErrorCode::Malformed, "truncated");
+    let code = ErrorCode::NoSuchProcedure;
+    expect_refused(&mut c.s, 12, unknown_procedure, code, "unknown procedure");
+    let cases: [(&str, &SignedCommand, ErrorCode); 10] = [
+        ("forged", &forged, ErrorCode::InvalidSignature),
+        ("edited after signing", &edited, ErrorCode::InvalidSignature),
+        ("expired", &expired, ErrorCode::Expired),
+        ("issued in the future", &future, ErrorCode::NotYetValid),
+        ("another device", &other_device, ErrorCode::WrongDevice),
+        ("ungranted procedure", &no_remove, ErrorCode::NotAuthorized),
+        ("ungranted chute", &other_prefix, ErrorCode::NotAuthorized),
+        ("self-granted", &self_granted, ErrorCode::InvalidGrant),
+        ("a stranger's signature", &stranger, ErrorCode::InvalidGrant),
+        ("replayed id", &replay, ErrorCode::Replayed),
+    ];
+    for (request, (what, cmd, code)) in (30u64..).zip(cases) {
+        expect_refused(&mut c.s, request, call_frame(request, cmd), code, what);
+    }
     // Unsigned subscriptions are not a way around the `logs` right.
     c.s.send(&Message::Subscribe(Subscribe {
         request: 24,
@@ -481,7 +469,7 @@ fn heartbeats_resume_after_the_peer_comes_back() {
 
     // Offline: chutes and the local CLI carry on.
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(c.w.state(&chute), "running");
+    assert_eq!(c.w.state(&chute), chute_api::ChuteState::Running);
     c.w.cli(&["status"]);
     let attempts = c.w.agent_log().matches("cloud link down").count()
         + c.w.agent_log().matches("cloud still unreachable").count();
@@ -671,9 +659,9 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
     assert!(last.complete, "the last ack reports the verified archive");
     // The original request belonged to the old session: the cloud resends the CALL
     // and gets the one result (the deploy ran once).
-    let v = s.call(2, &cmd, Duration::from_secs(120)).ok_json();
-    assert_eq!(v["state"], "running", "{v}");
-    c.w.wait_state(&chute, "running", T);
+    let v: DeployResult = s.call(2, &cmd, Duration::from_secs(120)).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
 
     // A corrupted archive is refused at the end and deploys nothing.
     let before = observable(&c.w);
@@ -803,8 +791,8 @@ fn wss_session_with_a_private_ca() {
         Peer::bind_tls(&leaf, &key)
     });
     assert!(c.peer.url().starts_with("wss://"));
-    let v = c.s.call(1, &c.dev.sign(Args::Status), T).ok_json();
-    assert_eq!(v["device_id"], c.s.device_id().to_hex());
+    let v: chute_api::DeviceStatus = c.s.call(1, &c.dev.sign(Args::Status), T).ok();
+    assert_eq!(v.device_id, c.s.device_id().to_hex());
     c.s.next_heartbeat(T);
     let _ = std::fs::remove_dir_all(&certs);
 }
@@ -818,15 +806,15 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     // newer, empty grant for the developer.
     let mut admin = Developer::new(c.dev.owner.clone(), c.s.device_id());
     let now = unix_now();
-    let mut revoke = proto::testkit::grant_for(&c.dev.key, Rights::NONE, &[""], now);
+    let mut revoke = proto::testkit::grant_for(&c.dev.key, Rights::NONE, &["cl-*"], now);
     revoke.issued_at = now - 10;
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: revoke.sign(&c.dev.owner),
     }));
-    let v = c.s.call(2, &update, T).ok_json();
-    assert_eq!(v["installed"], true, "{v}");
+    let v: chute_api::GrantInstalled = c.s.call(2, &update, T).ok();
+    assert!(v.installed, "{v:?}");
     // A grant not signed by the owner is not installed.
-    let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &[""], now + 5);
+    let forged_grant = proto::testkit::grant_for(&c.dev.key, Rights::all(), &["cl-*"], now + 5);
     let update = admin.sign(Args::UpdateGrant(proto::UpdateGrantArgs {
         grant: forged_grant.sign(&c.dev.key),
     }));
@@ -848,7 +836,7 @@ fn a_newer_grant_installed_by_update_grant_revokes_the_older_one() {
     let e = c.s.call(4, &c.dev.sign(Args::Status), T);
     assert_eq!(
         e.error().code,
-        ErrorCode::NotAuthorized,
+        ErrorCode::InvalidGrant,
         "{}",
         e.error().message
     );
@@ -900,9 +888,357 @@ fn image_transfer_resumes_after_an_agent_restart() {
         "resumes after the bytes kept across the restart"
     );
     assert!(archive.finish(&mut s, held, PIECE).complete);
-    let v = match s.reply(2, Duration::from_secs(120)) {
-        r @ Reply::Result(_) => r.ok_json(),
+    let v: DeployResult = match s.reply(2, Duration::from_secs(120)) {
+        r @ Reply::Result(_) => r.ok(),
         Reply::Error(e) => panic!("{e:?}"),
     };
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+}
+
+/// A developer holding a grant for exactly `chute` on the setup's device.
+fn tenant(c: &Cloudy, chute: &str) -> Developer {
+    let mut d = Developer::new(c.dev.owner.clone(), c.s.device_id());
+    d.patterns = vec![chute.to_owned()];
+    d
+}
+
+fn refused(reply: &Reply) -> (ErrorCode, String) {
+    match reply {
+        Reply::Error(e) => (e.code, e.message.to_string()),
+        Reply::Result(r) => match &r.outcome {
+            Outcome::Err { code, message } => (*code, message.to_string()),
+            Outcome::Ok(_) => panic!("accepted: {reply:?}"),
+        },
+    }
+}
+
+#[test]
+fn tenants_see_and_touch_only_their_own_chutes() {
+    let mut c = setup("", &[]);
+    let (a, b) = (unique("cl-"), unique("cl-"));
+    c.w.track(&a);
+    c.w.track(&b);
+    let (mut dev_a, mut dev_b) = (tenant(&c, &a), tenant(&c, &b));
+    c.s.call(1, &dev_a.sign(deploy_args(&a, None)), T).ok_json();
+    c.s.call(2, &dev_b.sign(deploy_args(&b, None)), T).ok_json();
+    c.w.wait_state(&a, e2e::ChuteState::Running, T);
+    c.w.wait_state(&b, e2e::ChuteState::Running, T);
+    // The container runs the image id pinned at deploy (the one its digest names).
+    let pins = std::fs::read_to_string(c.w.state_dir.join("image-pins.json")).unwrap();
+    let image = podman_ok(&["inspect", "-f", "{{.Image}}", &format!("chute-{a}")]);
+    let by_digest = podman_ok(&["image", "inspect", "-f", "{{.Id}}", &pinned_image()]);
+    assert_eq!(image, by_digest);
+    assert!(pins.contains(&image) && pins.contains(&a), "{pins}");
+    // Each developer's status lists its own chute only.
+    for (req, dev, mine, theirs) in [(3, &mut dev_a, &a, &b), (4, &mut dev_b, &b, &a)] {
+        let v = c.s.call(req, &dev.sign(Args::Status), T).ok_json();
+        let names: Vec<&str> = v["chute_list"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, [mine.as_str()], "{v}");
+        assert_eq!(v["chutes"], 1, "{v}");
+        assert!(
+            !v.to_string().contains(theirs.as_str()),
+            "leaks {theirs}: {v}"
+        );
+    }
+    // B cannot stop A's chute, nor reach it by a longer name under its own.
+    let before = observable(&c.w);
+    let (code, msg) = refused(&c.s.call(
+        5,
+        &dev_b.sign(Args::Stop(proto::StopArgs {
+            chute: name(&a),
+            timeout_secs: 1,
+        })),
+        T,
+    ));
+    assert_eq!(code, ErrorCode::NotAuthorized, "{msg}");
+    assert!(msg.contains(&a), "{msg}");
+    assert_eq!(
+        observable(&c.w),
+        before,
+        "a refused command changed the device"
+    );
+}
+
+#[test]
+fn order_time_and_revocation_hold_across_restarts() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    let now = unix_now();
+    // Deploy v2 (issued now), then the older v1 arrives late: refused as stale.
+    let v2 = c.dev.sign(deploy_args(&chute, None));
+    c.s.call(1, &v2, T).ok_json();
+    c.w.wait_state(&chute, e2e::ChuteState::Running, T);
+    let older = |c: &mut Cloudy, args: Args, issued_at: u64| {
+        let base = c.dev.sign(args);
+        let mut cmd = base.command.clone();
+        cmd.issued_at = issued_at;
+        cmd.expires_at = issued_at + 300;
+        c.dev.resign(&base, cmd)
+    };
+    let v1 = older(
+        &mut c,
+        Args::Stop(proto::StopArgs {
+            chute: name(&chute),
+            timeout_secs: 1,
+        }),
+        now - 60,
+    );
+    let before = observable(&c.w);
+    let (code, msg) = refused(&c.s.call(2, &v1, T));
+    assert_eq!(code, ErrorCode::Stale, "{msg}");
+    assert!(msg.contains("stale") && msg.contains(&chute), "{msg}");
+    // Still stale after an agent restart.
+    c.w.kill_agent();
+    c.w.start_agent();
+    c.s = c.peer.accept(T, 0);
+    let v1b = older(&mut c, Args::Remove(chute_args(&chute)), now - 30);
+    assert_eq!(refused(&c.s.call(3, &v1b, T)).0, ErrorCode::Stale);
+    assert_eq!(
+        observable(&c.w),
+        before,
+        "stale commands changed the device"
+    );
+    let v = c.s.call(4, &c.dev.sign(Args::Status), T).ok_json();
+    assert_eq!(v["clock"]["state"], "ok", "{v}");
+    assert_eq!(c.s.next_heartbeat(T).clock, proto::ClockState::Ok);
+
+    // A command issued 50 s ahead (within the skew) raises the time floor past the
+    // clock: the device reports it, and judges time from the floor.
+    let ahead = older(&mut c, Args::Status, unix_now() + 50);
+    c.s.call(5, &ahead, T).ok_json();
+    let v = c.s.call(6, &c.dev.sign(Args::Status), T).ok_json();
+    assert_eq!(v["clock"]["state"], "behind floor", "{v}");
+    let hb = c.s.next_heartbeat(T);
+    assert_eq!(hb.clock, proto::ClockState::BehindFloor);
+    let local = c.w.status();
+    assert_eq!(
+        local.clock.as_ref().map(|c| c.state.as_str()),
+        Some("behind floor"),
+        "{local:?}"
+    );
+    assert!(hb.state_dir_bytes > 0);
+    let base = c.dev.sign(Args::Status);
+    let mut cmd = base.command.clone();
+    cmd.issued_at = unix_now() - 280;
+    cmd.expires_at = unix_now() + 20; // valid by the clock, expired at the floor
+    let (code, msg) = refused(&c.s.call(7, &c.dev.resign(&base, cmd), T));
+    assert_eq!(code, ErrorCode::Expired, "{msg}");
+    assert!(
+        msg.contains("device time is") && msg.contains("behind the time floor"),
+        "{msg}"
+    );
+
+    // The owner revokes the developer locally while the agent runs.
+    let state = c.w.state_dir.to_str().unwrap().to_owned();
+    let dev_hex = c.dev.key.public_hex();
+    let out =
+        c.w.cli(&["revoke", "--state-dir", &state, "--developer", &dev_hex]);
+    assert!(out.contains("revoked"), "{out}");
+    let cmd = older(&mut c, Args::Status, unix_now() + 55);
+    let (code, msg) = refused(&c.s.call(8, &cmd, T));
+    assert_eq!(code, ErrorCode::InvalidGrant, "{msg}");
+    assert!(msg.contains("superseded"), "{msg}");
+
+    // A corrupt grant store refuses everything until the owner resets it.
+    let store = c.w.state_dir.join("grants.bin");
+    let mut bytes = std::fs::read(&store).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&store, bytes).unwrap();
+    let mut other = Developer::new(c.dev.owner.clone(), c.s.device_id());
+    let cmd = older(&mut c, Args::Status, unix_now() + 56);
+    let (code, msg) = refused(&c.s.call(9, &cmd, T));
+    assert_eq!(code, ErrorCode::GrantStoreUnavailable, "{msg}");
+    assert!(
+        msg.contains("grants.bin") && msg.contains("chuted revoke --all"),
+        "{msg}"
+    );
+    let (code, _) = refused(&c.s.call(10, &other.sign(Args::Status), T));
+    assert_eq!(
+        code,
+        ErrorCode::GrantStoreUnavailable,
+        "every developer is refused"
+    );
+    let out = c.w.cli(&["revoke", "--state-dir", &state, "--all"]);
+    assert!(out.contains("unreadable store was kept"), "{out}");
+    // Old grants stay superseded; a grant the owner issues afterwards works.
+    assert_eq!(
+        refused(&c.s.call(11, &other.sign(Args::Status), T)).0,
+        ErrorCode::InvalidGrant
+    );
+    let t = unix_now() + 58;
+    let mut g = proto::testkit::grant_for(&other.key, Rights::all(), &["cl-*"], t);
+    g.issued_at = t;
+    let cmd = Command {
+        device_id: c.s.device_id(),
+        request_id: other.next_id(),
+        issued_at: t,
+        expires_at: t + 300,
+        args: Args::Status,
+        grant_digest: [0; 32],
+    };
+    let fresh = SignedCommand::sign(cmd, &other.key, g.sign(&c.dev.owner));
+    c.s.call(12, &fresh, T).ok_json();
+
+    // A peer sending endless bad signatures is cut off, not verified forever.
+    for i in 0..40u64 {
+        let mut forged = other.sign(Args::Status);
+        forged.signature.0[0] ^= 1;
+        // The agent closes mid-way; later writes may fail.
+        c.s.send_abusive(call_frame(100 + i, &forged));
+    }
+    c.s.wait_closed(T);
+    wait_until("the agent names why it closed", T, || {
+        c.w.agent_log().contains("refused commands in one session")
+    });
+}
+
+#[test]
+fn images_are_pinned_by_content_and_archives_tag_only_their_chute() {
+    let mut c = setup("allow_unpinned_images = false\n", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    // Over the link, a plain tag is refused.
+    let mut tagged = match deploy_args(&chute, None) {
+        Args::Deploy(a) => a,
+        _ => unreachable!(),
+    };
+    tagged.manifest_toml = BoundedString::new(manifest_with(&chute, IMAGE)).unwrap();
+    let (code, msg) = refused(&c.s.call(1, &c.dev.sign(Args::Deploy(tagged)), T));
+    assert_eq!(code, ErrorCode::InvalidManifest, "{msg}");
+    assert!(
+        msg.contains("mutable tag") && msg.contains("@sha256:"),
+        "{msg}"
+    );
+    // Locally too, unless the owner opts out.
+    let dir = c.w.chute_dir(&chute, "[\"sleep\", \"600\"]", "");
+    let e = c.w.cli_err(&["deploy", dir.to_str().unwrap()]);
+    assert!(
+        e.contains("mutable tag") && e.contains("allow_unpinned_images"),
+        "{e}"
+    );
+    // A host port outside the owner's range (default 1024-65535) is refused, named.
+    let low = unique("cl-");
+    let dir = c.w.chute_dir(
+        &low,
+        "[\"sleep\", \"600\"]",
+        "[network]\nports = [\"80:8080/tcp\"]\n",
+    );
+    let e = c.w.cli_err(&["deploy", dir.to_str().unwrap()]);
+    assert!(
+        e.contains("host port 80") && e.contains("1024-65535"),
+        "{e}"
+    );
+
+    // An archive that also tags another name is refused naming it, and never loaded.
+    let foreign = format!("localhost/{}:1", unique("tenant-foreign-"));
+    podman_ok(&["tag", IMAGE, &foreign]);
+    let tar = c.w.dir.join("foreign.tar");
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        tar.to_str().unwrap(),
+        IMAGE,
+        &foreign,
+    ]);
+    podman_ok(&["untag", IMAGE, &foreign]);
+    let data = std::fs::read(&tar).unwrap();
+    let archive = Archive {
+        sha: {
+            use sha2::Digest;
+            sha2::Sha256::digest(&data).into()
+        },
+        data,
+    };
+    let deploy = c
+        .dev
+        .sign(deploy_args(&chute, Some((archive.sha, archive.total()))));
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 2,
+        command: deploy,
+    })));
+    archive.finish(&mut c.s, 0, 256 * 1024);
+    let (code, msg) = refused(&c.s.reply(2, T));
+    assert!(
+        msg.contains(&foreign) || msg.contains("images"),
+        "{code}: {msg}"
+    );
+    let exists = podman(&["image", "exists", &foreign]);
+    assert!(!exists.status.success(), "the foreign tag was applied");
+    assert!(c.w.json(&["list"]).as_array().unwrap().is_empty());
+}
+
+/// Not a link test, but the tenancy one (issue 12): a chute in its own user namespace
+/// (config `userns_base`) keeps its caps, shaping, logs and adoption by a restarted
+/// agent. Prints deploy latency with and without it (`userns latency` lines).
+#[test]
+fn a_chute_in_its_own_user_namespace_keeps_caps_shaping_logs_and_adoption() {
+    let chute_toml = |name: &str| {
+        format!(
+            "name = \"{name}\"\nversion = \"1\"\nimage = \"{IMAGE}\"\n\
+             command = [\"sh\", \"-c\", \"while true; do echo tick; sleep 1; done\"]\n\
+             [resources]\ncpu = 0.2\nmemory = \"32MiB\"\npids = 32\n\
+             [network]\nbandwidth_down = \"8mbit\"\nbandwidth_up = \"4mbit\"\n"
+        )
+    };
+    let mut timings = Vec::new();
+    for base in [None, Some(1_300_000u32)] {
+        let extra = base.map_or(String::new(), |b| format!("userns_base = {b}\n"));
+        let mut w = World::new(&small_pools_config(&extra));
+        w.start_agent();
+        let name = unique("cl-u");
+        let dir = w.chute_dir(&name, "[]", "");
+        std::fs::write(dir.join("chute.toml"), chute_toml(&name)).unwrap();
+        let t = Instant::now();
+        w.deploy(&dir);
+        let deploy = t.elapsed();
+        w.wait_state(&name, e2e::ChuteState::Running, T);
+        let t = Instant::now();
+        for _ in 0..5 {
+            w.cli(&["restart", &name]);
+        }
+        timings.push((base.is_some(), deploy, t.elapsed() / 5));
+        let pid = w.container_pid(&name);
+        let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).unwrap();
+        let fields: Vec<&str> = uid_map.split_whitespace().collect();
+        match base {
+            Some(b) => assert_eq!(fields, ["0", &b.to_string(), "65536"], "{uid_map}"),
+            None => assert_eq!(fields[..2], ["0", "0"], "{uid_map}"),
+        }
+        let Some(_) = base else { continue };
+        // Caps, shaping and logs as without it.
+        assert_eq!(
+            cgroup_file(pid, "memory", "memory.limit_in_bytes"),
+            (32u64 << 20).to_string()
+        );
+        assert_eq!(cgroup_file(pid, "pids", "pids.max"), "32");
+        let v = w.inspect(&name);
+        assert_eq!(
+            v.net.as_ref().map(|n| n.down_rate_bps),
+            Some(8_000_000),
+            "{v:?}"
+        );
+        wait_until("log lines", T, || w.cli(&["logs", &name]).contains("tick"));
+        // A restarted agent adopts it without restarting it.
+        let started = w.started_at(&name);
+        w.kill_agent();
+        w.start_agent();
+        w.wait_state(&name, e2e::ChuteState::Running, T);
+        assert_eq!(w.started_at(&name), started, "adopted, not restarted");
+        assert_eq!(w.container_pid(&name), pid);
+        assert!(w.cli(&["logs", &name, "--tail", "5"]).contains("tick"));
+    }
+    for (userns, deploy, restart) in timings {
+        println!(
+            "userns latency: userns={userns}: deploy (create + start, first use of the range) {deploy:?}, restart (mean of 5) {restart:?}"
+        );
+    }
 }

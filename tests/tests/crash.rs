@@ -82,7 +82,7 @@ fn an_update_killed_at_every_point_ends_running_on_the_old_or_the_new_version() 
     let name = unique("crup");
     let dir = w.chute_dir(&name, "[]", "");
     write_manifest(&dir, &manifest(&name, 1, ""));
-    assert_eq!(w.deploy(&dir)["state"], "running");
+    assert_eq!(w.deploy(&dir).chute.state, ChuteState::Running);
     let mut version = 1;
     for point in [
         "update-recorded",
@@ -97,9 +97,9 @@ fn an_update_killed_at_every_point_ends_running_on_the_old_or_the_new_version() 
         write_manifest(&dir, &manifest(&name, version, ""));
         deploy_and_crash_at(&mut w, &dir, point);
         // Within the restart backoff (300 ms here) plus a start.
-        w.wait_state(&name, "running", Duration::from_secs(15));
+        w.wait_state(&name, ChuteState::Running, Duration::from_secs(15));
         let v = w.inspect(&name);
-        let now: u32 = v["version"].as_str().unwrap().parse().unwrap();
+        let now: u32 = v.version.parse().unwrap();
         assert!(
             now == old || now == version,
             "{point}: runs version {now}, not {old} or {version}"
@@ -128,12 +128,8 @@ fn an_update_killed_at_every_point_ends_running_on_the_old_or_the_new_version() 
             our_containers(&w)
         );
         let st = w.status();
-        assert_eq!(
-            st["unknown_containers"].as_array().unwrap().len(),
-            0,
-            "{point}"
-        );
-        assert_eq!(st["pools"]["used"]["memory_bytes"], 32u64 << 20, "{point}");
+        assert_eq!(st.unknown_containers.len(), 0, "{point}");
+        assert_eq!(st.pools.used.memory_bytes, 32u64 << 20, "{point}");
         eprintln!("{point}: running version {now} (update {old} -> {version})");
         version = version.max(now);
     }
@@ -163,10 +159,10 @@ fn a_deploy_killed_before_it_was_acknowledged_is_undone_on_restart() {
             our_containers(&w)
         );
         let st = w.status();
-        assert_eq!(st["pools"]["used"]["memory_bytes"], 0, "{point}");
-        assert_eq!(st["unknown_containers"].as_array().unwrap().len(), 0);
+        assert_eq!(st.pools.used.memory_bytes, 0, "{point}");
+        assert_eq!(st.unknown_containers.len(), 0);
         // Deploying again works.
-        assert_eq!(w.deploy(&dir)["state"], "running", "{point}");
+        assert_eq!(w.deploy(&dir).chute.state, ChuteState::Running, "{point}");
         w.cli(&["remove", &name]);
     }
 }
@@ -223,7 +219,7 @@ fn with_the_state_dir_full_nothing_is_acknowledged_and_nothing_changes() {
     let name = unique("full");
     let dir = w.chute_dir(&name, "[]", "");
     write_manifest(&dir, &manifest(&name, 1, ""));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     let other = unique("fulln");
     let other_dir = w.chute_dir(&other, "[]", "");
     write_manifest(&other_dir, &manifest(&other, 1, ""));
@@ -248,20 +244,20 @@ fn with_the_state_dir_full_nothing_is_acknowledged_and_nothing_changes() {
     assert!(err.contains("could not be saved"), "update: {err}");
     // As it was: running, same container, version 1; nothing of the refused deploy.
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running");
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert_eq!(v["version"], "1");
+    assert_eq!(v.state, ChuteState::Running);
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert_eq!(v.version, "1");
     assert_eq!(our_containers(&w).len(), 1, "{:?}", our_containers(&w));
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
+    assert_eq!(w.status().pools.used.memory_bytes, 32u64 << 20);
 
     // kill -9, space freed, restart: still exactly that.
     w.kill_agent();
     disk.free();
     w.start_agent();
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running");
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert_eq!(v["version"], "1");
+    assert_eq!(v.state, ChuteState::Running);
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert_eq!(v.version, "1");
     assert!(!w.cli(&["list"]).contains(&other));
     assert_eq!(our_containers(&w).len(), 1);
     w.kill_agent();
@@ -278,16 +274,19 @@ fn a_corrupt_or_deleted_snapshot_keeps_a_live_rate_change_and_a_stopped_chute() 
     let rates =
         |down: &str| format!("[network]\nbandwidth_down = \"{down}\"\nbandwidth_up = \"2mbit\"\n");
     write_manifest(&dir, &manifest(&shaped, 1, &rates("8mbit")));
-    assert_eq!(w.deploy(&dir)["state"], "running");
+    assert_eq!(w.deploy(&dir).chute.state, ChuteState::Running);
     write_manifest(&dir, &manifest(&shaped, 1, &rates("4mbit")));
-    assert_eq!(w.deploy(&dir)["live"], true);
+    assert_eq!(
+        w.deploy(&dir).outcome,
+        DeployOutcome::Updated { live: true }
+    );
     let stopped = unique("crst");
     let sdir = w.chute_dir(&stopped, "[]", "");
     write_manifest(&sdir, &manifest(&stopped, 1, ""));
     w.deploy(&sdir);
     w.cli(&["stop", &stopped]);
     w.cli(&["restart", &shaped]);
-    let restarts = w.inspect(&shaped)["restarts"].clone();
+    let restarts = w.inspect(&shaped).restarts;
 
     for damage in ["corrupt", "delete"] {
         w.kill_agent();
@@ -302,21 +301,19 @@ fn a_corrupt_or_deleted_snapshot_keeps_a_live_rate_change_and_a_stopped_chute() 
         }
         w.start_agent();
         let v = w.inspect(&shaped);
-        assert_eq!(v["state"], "running", "{damage}");
+        assert_eq!(v.state, ChuteState::Running, "{damage}");
         assert_eq!(
-            v["network"]["bandwidth_down_bps"], 4_000_000,
-            "{damage}: {v}"
+            v.network.bandwidth_down_bps,
+            Some(4_000_000),
+            "{damage}: {v:?}"
         );
-        assert_eq!(v["restarts"], restarts, "{damage}");
-        assert_eq!(w.state(&stopped), "stopped", "{damage}");
+        assert_eq!(v.restarts, restarts, "{damage}");
+        assert_eq!(w.state(&stopped), ChuteState::Stopped, "{damage}");
         assert!(
             w.agent_log().contains("recovered from the journal"),
             "{damage}"
         );
-        assert_eq!(
-            w.status()["unknown_containers"].as_array().unwrap().len(),
-            0
-        );
+        assert_eq!(w.status().unknown_containers.len(), 0);
     }
 }
 
@@ -333,7 +330,7 @@ fn remove_while_podman_is_gone_is_an_error_and_keeps_the_chute() {
     let err = w.cli_err(&["remove", &name]);
     assert!(err.contains("cannot reach Podman"), "{err}");
     assert!(w.cli(&["list"]).contains(&name), "still listed");
-    assert_eq!(w.status()["pools"]["used"]["memory_bytes"], 32u64 << 20);
+    assert_eq!(w.status().pools.used.memory_bytes, 32u64 << 20);
     w.start_podman_service();
     assert_eq!(
         podman_ok(&[
@@ -371,15 +368,15 @@ impl Rng {
 fn observe_all(w: &World) -> Vec<(String, Want)> {
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     loop {
-        let list = w.json(&["list"]);
+        let list = w.list();
         let mut out = Vec::new();
         let mut settled = true;
-        for l in list.as_array().unwrap() {
-            let version: u32 = l["version"].as_str().unwrap().parse().unwrap();
-            let name = l["name"].as_str().unwrap().to_owned();
-            match l["state"].as_str().unwrap() {
-                "running" => out.push((name, Want::Runs(version))),
-                "stopped" => out.push((name, Want::Stopped(version))),
+        for l in &list {
+            let version: u32 = l.version.parse().unwrap();
+            let name = l.name.as_str().to_owned();
+            match l.state {
+                ChuteState::Running => out.push((name, Want::Runs(version))),
+                ChuteState::Stopped => out.push((name, Want::Stopped(version))),
                 _ => settled = false,
             }
         }
@@ -388,7 +385,7 @@ fn observe_all(w: &World) -> Vec<(String, Want)> {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "not settled: {list}; log tail:\n{}",
+            "not settled: {list:?}; log tail:\n{}",
             tail(&w.agent_log(), 30)
         );
         std::thread::sleep(Duration::from_millis(100));
@@ -515,15 +512,11 @@ fn randomized_kill_9_crash_loop_against_podman() {
         // always; a stop keeps the reservation).
         let st = w.status();
         assert_eq!(
-            st["pools"]["used"]["memory_bytes"],
+            st.pools.used.memory_bytes,
             (seen_all.len() as u64) * (32 << 20),
-            "round {round}: {st}"
+            "round {round}: {st:?}"
         );
-        assert_eq!(
-            st["unknown_containers"].as_array().unwrap().len(),
-            0,
-            "round {round}: {st}"
-        );
+        assert_eq!(st.unknown_containers.len(), 0, "round {round}: {st:?}");
     }
     println!(
         "kill -9 crash loop: {kills} kills ({interrupted} during an operation, {acked} after it was acknowledged), invariants held after every restart; mean restart-to-ready {:.0} ms; seed {seed}; {:.0} s",

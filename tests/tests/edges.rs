@@ -12,7 +12,6 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use e2e::*;
-use serde_json::Value;
 
 /// A process that exits 0 promptly on SIGTERM (so stops are fast).
 const POLITE: &str = r#"["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 0.2; done"]"#;
@@ -52,20 +51,6 @@ fn container_exists(name_or_id: &str) -> bool {
         .success()
 }
 
-fn names(list: &Value) -> Vec<String> {
-    list.as_array()
-        .unwrap()
-        .iter()
-        .map(|c| c["name"].as_str().unwrap().to_owned())
-        .collect()
-}
-
-fn used_memory(w: &World) -> u64 {
-    w.status()["pools"]["used"]["memory_bytes"]
-        .as_u64()
-        .unwrap()
-}
-
 /// Zombie timeout: a stopped or failed chute becomes dead after `zombie_timeout_secs`:
 /// its container is removed, its reservation freed and its record purged; the purge
 /// survives an agent restart, and a stop interrupted by an agent crash still ends dead.
@@ -76,63 +61,57 @@ fn stopped_and_failed_chutes_become_dead_after_the_zombie_timeout() {
     w.start_agent();
     let stopped = unique("zstop");
     let dir = w.chute_dir(&stopped, POLITE, &res("0.25", "32MiB", 32));
-    let stopped_id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let stopped_id = w.deploy_id(&dir);
     let failed = unique("zfail");
     let dir = w.chute_dir(
         &failed,
         r#"["sh", "-c", "sleep 1; exit 3"]"#,
         &(res("0.25", "16MiB", 16) + &policy("never")),
     );
-    let failed_id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let failed_id = w.deploy_id(&dir);
     let keep = unique("zkeep");
     let dir = w.chute_dir(&keep, POLITE, &res("0.25", "8MiB", 16));
     w.deploy(&dir);
-    assert_eq!(used_memory(&w), 56 << 20);
+    assert_eq!(w.used_memory(), 56 << 20);
 
     w.cli(&["stop", &stopped]);
-    assert_eq!(w.state(&stopped), "stopped");
+    assert_eq!(w.state(&stopped), ChuteState::Stopped);
     // Until the timeout it is a zombie: stopped, container and reservation kept.
     assert!(container_exists(&stopped_id));
     wait_until(
         "stopped and failed chutes purged",
         Duration::from_secs(15),
-        || names(&w.json(&["list"])) == vec![keep.clone()],
+        || w.names() == vec![keep.clone()],
     );
     assert!(!container_exists(&stopped_id), "zombie's container kept");
     assert!(!container_exists(&failed_id), "zombie's container kept");
-    assert_eq!(used_memory(&w), 8 << 20, "zombies' reservations not freed");
+    assert_eq!(w.used_memory(), 8 << 20, "zombies' reservations not freed");
     let err = w.cli_err(&["inspect", &stopped]);
     assert!(
         err.contains("no chute named") && err.contains(&keep),
         "{err}"
     );
     // A running chute is never a zombie.
-    assert_eq!(w.state(&keep), "running");
+    assert_eq!(w.state(&keep), ChuteState::Running);
 
     // The purge is durable: a restarted agent neither resurrects nor reports them.
     w.kill_agent();
     w.start_agent();
-    assert_eq!(names(&w.json(&["list"])), vec![keep.clone()]);
-    assert_eq!(used_memory(&w), 8 << 20);
-    assert!(w.status()["unknown_containers"]
-        .as_array()
-        .unwrap()
-        .is_empty());
+    assert_eq!(w.names(), vec![keep.clone()]);
+    assert_eq!(w.used_memory(), 8 << 20);
+    assert!(w.status().unknown_containers.is_empty());
 
     // A zombie whose agent crashed before the timeout gets a fresh timeout on restart.
     w.cli(&["stop", &keep]);
-    let keep_id = w.inspect(&keep)["container_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let keep_id = w.inspect(&keep).container_id.unwrap();
     w.kill_agent();
     w.start_agent();
-    assert_eq!(w.state(&keep), "stopped");
+    assert_eq!(w.state(&keep), ChuteState::Stopped);
     wait_until("restored zombie purged", Duration::from_secs(15), || {
-        w.json(&["list"]).as_array().unwrap().is_empty()
+        w.list().is_empty()
     });
     assert!(!container_exists(&keep_id));
-    assert_eq!(used_memory(&w), 0);
+    assert_eq!(w.used_memory(), 0);
 }
 
 /// An update that cannot be carried out leaves the chute on its old version:
@@ -148,7 +127,7 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
     w.start_agent();
     let name = unique("rollback");
     let dir = w.chute_dir(&name, POLITE, &res("0.25", "32MiB", 32));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     let started = w.started_at(&name);
 
     write_manifest(
@@ -165,11 +144,11 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
         "{err}"
     );
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running", "{v}");
-    assert_eq!(v["version"], "1");
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
+    assert_eq!(v.state, ChuteState::Running, "{v:?}");
+    assert_eq!(v.version, "1");
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
     assert_eq!(w.started_at(&name), started, "the old version was touched");
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.used_memory(), 32 << 20);
 
     // A new version whose command does not exist, asking for more memory (which fits).
     write_manifest(
@@ -188,15 +167,15 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
         "{err}"
     );
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running", "{v}");
-    assert_eq!(v["version"], "1", "{v}");
-    assert_eq!(v["command"][0], "sh", "{v}");
+    assert_eq!(v.state, ChuteState::Running, "{v:?}");
+    assert_eq!(v.version, "1", "{v:?}");
+    assert_eq!(v.command[0], "sh", "{v:?}");
     assert_eq!(
-        v["restarts"], 0,
-        "failed update attempts counted as restarts: {v}"
+        v.restarts, 0,
+        "failed update attempts counted as restarts: {v:?}"
     );
-    assert_eq!(v["reservation_held"], true);
-    assert_eq!(used_memory(&w), 32 << 20, "old reservation not restored");
+    assert!(v.reservation_held);
+    assert_eq!(w.used_memory(), 32 << 20, "old reservation not restored");
     let pid = w.container_pid(&name);
     assert!(pid > 0);
     let cmd = podman_ok(&[
@@ -229,8 +208,8 @@ fn an_update_that_cannot_start_leaves_the_old_version_running() {
         "{err}"
     );
     assert!(!container_exists(&format!("chute-{fresh}")));
-    assert_eq!(names(&w.json(&["list"])), vec![name.clone()]);
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.names(), vec![name.clone()]);
+    assert_eq!(w.used_memory(), 32 << 20);
 }
 
 /// Deploying the identical manifest changes nothing; an update that changes only env or
@@ -249,12 +228,12 @@ fn identical_redeploy_is_a_no_op_and_env_or_policy_only_updates_apply() {
         )
     };
     let dir = w.chute_dir(&name, POLITE, &extra("hi", "never"));
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     let started = w.started_at(&name);
 
     let v = w.deploy(&dir);
-    assert_eq!(v["unchanged"], true, "{v}");
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
+    assert_eq!(v.outcome, DeployOutcome::Unchanged, "{v:?}");
+    assert_eq!(v.chute.container_id.as_deref().unwrap(), id);
     assert_eq!(
         w.started_at(&name),
         started,
@@ -266,26 +245,26 @@ fn identical_redeploy_is_a_no_op_and_env_or_policy_only_updates_apply() {
     // Only env changes.
     write_manifest(&dir, &name, "1", IMAGE, POLITE, &extra("hello", "never"));
     let v = w.deploy(&dir);
-    assert_eq!(v["updated"], true, "{v}");
-    assert_eq!(v["state"], "running", "{v}");
+    assert_eq!(v.outcome, DeployOutcome::Updated { live: false }, "{v:?}");
+    assert_eq!(v.chute.state, ChuteState::Running, "{v:?}");
     let env = podman_ok(&["inspect", "-f", "{{.Config.Env}}", &format!("chute-{name}")]);
     assert!(env.contains("GREETING=hello"), "{env}");
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.used_memory(), 32 << 20);
 
     // Only the policy changes: never -> always. A clean exit (SIGTERM -> exit 0) is now
     // restarted.
     write_manifest(&dir, &name, "1", IMAGE, POLITE, &extra("hello", "always"));
     let v = w.deploy(&dir);
-    assert_eq!(v["updated"], true, "{v}");
-    assert_eq!(w.inspect(&name)["restart_policy"], "always");
-    let restarts = w.inspect(&name)["restarts"].as_u64().unwrap();
+    assert_eq!(v.outcome, DeployOutcome::Updated { live: false }, "{v:?}");
+    assert_eq!(w.inspect(&name).restart_policy, RestartPolicy::Always);
+    let restarts = w.inspect(&name).restarts;
     let pid = w.container_pid(&name);
     kill(pid, "-TERM");
     wait_until("restart under always", Duration::from_secs(20), || {
         let v = w.inspect(&name);
-        v["state"] == "running" && v["restarts"].as_u64().unwrap() > restarts
+        v.state == ChuteState::Running && v.restarts > restarts
     });
-    assert_eq!(w.inspect(&name)["last_exit_code"], 0);
+    assert_eq!(w.inspect(&name).last_exit_code, Some(0));
 }
 
 /// `always` restarts after exit 0 too, with a backoff that grows and is capped by
@@ -306,17 +285,18 @@ fn always_restarts_clean_exits_with_growing_capped_backoff() {
     );
     w.deploy(&dir);
     // When `restarts` went up, as seen by polling.
-    let mut seen: Vec<(u64, Instant)> = Vec::new();
+    let mut seen: Vec<(u32, Instant)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(40);
     while seen.len() < 6 {
         assert!(Instant::now() < deadline, "too few restarts: {seen:?}");
         let v = w.inspect(&name);
         assert_ne!(
-            v["state"], "stopped",
+            v.state,
+            ChuteState::Stopped,
             "a clean exit stopped an `always` chute"
         );
-        assert_eq!(v["reservation_held"], true);
-        let r = v["restarts"].as_u64().unwrap();
+        assert!(v.reservation_held);
+        let r = v.restarts;
         if seen.last().map(|(n, _)| *n) != Some(r) && r > 0 {
             seen.push((r, Instant::now()));
         }
@@ -345,8 +325,8 @@ fn always_restarts_clean_exits_with_growing_capped_backoff() {
         gaps[3] < gaps[0] + Duration::from_millis(2500),
         "backoff not capped at 2 s: {gaps:?}"
     );
-    assert_eq!(w.inspect(&name)["last_exit_code"], 0);
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.inspect(&name).last_exit_code, Some(0));
+    assert_eq!(w.used_memory(), 32 << 20);
 }
 
 /// A chute ignoring SIGTERM is SIGKILLed after stop_timeout_secs; it ends stopped (not
@@ -371,16 +351,16 @@ fn a_stop_of_a_chute_ignoring_sigterm_honours_the_stop_timeout() {
         "stop took {took:?}, stop_timeout_secs = 2"
     );
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "stopped", "{v}");
-    assert_eq!(v["restarts"], 0);
-    assert_eq!(v["last_exit_code"], 137);
+    assert_eq!(v.state, ChuteState::Stopped, "{v:?}");
+    assert_eq!(v.restarts, 0);
+    assert_eq!(v.last_exit_code, Some(137));
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         w.state(&name),
-        "stopped",
+        ChuteState::Stopped,
         "our own stop was taken for a crash"
     );
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.used_memory(), 32 << 20);
 }
 
 /// A restart gives the chute the same grace period as a stop: SIGTERM, then SIGKILL only
@@ -403,8 +383,8 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
     w.cli(&["restart", &name]);
     let took = t.elapsed();
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "running", "{v}");
-    assert_eq!(v["restarts"], 1, "{v}");
+    assert_eq!(v.state, ChuteState::Running, "{v:?}");
+    assert_eq!(v.restarts, 1, "{v:?}");
     assert!(
         took >= Duration::from_secs(2),
         "restart took {took:?}: the chute was SIGKILLed without its 2 s grace period \
@@ -416,10 +396,11 @@ fn a_restart_gives_the_chute_its_stop_timeout_too() {
     std::thread::sleep(Duration::from_millis(1500));
     let v = w.inspect(&name);
     assert_eq!(
-        v["state"], "running",
-        "a late event was taken for a crash: {v}"
+        v.state,
+        ChuteState::Running,
+        "a late event was taken for a crash: {v:?}"
     );
-    assert_eq!(v["restarts"], 1, "{v}");
+    assert_eq!(v.restarts, 1, "{v:?}");
     assert_eq!(w.container_pid(&name), pid);
 }
 
@@ -450,16 +431,16 @@ fn a_stop_podman_cannot_carry_out_is_reported_and_the_policy_still_holds() {
         );
         assert!(err.contains(&name), "{op}: {err}");
         let v = w.inspect(&name);
-        assert_eq!(v["state"], "running", "after a failed {op}: {err}");
-        assert_eq!(v["restarts"], 0, "a failed {op} is no restart: {v}");
+        assert_eq!(v.state, ChuteState::Running, "after a failed {op}: {err}");
+        assert_eq!(v.restarts, 0, "a failed {op} is no restart: {v:?}");
         w.start_podman_service();
         kill(w.container_pid(&name), "-KILL");
         wait_until(
             &format!("the crash after a failed {op} taken as a crash"),
             Duration::from_secs(30),
-            || w.state(&name) == "failed",
+            || w.state(&name) == ChuteState::Failed,
         );
-        assert_eq!(w.inspect(&name)["last_exit_code"], 137);
+        assert_eq!(w.inspect(&name).last_exit_code, Some(137));
     }
 }
 
@@ -490,9 +471,9 @@ fn a_hung_podman_fails_operations_at_their_deadline_and_the_agent_recovers() {
         "stop against a hung Podman took {took:?} (deadline 4 s + stop timeout 2 s)"
     );
     assert!(err.contains("did not answer within 6s"), "{err}");
-    assert_eq!(w.state(&name), "running", "{err}");
+    assert_eq!(w.state(&name), ChuteState::Running, "{err}");
     w.cli(&["stop", &name]);
-    assert_eq!(w.state(&name), "stopped");
+    assert_eq!(w.state(&name), ChuteState::Stopped);
 }
 
 /// 1,100 idle admin connections at nofile 1024 once broke supervision and snapshot
@@ -536,7 +517,7 @@ fn idle_admin_connections_cannot_starve_the_agent() {
         Duration::from_secs(20),
         || {
             w.inspect_when_possible(&name)
-                .is_some_and(|v| v["state"] == "running" && v["restarts"] == 1)
+                .is_some_and(|d| d.state == ChuteState::Running && d.restarts == 1)
         },
     );
     // Idle connections are closed after the request timeout, with a reason.
@@ -579,21 +560,25 @@ fn the_admin_socket_is_private_and_guarded() {
     assert!(meta.file_type().is_socket());
     assert_eq!(meta.permissions().mode() & 0o777, 0o600);
 
+    let refusal = |reply: &str| match serde_json::from_str::<
+        chute_api::admin::Reply<serde_json::Value>,
+    >(reply)
+    .unwrap()
+    {
+        chute_api::admin::Reply::Error(e) => {
+            assert_eq!(e.code, chute_api::ErrorCode::BadRequest, "{reply}");
+            e.message
+        }
+        other => panic!("not a refusal: {other:?}"),
+    };
     let reply = raw_request(&w.admin_socket, b"this is not json\n", false);
-    let v: Value = serde_json::from_str(&reply).unwrap();
-    assert!(
-        v["error"].as_str().unwrap().contains("malformed request"),
-        "{reply}"
-    );
+    assert!(refusal(&reply).contains("malformed request"), "{reply}");
     let reply = raw_request(&w.admin_socket, b"\xff\xfe\x00garbage\n", false);
-    let v: Value = serde_json::from_str(&reply).unwrap();
-    assert!(v["error"].to_string().contains("not UTF-8"), "{reply}");
+    assert!(refusal(&reply).contains("not UTF-8"), "{reply}");
     let reply = raw_request(&w.admin_socket, br#"{"op":"launch-missiles"}"#, true);
-    let v: Value = serde_json::from_str(&reply).unwrap();
-    assert!(v["error"].as_str().is_some(), "{reply}");
+    refusal(&reply);
     let reply = raw_request(&w.admin_socket, b"{\"op\":\"launch-missiles\"}\n", false);
-    let v: Value = serde_json::from_str(&reply).unwrap();
-    let e = v["error"].as_str().unwrap();
+    let e = refusal(&reply);
     assert!(e.contains("launch-missiles") && e.contains("deploy"), "{e}");
 
     // A second agent on the same state dir: refused at once, the first one unharmed.
@@ -671,17 +656,17 @@ fn a_chute_in_backoff_when_the_agent_dies_ends_running() {
         POLITE,
         &(res("0.25", "32MiB", 32) + &policy("on-failure")),
     );
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     kill(w.container_pid(&name), "-KILL");
-    w.wait_state(&name, "restarting", Duration::from_secs(10));
+    w.wait_state(&name, ChuteState::Restarting, Duration::from_secs(10));
     w.kill_agent();
     w.start_agent();
-    w.wait_state(&name, "running", Duration::from_secs(15));
+    w.wait_state(&name, ChuteState::Running, Duration::from_secs(15));
     let v = w.inspect(&name);
-    assert_eq!(v["container_id"].as_str().unwrap(), id);
-    assert!(v["restarts"].as_u64().unwrap() >= 1, "{v}");
-    assert_eq!(v["reservation_held"], true);
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(v.container_id.as_deref().unwrap(), id);
+    assert!(v.restarts >= 1, "{v:?}");
+    assert!(v.reservation_held);
+    assert_eq!(w.used_memory(), 32 << 20);
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]),
         "true"
@@ -700,10 +685,10 @@ fn remove_in_any_state_and_names_are_checked() {
     w.start_agent();
     let restarting = unique("rmr");
     let dir = w.chute_dir(&restarting, POLITE, &res("0.25", "32MiB", 32));
-    let rid = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let rid = w.deploy_id(&dir);
     let stopped = unique("rms");
     let dir = w.chute_dir(&stopped, POLITE, &res("0.25", "16MiB", 32));
-    let sid = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let sid = w.deploy_id(&dir);
 
     let err = w.cli_err(&["inspect", "nosuchchute"]);
     assert!(
@@ -725,17 +710,17 @@ fn remove_in_any_state_and_names_are_checked() {
     );
 
     kill(w.container_pid(&restarting), "-KILL");
-    w.wait_state(&restarting, "restarting", Duration::from_secs(10));
+    w.wait_state(&restarting, ChuteState::Restarting, Duration::from_secs(10));
     w.cli(&["remove", &restarting]);
     w.cli(&["stop", &stopped]);
     w.cli(&["remove", &stopped]);
-    assert!(w.json(&["list"]).as_array().unwrap().is_empty());
-    assert_eq!(used_memory(&w), 0);
+    assert!(w.list().is_empty());
+    assert_eq!(w.used_memory(), 0);
     assert!(!container_exists(&rid) && !container_exists(&sid));
     // Past the backoff, the removed chute has not come back.
     std::thread::sleep(Duration::from_millis(3500));
     assert!(!container_exists(&format!("chute-{restarting}")));
-    assert!(w.json(&["list"]).as_array().unwrap().is_empty());
+    assert!(w.list().is_empty());
     let err = w.cli_err(&["remove", &restarting]);
     assert!(
         err.contains("no chute named") && err.contains("none"),
@@ -743,9 +728,9 @@ fn remove_in_any_state_and_names_are_checked() {
     );
 }
 
-/// The Podman service restarting under a running agent: the event stream reconnects, a
-/// chute that died while the service was down is restarted on reconnect, and one killed
-/// afterwards is restarted from events.
+/// The Podman service restarting under a running agent: the event stream reconnects as
+/// soon as Podman answers (not after the backoff), a chute that died while the service was
+/// down is restarted on reconnect, and one killed afterwards is restarted from events.
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
@@ -757,30 +742,30 @@ fn a_restarted_podman_service_is_reconnected_and_supervision_continues() {
         POLITE,
         &(res("0.25", "32MiB", 32) + &policy("on-failure")),
     );
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
 
     w.stop_podman_service();
     // Died while nobody could hear it.
     kill(w.container_pid(&name), "-KILL");
-    std::thread::sleep(Duration::from_secs(1));
+    // Long enough for the resubscribe backoff to reach 16 s (0.25 s doubling): the agent
+    // must still notice Podman's return at once, not at the end of its backoff.
+    std::thread::sleep(Duration::from_secs(20));
     w.start_podman_service();
     wait_until(
-        "restart of a chute that died while podman was down",
-        Duration::from_secs(40),
+        "restart of a chute that died while podman was down, soon after Podman returned",
+        Duration::from_secs(6),
         || {
             let v = w.inspect(&name);
-            v["state"] == "running" && v["restarts"].as_u64().unwrap() >= 1
+            v.state == ChuteState::Running && v.restarts >= 1
         },
     );
     let pid = w.container_pid(&name);
     kill(pid, "-KILL");
     wait_until("restart after reconnect", Duration::from_secs(20), || {
         let v = w.inspect(&name);
-        v["state"] == "running"
-            && v["restarts"].as_u64().unwrap() >= 2
-            && v["pid"].as_u64().unwrap_or(0) != u64::from(pid)
+        v.state == ChuteState::Running && v.restarts >= 2 && v.pid != pid
     });
-    assert_eq!(w.inspect(&name)["container_id"].as_str().unwrap(), id);
+    assert_eq!(w.inspect(&name).container_id.as_deref().unwrap(), id);
 }
 
 /// Usage comes from the chute's cgroup: memory and pids, sampled every second.
@@ -793,14 +778,14 @@ fn usage_is_sampled_from_the_chutes_cgroup() {
     let dir = w.chute_dir(&name, POLITE, &res("0.25", "32MiB", 32));
     w.deploy(&dir);
     wait_until("a usage sample", Duration::from_secs(10), || {
-        !w.inspect(&name)["usage"].is_null()
+        w.inspect(&name).usage.is_some()
     });
     std::thread::sleep(Duration::from_millis(1200));
-    let u = w.inspect(&name)["usage"].clone();
-    assert!(u["memory_bytes"].as_u64().unwrap() > 0, "{u}");
-    assert!(u["memory_bytes"].as_u64().unwrap() <= 32 << 20, "{u}");
-    assert!(u["pids"].as_u64().unwrap() >= 1, "{u}");
-    assert!(u["cpu_usage_ns"].as_u64().unwrap() > 0, "{u}");
+    let u = w.inspect(&name).usage.expect("sampled");
+    assert!(u.memory_bytes > 0, "{u:?}");
+    assert!(u.memory_bytes <= 32 << 20, "{u:?}");
+    assert!(u.pids >= 1, "{u:?}");
+    assert!(u.cpu_usage_ns > 0, "{u:?}");
 }
 
 /// A user's stop that is still in flight when the agent is killed is not undone by the
@@ -821,7 +806,7 @@ fn a_stop_interrupted_by_an_agent_crash_still_ends_stopped() {
         STUBBORN,
         &(res("0.25", "32MiB", 32) + &policy("always")),
     );
-    let id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let id = w.deploy_id(&dir);
     let running = || podman_ok(&["inspect", "-f", "{{.State.Running}}", &id]) == "true";
     let mut stop = Command::new(chuted_bin())
         .arg("--admin-socket")
@@ -841,11 +826,11 @@ fn a_stop_interrupted_by_an_agent_crash_still_ends_stopped() {
     // Give a wrongly triggered restart (300 ms backoff) time to show.
     std::thread::sleep(Duration::from_secs(2));
     let v = w.inspect(&name);
-    assert_eq!(v["state"], "stopped", "{v}");
-    assert_eq!(v["restarts"], 0, "{v}");
-    assert_eq!(v["reservation_held"], true, "{v}");
+    assert_eq!(v.state, ChuteState::Stopped, "{v:?}");
+    assert_eq!(v.restarts, 0, "{v:?}");
+    assert!(v.reservation_held, "{v:?}");
     assert!(!running(), "the chute was restarted");
-    assert_eq!(used_memory(&w), 32 << 20);
+    assert_eq!(w.used_memory(), 32 << 20);
     // And it starts again when asked.
     w.cli(&["start", &name]);
     assert!(running());
@@ -862,7 +847,7 @@ fn a_host_port_clash_fails_the_deploy_and_leaves_nothing() {
     let ports = format!("[network]\nports = [\"{port}:8080/tcp\"]\n");
     let first = unique("porta");
     let dir = w.chute_dir(&first, POLITE, &(res("0.25", "32MiB", 32) + &ports));
-    let first_id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let first_id = w.deploy_id(&dir);
     let second = unique("portb");
     let dir = w.chute_dir(&second, POLITE, &(res("0.25", "16MiB", 32) + &ports));
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
@@ -874,9 +859,9 @@ fn a_host_port_clash_fails_the_deploy_and_leaves_nothing() {
         !container_exists(&format!("chute-{second}")),
         "container left behind"
     );
-    assert_eq!(names(&w.json(&["list"])), vec![first.clone()]);
-    assert_eq!(used_memory(&w), 32 << 20);
-    assert_eq!(w.state(&first), "running");
+    assert_eq!(w.names(), vec![first.clone()]);
+    assert_eq!(w.used_memory(), 32 << 20);
+    assert_eq!(w.state(&first), ChuteState::Running);
     assert_eq!(
         podman_ok(&["inspect", "-f", "{{.State.Running}}", &first_id]),
         "true"
@@ -947,7 +932,7 @@ fn containers_removed_by_hand_while_the_agent_was_down_are_recreated() {
     w.start_agent();
     let run = unique("rerun");
     let dir = w.chute_dir(&run, POLITE, &res("0.25", "32MiB", 32));
-    let run_id = w.deploy(&dir)["container_id"].as_str().unwrap().to_owned();
+    let run_id = w.deploy_id(&dir);
     let stop = unique("restop");
     let dir = w.chute_dir(&stop, POLITE, &res("0.25", "16MiB", 32));
     w.deploy(&dir);
@@ -956,16 +941,16 @@ fn containers_removed_by_hand_while_the_agent_was_down_are_recreated() {
     podman_ok(&["rm", "-f", "-t", "0", &format!("chute-{run}")]);
     podman_ok(&["rm", "-f", "-t", "0", &format!("chute-{stop}")]);
     w.start_agent();
-    w.wait_state(&run, "running", Duration::from_secs(15));
+    w.wait_state(&run, ChuteState::Running, Duration::from_secs(15));
     let v = w.inspect(&run);
-    assert_ne!(v["container_id"].as_str().unwrap(), run_id, "{v}");
-    assert!(container_exists(v["container_id"].as_str().unwrap()));
+    assert_ne!(v.container_id.as_deref().unwrap(), run_id, "{v:?}");
+    assert!(container_exists(v.container_id.as_deref().unwrap()));
     assert!(w.container_pid(&run) > 0);
     let v = w.inspect(&stop);
-    assert_eq!(v["state"], "stopped", "{v}");
-    assert_eq!(v["reservation_held"], true, "{v}");
-    assert_eq!(used_memory(&w), 48 << 20);
+    assert_eq!(v.state, ChuteState::Stopped, "{v:?}");
+    assert!(v.reservation_held, "{v:?}");
+    assert_eq!(w.used_memory(), 48 << 20);
     w.cli(&["start", &stop]);
-    assert_eq!(w.state(&stop), "running");
+    assert_eq!(w.state(&stop), ChuteState::Running);
     assert!(w.container_pid(&stop) > 0);
 }

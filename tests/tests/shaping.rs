@@ -182,29 +182,29 @@ fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
     std::fs::write(dir.join("chute.toml"), manifest(&name, "8mbit", "4mbit")).unwrap();
     w.deploy(&dir);
     let v = w.inspect(&name);
-    assert_eq!(v["net"]["down_rate_bps"], 8_000_000, "{v}");
+    assert_eq!(v.net.as_ref().unwrap().down_rate_bps, 8_000_000, "{v:?}");
     assert_within("download 8mbit", measure_down(&name), 8e6);
     assert_within("upload 4mbit", measure_up(&name), 4e6);
 
     // The kernel counted what it shaped, and the agent reports it.
     let v = w.inspect(&name);
-    assert!(v["net"]["down_bytes"].as_u64().unwrap() > 2_000_000, "{v}");
-    assert!(v["net"]["up_bytes"].as_u64().unwrap() > 1_000_000, "{v}");
+    assert!(v.net.as_ref().unwrap().down_bytes > 2_000_000, "{v:?}");
+    assert!(v.net.as_ref().unwrap().up_bytes > 1_000_000, "{v:?}");
 
     // Live change: same container, same start time, new rate.
-    let id = v["container_id"].as_str().unwrap().to_owned();
+    let id = v.container_id.as_deref().unwrap().to_owned();
     let started = w.started_at(&name);
     std::fs::write(dir.join("chute.toml"), manifest(&name, "2mbit", "4mbit")).unwrap();
     let r = w.deploy(&dir);
-    assert_eq!(r["live"], true, "{r}");
-    assert_eq!(w.inspect(&name)["container_id"].as_str().unwrap(), id);
+    assert_eq!(r.outcome, DeployOutcome::Updated { live: true }, "{r:?}");
+    assert_eq!(w.inspect(&name).container_id.as_deref().unwrap(), id);
     assert_eq!(w.started_at(&name), started);
     assert_within(
         "download after live change to 2mbit",
         measure_down(&name),
         2e6,
     );
-    assert_eq!(w.status()["pools"]["used"]["bandwidth_down_bps"], 2_000_000);
+    assert_eq!(w.status().pools.used.bandwidth_down_bps, 2_000_000);
 
     // Re-applied after a restart (a new namespace and veth).
     w.cli(&["restart", &name]);
@@ -214,7 +214,10 @@ fn a_chute_gets_its_manifest_rates_both_ways_and_a_live_change_holds() {
     std::fs::write(dir.join("chute.toml"), manifest(&name, "500mbit", "4mbit")).unwrap();
     let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
     assert!(err.contains("bandwidth"), "{err}");
-    assert_eq!(w.inspect(&name)["net"]["down_rate_bps"], 2_000_000);
+    assert_eq!(
+        w.inspect(&name).net.as_ref().unwrap().down_rate_bps,
+        2_000_000
+    );
 }
 
 #[test]
@@ -255,10 +258,7 @@ fn shaping_survives_an_agent_restart_without_duplication_and_goes_with_the_chute
     let dir = w.chute_dir(&name, SLEEPER, "");
     std::fs::write(dir.join("chute.toml"), manifest(&name, "8mbit", "4mbit")).unwrap();
     w.deploy(&dir);
-    let host_if = w.inspect(&name)["shaping"]["host_interface"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let host_if = w.inspect(&name).shaping.expect("shaped").host_interface;
     // Interface names are reused quickly; the index identifies this veth.
     let ifindex = std::fs::read_to_string(format!("/sys/class/net/{host_if}/ifindex"))
         .unwrap()
@@ -292,5 +292,5 @@ fn shaping_survives_an_agent_restart_without_duplication_and_goes_with_the_chute
         !still_there,
         "host-side veth {host_if} (ifindex {ifindex}) should be gone with the chute"
     );
-    assert_eq!(w.status()["pools"]["used"]["bandwidth_down_bps"], 0);
+    assert_eq!(w.status().pools.used.bandwidth_down_bps, 0);
 }

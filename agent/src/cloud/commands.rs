@@ -6,9 +6,11 @@
 //! `Agent::handle`, like the local CLI's. Result payloads (`Outcome::Ok`) are the UTF-8
 //! JSON of `chute_api` types: for deploy, start, stop, restart, remove and inspect the same
 //! object the local CLI prints with `--json`; `status` is a `DeviceStatus` (the agent's
-//! status plus `device_id` and `chute_list`); `logs` a `LogBatch`; `update-grant` a
-//! `GrantInstalled`. Refusals before execution are ERROR messages; failures during
-//! execution are signed `Outcome::Err`.
+//! status, with its `clock` (`secs`, `state`: `ok` / `behind floor` / `ahead`,
+//! `time_floor`) and `state_dir_bytes`, plus `device_id` and `chute_list`, where
+//! `chute_list` and the `chutes` count hold only the chutes the caller's grant covers);
+//! `logs` a `LogBatch`; `update-grant` a `GrantInstalled`. Refusals before execution are
+//! ERROR messages; failures during execution are signed `Outcome::Err`.
 
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -95,6 +97,18 @@ fn no_events() -> smol::channel::Sender<Event> {
 fn precheck(a: &proto::DeployArgs) -> Result<(), (ErrorCode, String)> {
     let manifest = chutes::Manifest::from_toml_str(&a.manifest_toml)
         .map_err(|e| (ErrorCode::InvalidManifest, e.to_string()))?;
+    // Over the link an image is always pinned by content (no owner opt-out): the
+    // archive's sha256 in the signed command, or a reference with `@sha256:`.
+    if a.image_sha256.is_none() && !crate::imagepin::is_digest_ref(&manifest.image) {
+        return Err((
+            ErrorCode::InvalidManifest,
+            format!(
+                "image {:?} is a mutable tag: a cloud deploy pins its image by content, either \
+                 an archive (image_sha256 in the command) or a reference NAME@sha256:DIGEST",
+                manifest.image
+            ),
+        ));
+    }
     if manifest.name.as_str() != a.chute.as_str() {
         return Err((
             ErrorCode::InvalidManifest,
@@ -156,21 +170,42 @@ impl Cloud {
                 "this device trusts no owner key yet (run `chuted trust --owner-key HEX` or set owner_key); every command is refused",
             );
         };
-        let verified = match verifier.check(&command, now) {
-            Ok(v) => v,
+        // One supersession rule (proto's), from the floors on disk now: a revocation
+        // by `chuted revoke` applies to the very next command.
+        let floors = match self.grants.load() {
+            Ok(f) => f,
             Err(e) => {
-                tracing::info!(request, code = %e.code(), reason = %e, "refused command");
-                return refuse(e.code(), &e.to_string());
+                tracing::warn!(request, error = %e, "refused command: grant store unavailable");
+                return refuse(ErrorCode::GrantStoreUnavailable, &e.to_string());
             }
         };
+        let mut verifier = verifier.clone();
+        verifier.grants = floors;
         let cmd = &command.command;
-        if let Some(newer) = self.grants.borrow().superseded_by(&command.grant.grant) {
-            let msg = format!(
-                "request {}: the grant for {} issued at {} was superseded by one issued at {newer}",
-                cmd.request_id, command.signer, command.grant.grant.issued_at
-            );
-            return refuse(ErrorCode::NotAuthorized, &msg);
-        }
+        // Judged at the time floor when the clock is behind it (a clock set back must
+        // not revive expired commands).
+        let judged = self.order.borrow().judge_time(now);
+        let clock_note = if judged != now {
+            format!(" (device clock {now} is behind the time floor {judged} kept from verified commands)")
+        } else {
+            String::new()
+        };
+        let verified = match verifier.check(&command, judged) {
+            Ok(v) => v,
+            Err(e) => {
+                if matches!(e, proto::VerifyError::Expired { .. })
+                    && verifier.check(&command, cmd.issued_at).is_ok()
+                {
+                    // Authentic, but already expired on arrival: evidence the clock is ahead.
+                    self.order
+                        .borrow_mut()
+                        .note_expired_on_arrival(cmd.issued_at);
+                }
+                let msg = format!("{e}{clock_note}");
+                tracing::info!(request, code = %e.code(), reason = %msg, "refused command");
+                return refuse(e.code(), &msg);
+            }
+        };
         let key = (command.signer, cmd.request_id);
         if let Some(res) = self.results.borrow().get(&key.0, key.1) {
             if res.command_digest == verified.command_digest {
@@ -190,6 +225,12 @@ impl Cloud {
             waiters.push((self.epoch.get(), request));
             return None;
         }
+        // After the resend paths: a resent command gets its result even when a later
+        // one has changed the chute since.
+        if let Err((code, msg)) = self.order.borrow().check(cmd) {
+            tracing::info!(request, code = %code, reason = %msg, "refused command");
+            return refuse(code, &msg);
+        }
         if let Err(e) = self
             .replay
             .borrow_mut()
@@ -202,6 +243,11 @@ impl Cloud {
             let msg = format!("request {}: {e}", key.1);
             tracing::info!(request, code = %code, reason = %msg, "refused command");
             return refuse(code, &msg);
+        }
+        if let Err(e) = self.order.borrow_mut().record(cmd) {
+            let msg = format!("request {}: {e}", key.1);
+            tracing::warn!(request, reason = %msg, "refused command");
+            return refuse(ErrorCode::Internal, &msg);
         }
         tracing::info!(request, request_id = key.1, procedure = %verified.procedure,
             signer = %command.signer, chute = ?cmd.args.chute().map(|c| c.as_str()), "running signed command");
@@ -313,11 +359,12 @@ impl Cloud {
                 })
                 .await
             }
-            // The stop timeout is the agent's configured one (a chute's grace period is
-            // the device owner's policy, not the caller's).
+            // The caller's grace period, capped at the agent's configured one (the
+            // device owner's policy).
             Args::Stop(a) => {
                 self.answer(Request::Stop {
                     name: a.chute.to_string(),
+                    timeout_secs: Some(a.timeout_secs),
                 })
                 .await
             }
@@ -339,33 +386,54 @@ impl Cloud {
                 })
                 .await
             }
-            Args::Status => ok_json(&DeviceStatus {
-                agent: agent.status(),
-                device_id: self.device.device_id().to_hex(),
-                chute_list: agent.list(),
-            }),
+            Args::Status => {
+                // A developer sees only the chutes its grant's patterns cover: other
+                // tenants' names, images and states are not its business.
+                let grant = &command.grant.grant;
+                let mine: Vec<_> = agent
+                    .list()
+                    .into_iter()
+                    .filter(|c| grant.covers_chute(c.name.as_str()))
+                    .collect();
+                let mut status = agent.status();
+                status.chutes = u32::try_from(mine.len()).unwrap_or(u32::MAX);
+                let (secs, state) = self.clock();
+                status.clock = Some(chute_api::ClockStatus {
+                    secs,
+                    state: state.as_str().to_owned(),
+                    time_floor: self.order.borrow().order().time_floor(),
+                });
+                ok_json(&DeviceStatus {
+                    agent: status,
+                    device_id: self.device.device_id().to_hex(),
+                    chute_list: mine,
+                })
+            }
             Args::Logs(a) => self.logs(&a.chute, a.tail, a.follow).await,
             Args::UpdateGrant(a) => {
                 let Some(verifier) = &self.verifier else {
                     return failed(ErrorCode::InvalidGrant, "no owner key is trusted");
                 };
-                if !a.grant.is_signed_by(&verifier.owner) {
-                    return failed(
-                        ErrorCode::InvalidGrant,
-                        &format!(
-                            "the grant for {} is not signed by the owner key {}",
-                            a.grant.grant.developer, verifier.owner
-                        ),
-                    );
+                let mut verifier = verifier.clone();
+                verifier.grants = match self.grants.load() {
+                    Ok(f) => f,
+                    Err(e) => return failed(ErrorCode::GrantStoreUnavailable, &e.to_string()),
+                };
+                let installed = match verifier.install_grant(&a.grant) {
+                    Ok(()) => true,
+                    Err(proto::GrantUpdateError::Older { .. }) => false,
+                    Err(e) => return failed(ErrorCode::InvalidGrant, &e.to_string()),
+                };
+                if installed {
+                    if let Err(e) = self.grants.save(&verifier.grants) {
+                        return failed(ErrorCode::Internal, &e.to_string());
+                    }
                 }
-                match self.grants.borrow_mut().install(a.grant.clone()) {
-                    Ok(installed) => ok_json(&GrantInstalled {
-                        developer: a.grant.grant.developer.to_hex(),
-                        installed,
-                        rights: a.grant.grant.rights.to_string(),
-                    }),
-                    Err(e) => failed(ErrorCode::Internal, &e.to_string()),
-                }
+                ok_json(&GrantInstalled {
+                    developer: a.grant.grant.developer.to_hex(),
+                    installed,
+                    rights: a.grant.grant.rights.to_string(),
+                })
             }
         }
     }

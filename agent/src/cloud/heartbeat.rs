@@ -9,58 +9,35 @@ use proto::{
 
 use crate::supervisor::Agent;
 
-/// Maps the agent's lifecycle state to the wire's (append-only) state set.
-pub fn wire_state(s: chutes::ChuteState) -> ChuteState {
-    match s {
-        chutes::ChuteState::Installing => ChuteState::Booting,
-        chutes::ChuteState::Running => ChuteState::Running,
-        // Exited, waiting for its restart delay: Spawnpoint's "zombie".
-        chutes::ChuteState::Restarting => ChuteState::Zombie,
-        chutes::ChuteState::Stopped => ChuteState::Stopped,
-        chutes::ChuteState::Failed => ChuteState::Failed,
-        chutes::ChuteState::Dead => ChuteState::Dead,
-    }
-}
-
 fn clamp32(v: u64) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
 }
 
-/// Sums the receive and transmit byte counters of every interface but `lo` in a
-/// `/proc/<pid>/net/dev` text (the counters of the chute's network namespace).
-pub fn parse_net_dev(text: &str) -> Option<(u64, u64)> {
-    let mut total = None;
-    for line in text.lines().skip(2) {
-        let Some((iface, counters)) = line.split_once(':') else {
+/// Bytes used by the regular files under `dir` (symlinks are not followed; unreadable
+/// entries count as nothing). The state dir holds a few files and partial image
+/// transfers, so the walk is short.
+pub fn dir_usage(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut total = 0u64;
+    for entry in entries.flatten() {
+        let Ok(meta) = entry.path().symlink_metadata() else {
             continue;
         };
-        if iface.trim() == "lo" {
-            continue;
-        }
-        let fields: Vec<u64> = counters
-            .split_whitespace()
-            .filter_map(|f| f.parse().ok())
-            .collect();
-        if let (Some(rx), Some(tx)) = (fields.first(), fields.get(8)) {
-            let (r, t) = total.unwrap_or((0u64, 0u64));
-            total = Some((r.saturating_add(*rx), t.saturating_add(*tx)));
+        if meta.is_dir() {
+            total = total.saturating_add(dir_usage(&entry.path()));
+        } else if meta.is_file() {
+            total = total.saturating_add(meta.len());
         }
     }
     total
 }
 
-fn net_bytes(pid: u32) -> Option<(u64, u64)> {
-    if pid == 0 {
-        return None;
-    }
-    std::fs::read_to_string(format!("/proc/{pid}/net/dev"))
-        .ok()
-        .and_then(|t| parse_net_dev(&t))
-}
-
 /// The agent's current heartbeat. Chutes past the protocol's cap are left out (the
-/// ledger would refuse that many long before).
-pub fn build(agent: &Agent, seq: u64) -> Heartbeat {
+/// ledger would refuse that many long before). `clock` is the device clock and its
+/// state against the time floor.
+pub fn build(agent: &Agent, seq: u64, clock: (u64, proto::ClockState)) -> Heartbeat {
     let resources = {
         let ledger = agent.ledger.borrow();
         let cap = ledger.capacity();
@@ -77,14 +54,16 @@ pub fn build(agent: &Agent, seq: u64) -> Heartbeat {
     let mut chutes = Vec::new();
     for view in agent.views().into_iter().take(proto::MAX_HEARTBEAT_CHUTES) {
         let v = view.borrow();
-        let Ok(name) = ChuteName::new(v.manifest.name.as_str()) else {
-            continue;
-        };
-        let (rx_bytes, tx_bytes) = net_bytes(v.pid).unwrap_or((0, 0));
+        let name = ChuteName::from(v.manifest.name.clone());
+        // The sampler's counters (supervisor::usage), like `inspect` shows.
+        let (rx_bytes, tx_bytes) = v
+            .net
+            .as_ref()
+            .map_or((0, 0), |n| (n.down_bytes, n.up_bytes));
         let usage = v.usage.clone().unwrap_or_default();
         chutes.push(ChuteUsage {
             name,
-            state: wire_state(v.state),
+            state: v.state.into(),
             cpu_millicores: (usage.cpu_percent * 10.0)
                 .round()
                 .clamp(0.0, f64::from(u32::MAX)) as u32,
@@ -101,17 +80,20 @@ pub fn build(agent: &Agent, seq: u64) -> Heartbeat {
         agent_version: BoundedString::truncating(env!("CARGO_PKG_VERSION")),
         resources,
         chutes: BoundedVec::new(chutes).expect("cut at MAX_HEARTBEAT_CHUTES above"),
+        clock_secs: clock.0,
+        clock: clock.1,
+        state_dir_bytes: dir_usage(&agent.state_dir),
     }
 }
 
 /// Every chute's current state, by name.
-pub fn states(agent: &Agent) -> BTreeMap<String, chutes::ChuteState> {
+pub fn states(agent: &Agent) -> BTreeMap<chutes::ChuteName, chutes::ChuteState> {
     agent
         .views()
         .iter()
         .map(|v| {
             let v = v.borrow();
-            (v.manifest.name.to_string(), v.state)
+            (v.manifest.name.clone(), v.state)
         })
         .collect()
 }
@@ -119,32 +101,28 @@ pub fn states(agent: &Agent) -> BTreeMap<String, chutes::ChuteState> {
 /// The changes from `last` to `now` (a chute gone from `now` was removed: `Dead`),
 /// as publications stamped `at` (unix seconds).
 pub fn state_changes(
-    last: &BTreeMap<String, chutes::ChuteState>,
-    now: &BTreeMap<String, chutes::ChuteState>,
+    last: &BTreeMap<chutes::ChuteName, chutes::ChuteState>,
+    now: &BTreeMap<chutes::ChuteName, chutes::ChuteState>,
     at: u64,
 ) -> Vec<StateChange> {
     let mut out = Vec::new();
     for (name, state) in now {
         if last.get(name) != Some(state) {
-            if let Ok(chute) = ChuteName::new(name.as_str()) {
-                out.push(StateChange {
-                    chute,
-                    state: wire_state(*state),
-                    at,
-                    detail: BoundedString::truncating(&state.to_string()),
-                });
-            }
+            out.push(StateChange {
+                chute: name.clone().into(),
+                state: (*state).into(),
+                at,
+                detail: BoundedString::truncating(&state.to_string()),
+            });
         }
     }
     for name in last.keys().filter(|n| !now.contains_key(*n)) {
-        if let Ok(chute) = ChuteName::new(name.as_str()) {
-            out.push(StateChange {
-                chute,
-                state: ChuteState::Dead,
-                at,
-                detail: BoundedString::truncating("removed"),
-            });
-        }
+        out.push(StateChange {
+            chute: name.clone().into(),
+            state: ChuteState::Dead,
+            at,
+            detail: BoundedString::truncating("removed"),
+        });
     }
     out
 }
@@ -154,28 +132,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn net_dev_sums_non_loopback() {
-        let text = "Inter-|   Receive                                                |  Transmit\n \
- face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    \
-lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  \
-eth0:    5000      10    0    0    0     0          0         0     7000      12    0    0    0     0       0          0\n";
-        assert_eq!(parse_net_dev(text), Some((5000, 7000)));
-        assert_eq!(parse_net_dev("garbage"), None);
-    }
-
-    #[test]
     fn state_changes_report_new_changed_and_removed() {
         use chutes::ChuteState as S;
-        let last: BTreeMap<String, S> = [
-            ("a".into(), S::Running),
-            ("b".into(), S::Running),
-            ("c".into(), S::Stopped),
+        let n = |s: &str| chutes::ChuteName::parse(s).expect("valid name");
+        let last: BTreeMap<chutes::ChuteName, S> = [
+            (n("a"), S::Running),
+            (n("b"), S::Running),
+            (n("c"), S::Stopped),
         ]
         .into();
-        let now: BTreeMap<String, S> = [
-            ("a".into(), S::Running),
-            ("b".into(), S::Restarting),
-            ("d".into(), S::Installing),
+        let now: BTreeMap<chutes::ChuteName, S> = [
+            (n("a"), S::Running),
+            (n("b"), S::Restarting),
+            (n("d"), S::Installing),
         ]
         .into();
         let got: Vec<(String, ChuteState)> = state_changes(&last, &now, 5)

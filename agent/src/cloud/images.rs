@@ -1,18 +1,25 @@
 //! Receiving image archives for signed deploys: resumable, content-addressed by the
 //! sha256 in the signed command, verified before anything loads them.
 //!
-//! Layout under `<state>/images/`: `<sha>.part` while bytes arrive (kept across
+//! Layout under the image directory (config `image_dir`, default `<state>/images`; on
+//! OpenWrt beside Podman's storage, never in the state dir on `/etc` flash, which
+//! sysupgrade would copy into RAM): `<sha>.part` while bytes arrive (kept across
 //! restarts, so a re-issued deploy resumes where the last one stopped), then
 //! `<sha>/image.tar` + `<sha>/image.tar.sha256`, the directory form `deploy` already
 //! loads (and hashes once more right before loading). Chunks are accepted only for a
 //! digest a verified deploy is waiting for, so the relay cannot fill the disk.
+//!
+//! Partial transfers are capped ([`Limits`]: how many and how many bytes, counting the
+//! `.part` files kept on disk), a new transfer is accepted only when the file system
+//! has room for the rest of it (refused with the numbers), and `.part` files nobody
+//! resumed within `partial_max_age` are removed (at start and before each transfer).
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant, SystemTime};
 
 use proto::{hex_encode, Chunk, ChunkAck, ErrorCode, Transfer, TransferError};
 use smol::channel::{Receiver, Sender};
@@ -60,16 +67,136 @@ pub fn hash_part(part: &Path, sha: [u8; 32], size: u64) -> std::io::Result<Trans
     Ok(transfer)
 }
 
+/// What partial transfers may hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_partials: usize,
+    pub max_partial_bytes: u64,
+    /// A `.part` file not resumed for this long is removed.
+    pub partial_max_age: Duration,
+    /// Left free on the state dir's file system after a transfer.
+    pub reserve_bytes: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_partials: 4,
+            max_partial_bytes: 2 * MAX_IMAGE,
+            partial_max_age: Duration::from_secs(24 * 3600),
+            reserve_bytes: 16 << 20,
+        }
+    }
+}
+
+/// Bytes available to unprivileged writers on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> std::io::Result<u64> {
+    let st = rustix::fs::statvfs(dir)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 pub struct Images {
     dir: PathBuf,
     pending: BTreeMap<[u8; 32], Pending>,
+    limits: Limits,
 }
 
 impl Images {
-    pub fn new(state_dir: &Path) -> Self {
-        Self {
-            dir: state_dir.join("images"),
+    /// `dir`: where archives go, [`AgentConfig::image_dir`](crate::config::AgentConfig::image_dir).
+    pub fn new(dir: &Path) -> Self {
+        Self::with_limits(dir, Limits::default())
+    }
+
+    pub fn with_limits(dir: &Path, limits: Limits) -> Self {
+        let imgs = Self {
+            dir: dir.to_path_buf(),
             pending: BTreeMap::new(),
+            limits,
+        };
+        imgs.sweep();
+        imgs
+    }
+
+    /// `.part` files on disk that no transfer in memory is using: (path, bytes, age).
+    fn idle_parts(&self) -> Vec<(PathBuf, u64, Duration)> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
+        let busy: Vec<&PathBuf> = self.pending.values().map(|p| &p.part).collect();
+        entries
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "part") && !busy.contains(&p))
+            .filter_map(|p| {
+                let meta = p.symlink_metadata().ok()?;
+                let age = meta
+                    .modified()
+                    .ok()
+                    .and_then(|m| SystemTime::now().duration_since(m).ok())
+                    .unwrap_or_default();
+                Some((p, meta.len(), age))
+            })
+            .collect()
+    }
+
+    /// Removes partial transfers nobody resumed within `partial_max_age`.
+    fn sweep(&self) {
+        for (path, bytes, age) in self.idle_parts() {
+            if age >= self.limits.partial_max_age {
+                tracing::info!(path = %path.display(), bytes, age_secs = age.as_secs(), "removing a stale partial image transfer");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Whether one more transfer of `size` bytes (`kept` already on disk) fits the caps
+    /// and the file system.
+    fn admit(&self, hex: &str, size: u64, kept: Option<u64>) -> Result<(), (ErrorCode, String)> {
+        let idle = self.idle_parts();
+        let own = self.dir.join(format!("{hex}.part"));
+        let others: Vec<&(PathBuf, u64, Duration)> =
+            idle.iter().filter(|(p, _, _)| *p != own).collect();
+        let count = self.pending.len() + others.len();
+        if kept.is_none() && count >= self.limits.max_partials {
+            return Err((
+                ErrorCode::InsufficientResources,
+                format!(
+                    "image {hex}: {count} partial transfers are already held (cap {}); finish one, or wait until unfinished ones are removed after {}s",
+                    self.limits.max_partials,
+                    self.limits.partial_max_age.as_secs()
+                ),
+            ));
+        }
+        let held: u64 = self.pending.values().map(|p| p.size).sum::<u64>()
+            + others.iter().map(|(_, b, _)| *b).sum::<u64>();
+        if held.saturating_add(size) > self.limits.max_partial_bytes {
+            return Err((
+                ErrorCode::InsufficientResources,
+                format!(
+                    "image {hex}: {size} bytes would bring partial transfers to {} bytes, over the cap of {}",
+                    held.saturating_add(size),
+                    self.limits.max_partial_bytes
+                ),
+            ));
+        }
+        let needed = size
+            .saturating_sub(kept.unwrap_or(0))
+            .saturating_add(self.limits.reserve_bytes);
+        match free_bytes(&self.dir) {
+            Ok(free) if free < needed => Err((
+                ErrorCode::InsufficientResources,
+                format!(
+                    "image {hex}: {} bytes still to receive plus a {}-byte reserve need {needed} bytes, but {} has {free} free",
+                    size.saturating_sub(kept.unwrap_or(0)),
+                    self.limits.reserve_bytes,
+                    self.dir.display()
+                ),
+            )),
+            Ok(_) => Ok(()),
+            Err(e) => Err((
+                ErrorCode::Internal,
+                format!("image {hex}: cannot read free space of {}: {e}", self.dir.display()),
+            )),
         }
     }
 
@@ -111,12 +238,16 @@ impl Images {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| io("cannot create the image directory", e))?;
         let part = self.dir.join(format!("{hex}.part"));
+        self.sweep();
+        let kept_before = part.symlink_metadata().ok().map(|m| m.len());
+        self.admit(&hex, size, kept_before)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
             .open(&part)
             .map_err(|e| io("cannot open the partial archive", e))?;
         let kept = file
@@ -346,6 +477,88 @@ mod tests {
         assert!(matches!(imgs.expect(sha, total), Ok(Expect::Ready(_))));
     }
 
+    /// Archives land in the directory the agent is given (config `image_dir`), nothing
+    /// in the state dir.
+    #[test]
+    fn archives_go_to_the_image_dir_not_the_state_dir() {
+        let state = tempfile::tempdir().unwrap();
+        let store = tempfile::tempdir().unwrap();
+        let mut cfg = crate::config::AgentConfig::defaults(crate::config::HostFacts {
+            cpus: 1,
+            memory_bytes: 1 << 30,
+        });
+        cfg.image_dir = Some(store.path().join("chuted-images"));
+        let data = b"an image archive".to_vec();
+        let sha: [u8; 32] = sha2::Sha256::digest(&data).into();
+        let mut imgs = Images::new(&cfg.image_dir(state.path()));
+        let Expect::Pending(rx, _) = imgs.expect(sha, data.len() as u64).unwrap() else {
+            panic!()
+        };
+        imgs.accept(&chunk(sha, data.len() as u64, 0, &data))
+            .unwrap();
+        let ready = rx.try_recv().unwrap().unwrap();
+        assert!(
+            ready.starts_with(store.path().join("chuted-images")),
+            "{ready:?}"
+        );
+        assert_eq!(std::fs::read(ready.join("image.tar")).unwrap(), data);
+        assert_eq!(std::fs::read_dir(state.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn partial_transfers_are_capped_and_stale_ones_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_partials: 2,
+            max_partial_bytes: 10_000,
+            partial_max_age: Duration::from_secs(3600),
+            reserve_bytes: 0,
+        };
+        let mut imgs = Images::with_limits(dir.path(), limits);
+        imgs.expect([1; 32], 4000).unwrap();
+        let e = imgs.expect([2; 32], 7000).map(|_| ()).unwrap_err();
+        assert_eq!(e.0, ErrorCode::InsufficientResources);
+        assert!(e.1.contains("11000") && e.1.contains("10000"), "{}", e.1);
+        imgs.expect([2; 32], 5000).unwrap();
+        let e = imgs.expect([3; 32], 10).map(|_| ()).unwrap_err();
+        assert!(
+            e.1.contains("2 partial transfers") && e.1.contains("cap 2"),
+            "{}",
+            e.1
+        );
+        // After a restart the kept .part files still count, until they age out.
+        drop(imgs);
+        let mut imgs = Images::with_limits(dir.path(), limits);
+        assert!(imgs.expect([3; 32], 10).is_err());
+        let old = Images::with_limits(
+            dir.path(),
+            Limits {
+                partial_max_age: Duration::ZERO,
+                ..limits
+            },
+        );
+        drop(old);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        imgs.expect([3; 32], 10).unwrap();
+        // Free space: refused with the numbers when the rest would not fit.
+        let free = free_bytes(dir.path()).unwrap();
+        let mut imgs = Images::with_limits(
+            dir.path(),
+            Limits {
+                max_partial_bytes: u64::MAX,
+                reserve_bytes: free.saturating_add(1 << 30),
+                ..limits
+            },
+        );
+        let e = imgs.expect([4; 32], 100).map(|_| ()).unwrap_err();
+        assert_eq!(e.0, ErrorCode::InsufficientResources);
+        assert!(
+            e.1.contains("free") && e.1.contains("100 bytes still to receive"),
+            "{}",
+            e.1
+        );
+    }
+
     #[test]
     fn wrong_bytes_are_discarded_and_unasked_chunks_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -364,7 +577,6 @@ mod tests {
         );
         assert!(!dir
             .path()
-            .join("images")
             .join(format!("{}.part", hex_encode(&sha)))
             .exists());
         assert!(imgs.expect(sha, 0).is_err());

@@ -32,6 +32,12 @@ const OUTBOX: usize = 64;
 /// How often chute states are compared for STATE publications (cheap: a map walk).
 const STATE_POLL: Duration = Duration::from_secs(1);
 
+thread_local! {
+    /// [`super::LinkConfig::send_timeout`] of the link on this thread (one link per
+    /// agent; set when it starts).
+    static SEND_TIMEOUT: std::cell::Cell<Duration> = const { std::cell::Cell::new(Duration::from_secs(20)) };
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error("cloud URL {url:?}: {reason}")]
@@ -44,6 +50,62 @@ trait Io: AsyncRead + AsyncWrite + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Unpin> Io for T {}
 
 type Ws = WebSocketStream<Box<dyn Io>>;
+
+/// Why a session could not be opened, or a frame not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("TLS server name {host:?}: {reason}")]
+    TlsName { host: String, reason: String },
+    #[error("TLS handshake with {host}: {source}")]
+    TlsHandshake {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("websocket request: {0}")]
+    Request(#[source] WsError),
+    #[error("websocket upgrade: {0}")]
+    Upgrade(#[source] WsError),
+    #[error("the server did not accept subprotocol {SUBPROTOCOL}")]
+    Subprotocol,
+    #[error("encode {kind}: {source}")]
+    Encode {
+        kind: MessageType,
+        source: proto::ProtoError,
+    },
+    #[error("send: {0}")]
+    Send(#[source] WsError),
+    #[error("send did not complete within {secs}s; the peer stopped reading")]
+    SendTimeout { secs: u64 },
+    #[error("handshake frame: {0}")]
+    HandshakeFrame(#[source] proto::ProtoError),
+    #[error("text frame during the handshake")]
+    HandshakeText,
+    #[error("closed during the handshake: {0}")]
+    HandshakeClosed(String),
+    #[error("handshake: {0}")]
+    Handshake(#[source] WsError),
+    #[error("connection ended during the handshake")]
+    HandshakeEnded,
+    #[error("realm: {0}")]
+    Realm(#[source] proto::FieldError),
+    #[error("cloud refused the session: {code} {message}")]
+    Refused {
+        code: proto::ErrorCode,
+        message: String,
+    },
+    #[error("expected {expected}, got {got}")]
+    Unexpected {
+        expected: &'static str,
+        got: MessageType,
+    },
+    #[error("WELCOME for session {got} after a challenge for session {challenged}")]
+    WrongSession { got: u64, challenged: u64 },
+}
 
 /// A parsed cloud URL and, for wss://, the TLS client configuration.
 pub struct Endpoint {
@@ -111,10 +173,13 @@ impl Endpoint {
         }
     }
 
-    async fn connect(&self) -> Result<Ws, String> {
+    async fn connect(&self) -> Result<Ws, SessionError> {
         let tcp = smol::net::TcpStream::connect((self.host.as_str(), self.port))
             .await
-            .map_err(|e| format!("connect {}:{}: {e}", self.host, self.port))?;
+            .map_err(|source| SessionError::Connect {
+                addr: format!("{}:{}", self.host, self.port),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         #[cfg(feature = "tls")]
         let io: Box<dyn Io> = match &self.tls {
@@ -127,7 +192,7 @@ impl Endpoint {
             .url
             .as_str()
             .into_client_request()
-            .map_err(|e| format!("websocket request: {e}"))?;
+            .map_err(SessionError::Request)?;
         request.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(SUBPROTOCOL),
@@ -137,15 +202,13 @@ impl Endpoint {
             .max_frame_size(Some(MAX_FRAME));
         let (ws, response) = async_tungstenite::client_async_with_config(request, io, Some(config))
             .await
-            .map_err(|e| format!("websocket upgrade: {e}"))?;
+            .map_err(SessionError::Upgrade)?;
         let proto_ok = response
             .headers()
             .get("Sec-WebSocket-Protocol")
             .is_some_and(|v| v.as_bytes() == SUBPROTOCOL.as_bytes());
         if !proto_ok {
-            return Err(format!(
-                "the server did not accept subprotocol {SUBPROTOCOL}"
-            ));
+            return Err(SessionError::Subprotocol);
         }
         Ok(ws)
     }
@@ -160,7 +223,7 @@ mod tls {
     use futures_rustls::rustls::pki_types::{CertificateDer, ServerName};
     use futures_rustls::rustls::{ClientConfig, RootCertStore};
 
-    use super::LinkError;
+    use super::{LinkError, SessionError};
 
     pub fn client_config(ca_file: &Path) -> Result<Arc<ClientConfig>, LinkError> {
         let err = |reason: String| LinkError::Tls {
@@ -190,13 +253,18 @@ mod tls {
         cfg: Arc<ClientConfig>,
         host: &str,
         tcp: smol::net::TcpStream,
-    ) -> Result<futures_rustls::client::TlsStream<smol::net::TcpStream>, String> {
-        let name = ServerName::try_from(host.to_owned())
-            .map_err(|e| format!("TLS server name {host:?}: {e}"))?;
+    ) -> Result<futures_rustls::client::TlsStream<smol::net::TcpStream>, SessionError> {
+        let name = ServerName::try_from(host.to_owned()).map_err(|e| SessionError::TlsName {
+            host: host.to_owned(),
+            reason: e.to_string(),
+        })?;
         futures_rustls::TlsConnector::from(cfg)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS handshake with {host}: {e}"))
+            .map_err(|source| SessionError::TlsHandshake {
+                host: host.to_owned(),
+                source,
+            })
     }
 }
 
@@ -220,6 +288,7 @@ impl SessionEnd {
 
 pub(super) async fn run(cloud: Rc<Cloud>) {
     let cfg = &cloud.cfg;
+    SEND_TIMEOUT.with(|t| t.set(cfg.send_timeout));
     let mut backoff = Backoff::new(cfg.backoff_initial, cfg.backoff_max);
     let mut failures = 0u32;
     loop {
@@ -245,6 +314,10 @@ pub(super) async fn run(cloud: Rc<Cloud>) {
     }
 }
 
+fn cfg_close() -> Duration {
+    SEND_TIMEOUT.with(|t| t.get())
+}
+
 async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
     futures_lite::future::or(async { Some(f.await) }, async {
         Timer::after(d).await;
@@ -253,35 +326,52 @@ async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -
     .await
 }
 
-async fn send_msg(ws: &mut Ws, msg: &Message) -> Result<(), String> {
-    let frame = proto::encode(msg).map_err(|e| format!("encode {}: {e}", msg.message_type()))?;
-    ws.send(WsMessage::Binary(frame.into()))
-        .await
-        .map_err(|e| format!("send: {e}"))
+/// One websocket send, given up after `limit`: a peer that stops reading (full TCP
+/// window) must not stall the session loop, which also runs dead-peer detection.
+async fn send_ws(ws: &mut Ws, m: WsMessage, limit: Duration) -> Result<(), SessionError> {
+    match with_timeout(limit, ws.send(m)).await {
+        Some(r) => r.map_err(SessionError::Send),
+        None => Err(SessionError::SendTimeout {
+            secs: limit.as_secs(),
+        }),
+    }
+}
+
+async fn send_msg(ws: &mut Ws, msg: &Message) -> Result<(), SessionError> {
+    let frame = proto::encode(msg).map_err(|source| SessionError::Encode {
+        kind: msg.message_type(),
+        source,
+    })?;
+    send_ws(
+        ws,
+        WsMessage::Binary(frame.into()),
+        SEND_TIMEOUT.with(|t| t.get()),
+    )
+    .await
 }
 
 /// Reads the next protocol message during the handshake.
-async fn recv_msg(ws: &mut Ws) -> Result<Message, String> {
+async fn recv_msg(ws: &mut Ws) -> Result<Message, SessionError> {
     loop {
         match ws.next().await {
             Some(Ok(WsMessage::Binary(b))) => {
-                return proto::decode(&b).map_err(|e| format!("handshake frame: {e}"))
+                return proto::decode(&b).map_err(SessionError::HandshakeFrame)
             }
             Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_) | WsMessage::Frame(_))) => continue,
-            Some(Ok(WsMessage::Text(_))) => return Err("text frame during the handshake".into()),
+            Some(Ok(WsMessage::Text(_))) => return Err(SessionError::HandshakeText),
             Some(Ok(WsMessage::Close(c))) => {
-                return Err(format!("closed during the handshake: {c:?}"))
+                return Err(SessionError::HandshakeClosed(format!("{c:?}")))
             }
-            Some(Err(e)) => return Err(format!("handshake: {e}")),
-            None => return Err("connection ended during the handshake".into()),
+            Some(Err(e)) => return Err(SessionError::Handshake(e)),
+            None => return Err(SessionError::HandshakeEnded),
         }
     }
 }
 
-async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, String> {
+async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, SessionError> {
     let realm = cloud.cfg.realm.as_str();
     let hello = Message::Hello(Hello {
-        realm: BoundedString::new(realm).map_err(|e| format!("realm: {e}"))?,
+        realm: BoundedString::new(realm).map_err(SessionError::Realm)?,
         pubkey: cloud.device.public(),
         agent_version: BoundedString::truncating(env!("CARGO_PKG_VERSION")),
         auth_method: AuthMethod::Cryptosign,
@@ -290,26 +380,34 @@ async fn handshake(cloud: &Cloud, ws: &mut Ws) -> Result<proto::Welcome, String>
     let challenge = match recv_msg(ws).await? {
         Message::Challenge(c) => c,
         Message::Abort(a) => {
-            return Err(format!(
-                "cloud refused the session: {} {}",
-                a.code, a.message
-            ))
+            return Err(SessionError::Refused {
+                code: a.code,
+                message: a.message.to_string(),
+            })
         }
-        other => return Err(format!("expected CHALLENGE, got {}", other.message_type())),
+        other => {
+            return Err(SessionError::Unexpected {
+                expected: "CHALLENGE",
+                got: other.message_type(),
+            })
+        }
     };
     let answer = Authenticate::answer(&cloud.device, realm, &challenge);
     send_msg(ws, &Message::Authenticate(answer)).await?;
     match recv_msg(ws).await? {
         Message::Welcome(w) if w.session_id == challenge.session_id => Ok(w),
-        Message::Welcome(w) => Err(format!(
-            "WELCOME for session {} after a challenge for session {}",
-            w.session_id, challenge.session_id
-        )),
-        Message::Abort(a) => Err(format!(
-            "cloud refused the session: {} {}",
-            a.code, a.message
-        )),
-        other => Err(format!("expected WELCOME, got {}", other.message_type())),
+        Message::Welcome(w) => Err(SessionError::WrongSession {
+            got: w.session_id,
+            challenged: challenge.session_id,
+        }),
+        Message::Abort(a) => Err(SessionError::Refused {
+            code: a.code,
+            message: a.message.to_string(),
+        }),
+        other => Err(SessionError::Unexpected {
+            expected: "WELCOME",
+            got: other.message_type(),
+        }),
     }
 }
 
@@ -340,14 +438,14 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
     let cfg = &cloud.cfg;
     let mut ws = match with_timeout(HANDSHAKE_TIMEOUT, cloud.endpoint.connect()).await {
         Some(Ok(ws)) => ws,
-        Some(Err(e)) => return SessionEnd::early(e),
+        Some(Err(e)) => return SessionEnd::early(e.to_string()),
         None => return SessionEnd::early("connect timed out".into()),
     };
     let welcome = match with_timeout(HANDSHAKE_TIMEOUT, handshake(cloud, &mut ws)).await {
         Some(Ok(w)) => w,
         Some(Err(e)) => {
-            let _ = ws.close(None).await;
-            return SessionEnd::early(e);
+            let _ = with_timeout(cfg_close(), ws.close(None)).await;
+            return SessionEnd::early(e.to_string());
         }
         None => return SessionEnd::early("handshake timed out".into()),
     };
@@ -369,6 +467,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
         reason: String::new(),
     };
     let mut malformed = 0u32;
+    let mut refused = 0u32;
     let mut last_rx = Instant::now();
     let mut ping_sent: Option<Instant> = None;
     let mut next_heartbeat = Instant::now();
@@ -385,7 +484,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                     publication: Publication::State(change),
                 });
                 if let Err(e) = send_msg(&mut ws, &msg).await {
-                    end.reason = e;
+                    end.reason = e.to_string();
                     return end;
                 }
             }
@@ -397,10 +496,14 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
             cloud.heartbeat_seq.set(seq);
             let hb = Message::Publish(Publish {
                 request: cloud.next_publish(),
-                publication: Publication::Heartbeat(heartbeat::build(&cloud.agent, seq)),
+                publication: Publication::Heartbeat(heartbeat::build(
+                    &cloud.agent,
+                    seq,
+                    cloud.clock(),
+                )),
             });
             if let Err(e) = send_msg(&mut ws, &hb).await {
-                end.reason = e;
+                end.reason = e.to_string();
                 return end;
             }
             next_heartbeat = now + heartbeat_every;
@@ -414,7 +517,13 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                 return end;
             }
             None if now.duration_since(last_rx) >= cfg.keepalive => {
-                if let Err(e) = ws.send(WsMessage::Ping(Vec::new().into())).await {
+                if let Err(e) = send_ws(
+                    &mut ws,
+                    WsMessage::Ping(Vec::new().into()),
+                    cfg.send_timeout,
+                )
+                .await
+                {
                     end.reason = format!("ping: {e}");
                     return end;
                 }
@@ -442,8 +551,10 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
         match ev {
             Ev::Tick => {}
             Ev::Out(Some(frame)) => {
-                if let Err(e) = ws.send(WsMessage::Binary(frame.into())).await {
-                    end.reason = format!("send: {e}");
+                if let Err(e) =
+                    send_ws(&mut ws, WsMessage::Binary(frame.into()), cfg.send_timeout).await
+                {
+                    end.reason = e.to_string();
                     return end;
                 }
             }
@@ -469,7 +580,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                 match msg {
                     WsMessage::Binary(frame) => {
                         let replies = match proto::decode(&frame) {
-                            Ok(m) => dispatch(cloud, m, &mut malformed, &mut end),
+                            Ok(m) => dispatch(cloud, m, &mut malformed, &mut refused, &mut end),
                             Err(e) => {
                                 malformed += 1;
                                 vec![refusal(&frame, &e)]
@@ -477,13 +588,21 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                         };
                         for r in replies {
                             if let Err(e) = send_msg(&mut ws, &r).await {
-                                end.reason = e;
+                                end.reason = e.to_string();
                                 return end;
                             }
                         }
                         if !end.reason.is_empty() {
-                            let _ = ws.close(None).await;
+                            let _ = with_timeout(cfg_close(), ws.close(None)).await;
                             return end;
+                        }
+                        if refused > cfg.max_refused_calls {
+                            return abort(
+                                &mut ws,
+                                end,
+                                format!("{refused} refused commands in one session"),
+                            )
+                            .await;
                         }
                         if malformed > MAX_MALFORMED {
                             return abort(
@@ -498,7 +617,7 @@ async fn session(cloud: &Rc<Cloud>) -> SessionEnd {
                         return abort(
                             &mut ws,
                             end,
-                            "text frame; chute.v1.postcard is binary only".into(),
+                            format!("text frame; {SUBPROTOCOL} is binary only"),
                         )
                         .await;
                     }
@@ -529,7 +648,7 @@ async fn abort(ws: &mut Ws, mut end: SessionEnd, why: String) -> SessionEnd {
         }),
     )
     .await;
-    let _ = ws.close(None).await;
+    let _ = with_timeout(cfg_close(), ws.close(None)).await;
     end.abusive = true;
     end.reason = why;
     end
@@ -541,10 +660,19 @@ fn dispatch(
     cloud: &Rc<Cloud>,
     msg: Message,
     malformed: &mut u32,
+    refused: &mut u32,
     end: &mut SessionEnd,
 ) -> Vec<Message> {
     match msg {
-        Message::Call(call) => cloud.handle_call(*call, unix_now()).into_iter().collect(),
+        Message::Call(call) => {
+            let reply = cloud.handle_call(*call, unix_now());
+            // Each refusal cost a verification: a peer sending endless bad commands is
+            // cut off (and backs off), not verified forever.
+            if matches!(reply, Some(Message::Error(_))) {
+                *refused += 1;
+            }
+            reply.into_iter().collect()
+        }
         Message::Chunk(chunk) => cloud.handle_chunk(&chunk),
         Message::Unsubscribe(u) => vec![cloud.handle_unsubscribe(u)],
         Message::Subscribe(s) => vec![error_msg(
@@ -599,6 +727,64 @@ mod tests {
             Some(Path::new("/nonexistent/ca.pem")),
         );
         assert!(matches!(e, Err(LinkError::Tls { .. })));
+    }
+
+    /// A peer that stops reading: every write stays pending.
+    struct Stalled;
+
+    impl AsyncRead for Stalled {
+        fn poll_read(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut [u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Stalled {
+        fn poll_write(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &[u8],
+        ) -> std::task::Poll<std::io::Result<usize>> {
+            std::task::Poll::Pending
+        }
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+        fn poll_close(
+            self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            std::task::Poll::Pending
+        }
+    }
+
+    #[test]
+    fn a_send_to_a_peer_that_stopped_reading_times_out() {
+        smol::block_on(async {
+            let io: Box<dyn Io> = Box::new(Stalled);
+            let mut ws = WebSocketStream::from_raw_socket(
+                io,
+                async_tungstenite::tungstenite::protocol::Role::Client,
+                None,
+            )
+            .await;
+            let started = Instant::now();
+            let e = send_ws(
+                &mut ws,
+                WsMessage::Binary(vec![1, 2, 3].into()),
+                Duration::from_millis(200),
+            )
+            .await
+            .unwrap_err();
+            assert!(e.to_string().contains("did not complete"), "{e}");
+            assert!(started.elapsed() < Duration::from_secs(5));
+        });
     }
 
     #[test]

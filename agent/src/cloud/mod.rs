@@ -3,10 +3,12 @@
 //! which the agent publishes heartbeats and logs and runs signed commands.
 //!
 //! Trust: the cloud is a relay. Every command is verified end to end (developer
-//! signature, expiry, device id, owner-signed grant, rights and chute prefix, replay
-//! window) before anything happens, the replay window is on disk before a command runs,
-//! and results are signed by the device key. A command runs at most once: a resend gets
-//! the remembered result, or a refusal.
+//! signature over the command and its grant's digest, lifetime judged at the time floor,
+//! device id, owner-signed grant not superseded per `grants.bin`, rights and chute
+//! pattern, per-chute order, replay window) before anything happens; the replay window
+//! and the command order are on disk before a command runs, and results are signed by
+//! the device key. A command runs at most once: a resend gets the remembered result, or
+//! a refusal. A developer's `status` shows only the chutes its grant covers.
 //!
 //! Offline is normal: the link is a few tasks on the agent's executor that touch chutes
 //! only through the same `Agent` calls the local CLI uses, so losing the cloud changes
@@ -18,8 +20,9 @@
 
 mod backoff;
 mod commands;
+pub mod grants;
 pub mod heartbeat;
-mod images;
+pub mod images;
 mod link;
 pub mod logs;
 mod store;
@@ -30,7 +33,7 @@ use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use proto::{Keypair, Message, PublicKey, Verifier};
+use proto::{ClockState, Keypair, Message, PublicKey, Verifier};
 use smol::channel::Sender;
 
 use crate::supervisor::Agent;
@@ -59,6 +62,17 @@ pub struct LinkConfig {
     pub transfer_stall: Duration,
     /// PEM file of CA certificates for wss:// (default: the system bundle).
     pub ca_file: Option<PathBuf>,
+    /// Longest command lifetime accepted (`expires_at - issued_at`), at most
+    /// [`proto::MAX_COMMAND_LIFETIME`] (config `command_lifetime_secs`).
+    pub command_lifetime_secs: u64,
+    /// Give the session up when one websocket send does not finish within this (a peer
+    /// that stops reading must not stall dead-peer detection).
+    pub send_timeout: Duration,
+    /// Refused CALLs (bad signature, grant, time, replay…) tolerated in one session
+    /// before it is closed as abusive: verification costs the device CPU.
+    pub max_refused_calls: u32,
+    /// Caps on partial image transfers (count, bytes, age before removal).
+    pub image_limits: images::Limits,
 }
 
 impl LinkConfig {
@@ -74,6 +88,10 @@ impl LinkConfig {
             stable_after: Duration::from_secs(10),
             transfer_stall: Duration::from_secs(600),
             ca_file: None,
+            command_lifetime_secs: proto::DEFAULT_COMMAND_LIFETIME,
+            send_timeout: Duration::from_secs(20),
+            max_refused_calls: 32,
+            image_limits: images::Limits::default(),
         }
     }
 }
@@ -84,6 +102,21 @@ pub fn unix_now() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// The device clock against the time floor kept in `state_dir` (for the local
+/// `status`, which also works without a cloud link): `{secs, state, time_floor}`.
+pub fn clock_status(state_dir: &std::path::Path) -> chute_api::ClockStatus {
+    let now = unix_now();
+    let order = std::fs::read(state_dir.join(store::ORDER_FILE))
+        .ok()
+        .and_then(|b| proto::CommandOrder::from_bytes(&b).ok())
+        .unwrap_or_default();
+    chute_api::ClockStatus {
+        secs: now,
+        state: order.clock_state(now).as_str().to_owned(),
+        time_floor: order.time_floor(),
+    }
 }
 
 /// A session request waiting for a running command: (session epoch, request id).
@@ -104,7 +137,8 @@ pub struct Cloud {
     cfg: LinkConfig,
     endpoint: Endpoint,
     replay: RefCell<store::ReplayStore>,
-    grants: RefCell<store::GrantStore>,
+    order: RefCell<store::OrderStore>,
+    grants: grants::GrantStore,
     results: RefCell<store::ResultCache>,
     /// Commands running now: (signer, request id) → session requests awaiting the result.
     inflight: RefCell<BTreeMap<(PublicKey, u64), Vec<Waiting>>>,
@@ -126,7 +160,11 @@ impl Cloud {
         cfg: LinkConfig,
     ) -> Result<Rc<Self>, LinkError> {
         let endpoint = Endpoint::parse(&cfg.url, cfg.ca_file.as_deref())?;
-        let verifier = owner.map(|o| Verifier::new(o, device.device_id()));
+        let verifier = owner.map(|o| {
+            let mut v = Verifier::new(o, device.device_id());
+            v.policy.max_lifetime_secs = cfg.command_lifetime_secs.min(proto::MAX_COMMAND_LIFETIME);
+            v
+        });
         let skew = verifier
             .as_ref()
             .map(|v| v.policy.max_skew_secs)
@@ -134,10 +172,14 @@ impl Cloud {
         let state_dir = agent.state_dir.clone();
         Ok(Rc::new(Cloud {
             replay: RefCell::new(store::ReplayStore::load(&state_dir, unix_now(), skew)),
-            grants: RefCell::new(store::GrantStore::load(&state_dir)),
+            order: RefCell::new(store::OrderStore::load(&state_dir, unix_now(), skew)),
+            grants: grants::GrantStore::new(&state_dir),
             results: RefCell::new(store::ResultCache::default()),
             inflight: RefCell::new(BTreeMap::new()),
-            images: RefCell::new(images::Images::new(&state_dir)),
+            images: RefCell::new(images::Images::with_limits(
+                &agent.cfg.image_dir(&state_dir),
+                cfg.image_limits,
+            )),
             logs: RefCell::new(commands::LogTaps::default()),
             outbox: RefCell::new(None),
             epoch: Cell::new(0),
@@ -187,6 +229,13 @@ impl Cloud {
                 false
             }
         }
+    }
+
+    /// The device clock and how it compares with the time floor (for heartbeats and
+    /// `status`).
+    pub fn clock(&self) -> (u64, ClockState) {
+        let now = unix_now();
+        (now, self.order.borrow().order().clock_state(now))
     }
 
     fn next_publish(&self) -> u64 {

@@ -1,18 +1,17 @@
-//! What the cloud link keeps on disk and in bounded memory: the replay window (persisted
-//! before any command runs), installed grants, and recent signed results (so a resent
-//! request gets its result again instead of a second execution).
+//! What the cloud link keeps on disk and in bounded memory: the replay window and the
+//! command order (both persisted before any command runs), and recent signed results
+//! (so a resent request gets its result again instead of a second execution). The
+//! grant floors are in `grants.rs`.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
-use proto::{Grant, PublicKey, ReplayReason, ReplayWindow, SignedGrant, SignedResult};
+use proto::{Command, CommandOrder, PublicKey, ReplayReason, ReplayWindow, SignedResult};
 
 use crate::snapshot::write_atomic;
 
 pub const WINDOW_FILE: &str = "replay.window";
-pub const GRANTS_FILE: &str = "grants.bin";
-/// Developer keys with an installed grant.
-pub const MAX_GRANTS: usize = 64;
+pub const ORDER_FILE: &str = "order.bin";
 /// Results remembered for resends, by count and by payload bytes.
 pub const RESULT_CACHE: usize = 64;
 pub const RESULT_CACHE_BYTES: usize = 1024 * 1024;
@@ -101,72 +100,84 @@ impl ReplayStore {
     }
 }
 
-/// The newest owner-signed grant per developer key, installed by `update-grant`. A
-/// command carrying an older grant than the installed one is refused, which is how an
-/// owner narrows or revokes a developer's rights before the old grant expires.
+/// Per-chute order and the time floor ([`CommandOrder`]) and their file, written before
+/// a command runs. An unreadable file is moved aside; the agent then judges time from
+/// at least the moment it found it so (its clock), and refuses commands issued before
+/// that plus the skew, like the replay window.
 #[derive(Debug)]
-pub struct GrantStore {
-    grants: Vec<SignedGrant>,
+pub struct OrderStore {
+    order: CommandOrder,
     path: PathBuf,
+    not_before: u64,
 }
 
-impl GrantStore {
-    pub fn load(state_dir: &Path) -> Self {
-        let path = state_dir.join(GRANTS_FILE);
-        let grants = match std::fs::read(&path) {
-            Ok(bytes) => match postcard::from_bytes::<Vec<SignedGrant>>(&bytes) {
-                Ok(g) => g,
-                Err(e) => {
-                    tracing::warn!(path = %path.display(), error = %e, "installed grants unreadable; ignoring them");
-                    Vec::new()
-                }
-            },
-            Err(_) => Vec::new(),
+impl OrderStore {
+    pub fn load(state_dir: &Path, now: u64, max_skew: u64) -> Self {
+        let path = state_dir.join(ORDER_FILE);
+        let lost = |why: String| {
+            let aside = state_dir.join(format!("{ORDER_FILE}.corrupt"));
+            let _ = std::fs::rename(&path, &aside);
+            tracing::warn!(path = %path.display(), error = %why, moved_to = %aside.display(),
+                "command order unreadable; refusing commands issued before now");
+            (CommandOrder::new(), now.saturating_add(max_skew))
         };
-        Self { grants, path }
-    }
-
-    /// `Some(newer issued_at)` when a newer grant for the same developer is installed.
-    pub fn superseded_by(&self, grant: &Grant) -> Option<u64> {
-        self.grants
-            .iter()
-            .find(|g| g.grant.developer == grant.developer)
-            .map(|g| g.grant.issued_at)
-            .filter(|newest| *newest > grant.issued_at)
-    }
-
-    /// Installs `grant` (already checked to be signed by the owner) if it is newer than
-    /// the one held for its developer. Returns whether it was installed.
-    pub fn install(&mut self, grant: SignedGrant) -> Result<bool, StoreError> {
-        let mut next = self.grants.clone();
-        match next
-            .iter_mut()
-            .find(|g| g.grant.developer == grant.grant.developer)
-        {
-            Some(old) if old.grant.issued_at >= grant.grant.issued_at => return Ok(false),
-            Some(old) => *old = grant,
-            None => {
-                if next.len() >= MAX_GRANTS {
-                    // Forget the grant that expires first: it is the least useful.
-                    if let Some(pos) = next
-                        .iter()
-                        .enumerate()
-                        .min_by_key(|(_, g)| g.grant.expires_at)
-                        .map(|(i, _)| i)
-                    {
-                        next.swap_remove(pos);
-                    }
-                }
-                next.push(grant);
-            }
+        let (order, not_before) = match std::fs::read(&path) {
+            Ok(bytes) => match CommandOrder::from_bytes(&bytes) {
+                Ok(o) => (o, 0),
+                Err(e) => lost(e.to_string()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => (CommandOrder::new(), 0),
+            Err(e) => lost(e.to_string()),
+        };
+        Self {
+            order,
+            path,
+            not_before,
         }
-        let bytes = postcard::to_allocvec(&next).expect("postcard encoding of grants cannot fail");
-        write_atomic(&self.path, &bytes, 0o600).map_err(|source| StoreError::Io {
+    }
+
+    pub fn order(&self) -> &CommandOrder {
+        &self.order
+    }
+
+    /// The device time commands are judged by (never below the floor nor, after a lost
+    /// file, below the moment it was found lost).
+    pub fn judge_time(&self, clock: u64) -> u64 {
+        self.order
+            .judge_time(clock)
+            .max(self.not_before.saturating_sub(1))
+    }
+
+    pub fn note_expired_on_arrival(&mut self, issued_at: u64) {
+        self.order.note_expired_on_arrival(issued_at);
+    }
+
+    /// Refuses a stale command (and, after a lost file, any issued before the loss).
+    pub fn check(&self, cmd: &Command) -> Result<(), (proto::ErrorCode, String)> {
+        if self.not_before > 0 && cmd.issued_at <= self.not_before {
+            return Err((
+                proto::ErrorCode::Stale,
+                format!(
+                    "request {}: issued at {}, before {} when this agent found its command order \
+                 unreadable; re-issue it",
+                    cmd.request_id, cmd.issued_at, self.not_before
+                ),
+            ));
+        }
+        self.order.check(cmd).map_err(|e| (e.code(), e.to_string()))
+    }
+
+    /// Records an accepted command and writes the file before returning; unchanged on
+    /// failure.
+    pub fn record(&mut self, cmd: &Command) -> Result<(), StoreError> {
+        let mut next = self.order.clone();
+        next.record(cmd);
+        write_atomic(&self.path, &next.to_bytes(), 0o600).map_err(|source| StoreError::Io {
             path: self.path.clone(),
             source,
         })?;
-        self.grants = next;
-        Ok(true)
+        self.order = next;
+        Ok(())
     }
 }
 
@@ -253,20 +264,28 @@ mod tests {
     }
 
     #[test]
-    fn newer_grant_supersedes_older() {
+    fn stale_commands_stay_refused_after_a_restart() {
         let dir = tempfile::tempdir().unwrap();
-        let (own, dev) = (testkit::owner(), testkit::developer());
-        let old = testkit::grant_for(&dev, proto::Rights::all(), &[""], 100_000);
-        let new = testkit::grant_for(&dev, proto::Rights::NONE, &[""], 200_000);
-        let mut g = GrantStore::load(dir.path());
-        assert_eq!(g.superseded_by(&old), None);
-        assert!(g.install(new.clone().sign(&own)).unwrap());
-        assert!(
-            !g.install(old.clone().sign(&own)).unwrap(),
-            "older never replaces newer"
+        let new = |id, issued_at| Command {
+            device_id: testkit::device().device_id(),
+            request_id: id,
+            issued_at,
+            expires_at: issued_at + 300,
+            args: testkit::start_args("web"),
+            grant_digest: [0; 32],
+        };
+        let mut s = OrderStore::load(dir.path(), 1000, 60);
+        s.check(&new(2, 1000)).unwrap();
+        s.record(&new(2, 1000)).unwrap();
+        let s = OrderStore::load(dir.path(), 10, 60);
+        let (code, e) = s.check(&new(1, 990)).unwrap_err();
+        assert_eq!(code, proto::ErrorCode::Stale);
+        assert!(e.contains("stale"), "{e}");
+        assert_eq!(
+            s.judge_time(10),
+            1000,
+            "the clock set back is judged at the floor"
         );
-        let g = GrantStore::load(dir.path());
-        assert_eq!(g.superseded_by(&old), Some(new.issued_at));
-        assert_eq!(g.superseded_by(&new), None);
+        assert_eq!(s.order().clock_state(10), proto::ClockState::BehindFloor);
     }
 }

@@ -38,7 +38,10 @@ pub enum ChuteOp {
         progress: Sender<String>,
     },
     Start,
-    Stop,
+    /// `timeout_secs`: the caller's grace period, capped at the configured one.
+    Stop {
+        timeout_secs: Option<u32>,
+    },
     Restart,
     Remove,
 }
@@ -81,12 +84,14 @@ pub(super) struct Actor {
     /// replaces the container (`Restarting` for a chute that ran: a crash at any point of
     /// the update must end with it running, on the old version or the new).
     pub(super) pin: Option<ChuteState>,
+    /// The grace period asked for by the stop being handled, if any.
+    pub(super) stop_timeout: Option<u32>,
 }
 
 impl Actor {
     pub(super) async fn run(mut self) {
         if self.restored {
-            for action in self.lc.resume(self.agent.now_ms()) {
+            for action in self.lc.resume() {
                 self.execute(action).await;
             }
         }
@@ -234,6 +239,8 @@ impl Actor {
         let Some(id) = self.container_id() else {
             return;
         };
+        let agent = self.agent.clone();
+        let _turn = agent.resync_gate.acquire().await;
         match self.agent.runtime.inspect(&id).await {
             Ok(info) => {
                 let state = self.lc.state();
@@ -344,6 +351,10 @@ impl Actor {
                 return vec![Input::ContainerStarted];
             }
             Action::StopContainer { timeout_secs } => {
+                // A caller may shorten the grace period, never lengthen it.
+                let timeout_secs = self
+                    .stop_timeout
+                    .map_or(timeout_secs, |t| t.min(timeout_secs));
                 if let Some(id) = self.container_id() {
                     if let Err(e) = podman.stop(&id, timeout_secs).await {
                         warn!(chute = %self.name, error = %e, "stop failed");
@@ -388,7 +399,6 @@ impl Actor {
                 self.agent.ledger.borrow_mut().release(&self.name);
                 self.view.borrow_mut().reservation_held = false;
             }
-            Action::PurgeConfig => {}
             Action::SetTimer { token, after_ms } => {
                 self.timers.clear();
                 let tx = self.tx.clone();
@@ -512,14 +522,48 @@ impl Actor {
         }
     }
 
+    /// Resolves and records the image id the chute's containers are created from (see
+    /// `imagepin`): after `ensure_image`, before any container exists.
+    pub(super) async fn pin_image(
+        &self,
+        m: &Manifest,
+        dir: Option<&std::path::Path>,
+    ) -> Result<String, OpError> {
+        crate::imagepin::pin(&*self.agent.runtime, &self.agent.state_dir, m, dir)
+            .await
+            .map_err(|message| OpError::Image {
+                chute: self.name.to_string(),
+                message,
+            })
+    }
+
     pub(super) async fn create_container(&mut self) -> Result<String, OpError> {
-        let (spec, name) = {
+        let (mut spec, name, manifest) = {
             let v = self.view.borrow();
             (
                 container_spec(&self.agent.cfg, &v.manifest, &v.manifest_toml),
                 v.manifest.name.container_name(),
+                v.manifest.clone(),
             )
         };
+        if let Some(base) = self.agent.cfg.userns_base {
+            spec.userns = Some(
+                crate::userns::range_for(base, &self.agent.state_dir, self.name.as_str()).map_err(
+                    |message| OpError::Userns {
+                        chute: self.name.to_string(),
+                        message: message.to_string(),
+                    },
+                )?,
+            );
+        }
+        // Never from a mutable tag: the image id pinned at deploy (see imagepin).
+        spec.image =
+            crate::imagepin::image_for(&*self.agent.runtime, &self.agent.state_dir, &manifest)
+                .await
+                .map_err(|message| OpError::Image {
+                    chute: self.name.to_string(),
+                    message,
+                })?;
         // A container with our name but not our id is a leftover of an interrupted
         // operation of ours (same name, our labels): replace it.
         if let Ok(info) = self.agent.runtime.inspect(&name).await {
@@ -644,11 +688,13 @@ impl Actor {
                 .await?;
                 Ok(Response::Chute(self.ack()))
             }
-            ChuteOp::Stop => {
+            ChuteOp::Stop { timeout_secs } => {
                 self.lc
                     .check(&Input::StopRequested)
                     .map_err(|e| self.refused(e))?;
+                self.stop_timeout = timeout_secs;
                 self.feed(Input::StopRequested).await;
+                self.stop_timeout = None;
                 if let Some(e) = self.failed_op.take() {
                     return Err(e);
                 }
@@ -681,7 +727,7 @@ impl Actor {
                     self.lc = before;
                     if resumed {
                         // Its timers were cancelled with the removal.
-                        for action in self.lc.resume(self.agent.now_ms()) {
+                        for action in self.lc.resume() {
                             self.execute(action).await;
                         }
                         let _ = self.persist();

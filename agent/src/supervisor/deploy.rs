@@ -29,6 +29,19 @@ impl Agent {
                 chute: manifest.name.to_string(),
             });
         }
+        // A chute whose caps Podman would silently drop is refused, naming the controller.
+        crate::controllers::require(manifest.name.as_str(), self.cfg.cgroup_parent.as_deref())?;
+        self.cfg.check_host_ports(&manifest)?;
+        crate::imagepin::check_deploy(
+            &self.state_dir,
+            self.cfg.allow_unpinned_images,
+            &manifest,
+            dir.as_deref(),
+        )
+        .map_err(|message| OpError::Image {
+            chute: manifest.name.to_string(),
+            message,
+        })?;
         let name = manifest.name.clone();
         let existing = self.chutes.borrow().get(&name).map(|h| h.tx.clone());
         if let Some(tx) = existing {
@@ -51,23 +64,13 @@ impl Agent {
             chutes::format_bytes(manifest.resources.memory_bytes),
             manifest.resources.pids
         ));
-        let view = ChuteView {
-            manifest: manifest.clone(),
+        let view = ChuteView::new(
+            manifest.clone(),
             manifest_toml,
-            container_id: None,
-            state: ChuteState::Installing,
-            durable_state: ChuteState::Installing,
-            restarts: 0,
-            reservation_held: true,
-            last_exit_code: None,
-            last_error: None,
-            pid: 0,
-            sandbox_key: None,
-            cgroup: None,
-            usage: None,
-            shaping: None,
-            net: None,
-        };
+            ChuteState::Installing,
+            true,
+            None,
+        );
         let lc = Lifecycle::new(manifest.restart, self.lifecycle_config());
         let tx = self.spawn_actor(view, lc);
         self.ask(tx, ChuteOp::Install { dir, progress }, name.as_str())
@@ -114,6 +117,7 @@ impl Actor {
     ) -> Result<Response, OpError> {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
         // Recorded (as installing) before anything is created: a crash from here on leaves
         // a record that reconciliation undoes, never a container nobody counts.
         self.persist()?;
@@ -194,7 +198,7 @@ impl Actor {
             let _ = self.persist();
             return Err(OpError::Bandwidth {
                 chute: self.name.to_string(),
-                message: e,
+                source: e,
             });
         }
         self.agent.ledger.borrow_mut().resize(&self.name, want)?;
@@ -233,6 +237,7 @@ impl Actor {
             self.agent.ledger.borrow().check_admit(&self.name, &want)?;
         }
         ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
+        self.pin_image(&manifest, dir).await?;
 
         let old_manifest = self.view.borrow().manifest.clone();
         let old_toml = self.view.borrow().manifest_toml.clone();

@@ -32,13 +32,16 @@ struct Node {
 
 fn boot(fake: &Rc<FakePodman>, dir: &Path) -> Node {
     let ex = Rc::new(LocalExecutor::new());
+    let mut cfg = AgentConfig::defaults(HostFacts {
+        cpus: 2,
+        memory_bytes: 1 << 30,
+    });
+    // The fake's images are tags; pinning by content is tested against real Podman.
+    cfg.allow_unpinned_images = true;
     let agent = Agent::with_runtime(
         Podman::new("/nonexistent/podman.sock"),
         fake.clone(),
-        AgentConfig::defaults(HostFacts {
-            cpus: 2,
-            memory_bytes: 1 << 30,
-        }),
+        cfg,
         dir.to_owned(),
         ex.clone(),
     );
@@ -105,6 +108,7 @@ fn with_the_disk_full_every_operation_is_refused_naming_the_file_and_nothing_cha
     n.ask(deploy(&manifest("idle", 1, 32))).expect("deployed");
     n.ask(Request::Stop {
         name: "idle".into(),
+        timeout_secs: None,
     })
     .expect("stopped");
     let on_disk = std::fs::read(dir.path().join(snapshot::FILE_NAME)).expect("snapshot");
@@ -115,7 +119,10 @@ fn with_the_disk_full_every_operation_is_refused_naming_the_file_and_nothing_cha
     let refused = [
         deploy(&manifest("new", 1, 32)),
         deploy(&manifest("run", 2, 48)),
-        Request::Stop { name: "run".into() },
+        Request::Stop {
+            name: "run".into(),
+            timeout_secs: None,
+        },
         Request::Restart { name: "run".into() },
         Request::Remove { name: "run".into() },
         Request::Start {
@@ -156,8 +163,11 @@ fn with_the_disk_full_every_operation_is_refused_naming_the_file_and_nothing_cha
 
     // Space again: the same requests work.
     n.agent.fail_saves.set(false);
-    n.ask(Request::Stop { name: "run".into() })
-        .expect("stopped once the state can be saved");
+    n.ask(Request::Stop {
+        name: "run".into(),
+        timeout_secs: None,
+    })
+    .expect("stopped once the state can be saved");
 }
 
 #[test]
@@ -204,6 +214,7 @@ fn a_corrupt_or_deleted_snapshot_keeps_stopped_chutes_stopped_and_counters_and_v
         n.ask(deploy(&manifest("down", 1, 32))).expect("deployed");
         n.ask(Request::Stop {
             name: "down".into(),
+            timeout_secs: None,
         })
         .expect("stopped");
         let used = n.agent.status().pools.used;
@@ -410,7 +421,10 @@ fn randomized_crash_loop_keeps_every_acknowledged_operation_and_leaks_nothing() 
                 (deploy(&manifest(name, v, mem)), Want::Runs(v), "update")
             }
             (Want::Runs(v), 1) => (
-                Request::Stop { name: name.into() },
+                Request::Stop {
+                    name: name.into(),
+                    timeout_secs: None,
+                },
                 Want::Stopped(*v),
                 "stop",
             ),

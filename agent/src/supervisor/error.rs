@@ -35,8 +35,12 @@ pub enum OpError {
         version: String,
         why: String,
     },
-    #[error("chute `{chute}`: cannot change bandwidth: {message}; previous rates kept")]
-    Bandwidth { chute: String, message: String },
+    #[error("chute `{chute}`: cannot change bandwidth: {source}; previous rates kept")]
+    Bandwidth {
+        chute: String,
+        #[source]
+        source: super::shaping::ShapingError,
+    },
     #[error("chute `{chute}` asks for the host network, which this agent's config does not allow (set allow_host_network = true to permit it)")]
     HostNetworkRefused { chute: String },
     #[error("chute `{chute}`: image: {message}")]
@@ -68,6 +72,13 @@ pub enum OpError {
         #[source]
         source: crate::snapshot::SnapshotError,
     },
+    #[error(transparent)]
+    HostPort(#[from] crate::config::HostPortRefused),
+    #[error(transparent)]
+    Uncappable(#[from] crate::controllers::Uncappable),
+    /// A per-chute user namespace range could not be assigned or recorded.
+    #[error("chute `{chute}`: user namespace: {message}")]
+    Userns { chute: String, message: String },
 }
 
 impl OpError {
@@ -78,7 +89,10 @@ impl OpError {
             OpError::Admission(_) => ErrorCode::InsufficientResources,
             OpError::NoSuchChute { .. } | OpError::Removed { .. } => ErrorCode::NoSuchChute,
             OpError::NoContainer { .. } | OpError::Refused { .. } => ErrorCode::InvalidState,
-            OpError::HostNetworkRefused { .. } => ErrorCode::NotAllowed,
+            OpError::HostNetworkRefused { .. } | OpError::HostPort(_) | OpError::Uncappable(_) => {
+                ErrorCode::NotAllowed
+            }
+            OpError::Userns { .. } => ErrorCode::Internal,
             OpError::Image { .. } => ErrorCode::Image,
             OpError::DigestMismatch { .. } => ErrorCode::DigestMismatch,
             OpError::Podman { .. } | OpError::Bandwidth { .. } => ErrorCode::Podman,

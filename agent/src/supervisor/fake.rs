@@ -165,10 +165,11 @@ impl ContainerRuntime for FakePodman {
         })
     }
 
-    fn stop<'a>(&'a self, id: &'a str, _timeout_secs: u32) -> RtFuture<'a, ()> {
+    fn stop<'a>(&'a self, id: &'a str, timeout_secs: u32) -> RtFuture<'a, ()> {
         Box::pin(async move {
             // Every call is a point where the agent can be interrupted, as with Podman.
             smol::future::yield_now().await;
+            self.call("stop-timeout", &timeout_secs.to_string());
             self.with("stop", id, |c| {
                 c.running = false;
                 c.exit_code = 0;
@@ -269,6 +270,19 @@ impl ContainerRuntime for FakePodman {
             // Every call is a point where the agent can be interrupted, as with Podman.
             smol::future::yield_now().await;
             Ok(self.state.borrow().images.contains(reference))
+        })
+    }
+
+    /// In the fake an image's id is its reference.
+    fn image_id<'a>(&'a self, reference: &'a str) -> RtFuture<'a, String> {
+        Box::pin(async move {
+            if self.state.borrow().images.contains(reference) {
+                Ok(reference.to_owned())
+            } else {
+                Err(PodmanError::NotFound {
+                    what: format!("image {reference}"),
+                })
+            }
         })
     }
 

@@ -24,7 +24,7 @@ pub mod images;
 pub mod reconcile;
 pub mod registry;
 pub mod runtime;
-mod shaping;
+pub mod shaping;
 pub mod spec;
 pub mod usage;
 

@@ -304,23 +304,15 @@ pub(super) fn restored_view(
     held: bool,
     container_id: Option<String>,
 ) -> ChuteView {
-    ChuteView {
-        manifest: m.clone(),
-        manifest_toml: r.manifest_toml.clone(),
-        container_id,
+    let mut view = ChuteView::new(
+        m.clone(),
+        r.manifest_toml.clone(),
         state,
-        durable_state: state,
-        restarts: r.restarts,
-        reservation_held: held,
-        last_exit_code: None,
-        last_error: None,
-        pid: 0,
-        sandbox_key: None,
-        cgroup: None,
-        usage: None,
-        shaping: None,
-        net: None,
-    }
+        held,
+        container_id,
+    );
+    view.restarts = r.restarts;
+    view
 }
 
 /// Asks a freshly restored chute to start; nobody waits for the answer (its task logs and

@@ -26,6 +26,8 @@ pub trait ContainerRuntime {
     /// Every container carrying `label` (`key=value`), running or not.
     fn list<'a>(&'a self, label: &'a str) -> RtFuture<'a, Vec<ContainerSummary>>;
     fn image_exists<'a>(&'a self, reference: &'a str) -> RtFuture<'a, bool>;
+    /// The image id (sha256 hex) a reference resolves to.
+    fn image_id<'a>(&'a self, reference: &'a str) -> RtFuture<'a, String>;
     /// Loads an archive; the names it held.
     fn image_load<'a>(&'a self, archive: &'a Path) -> RtFuture<'a, Vec<String>>;
     fn image_pull<'a>(&'a self, reference: &'a str) -> RtFuture<'a, ()>;
@@ -58,6 +60,9 @@ impl ContainerRuntime for Podman {
     }
     fn image_exists<'a>(&'a self, reference: &'a str) -> RtFuture<'a, bool> {
         Box::pin(Podman::image_exists(self, reference))
+    }
+    fn image_id<'a>(&'a self, reference: &'a str) -> RtFuture<'a, String> {
+        Box::pin(Podman::image_id(self, reference))
     }
     fn image_load<'a>(&'a self, archive: &'a Path) -> RtFuture<'a, Vec<String>> {
         Box::pin(Podman::image_load(self, archive))

@@ -7,6 +7,15 @@ use tracing::{debug, warn};
 
 use super::actor::Actor;
 
+/// Why a running chute could not be shaped.
+#[derive(Debug, thiserror::Error)]
+pub enum ShapingError {
+    #[error("the container has no network namespace to shape")]
+    NoNetns,
+    #[error(transparent)]
+    Tc(#[from] tc_shaper::ShapeError),
+}
+
 impl Actor {
     pub(super) fn rates(&self) -> tc_shaper::ChuteRates {
         let v = self.view.borrow();
@@ -22,19 +31,15 @@ impl Actor {
     }
 
     /// Applies the manifest's rates to the running container's veth.
-    pub(super) async fn apply_shaping(&mut self) -> Result<(), String> {
+    pub(super) async fn apply_shaping(&mut self) -> Result<(), ShapingError> {
         let rates = self.rates();
         let Some(netns) = self.view.borrow().sandbox_key.clone() else {
-            return Err("the container has no network namespace to shape".into());
+            return Err(ShapingError::NoNetns);
         };
-        match tc_shaper::shape_chute(Path::new(&netns), rates).await {
-            Ok(shaping) => {
-                debug!(chute = %self.name, host_if = %shaping.host_ifname, "shaped");
-                self.view.borrow_mut().shaping = Some(shaping);
-                Ok(())
-            }
-            Err(e) => Err(e.to_string()),
-        }
+        let shaping = tc_shaper::shape_chute(Path::new(&netns), rates).await?;
+        debug!(chute = %self.name, host_if = %shaping.host_ifname, "shaped");
+        self.view.borrow_mut().shaping = Some(shaping);
+        Ok(())
     }
 
     /// A chute that cannot be shaped must not run unshaped: kill it and let its restart

@@ -47,6 +47,9 @@ pub fn container_spec(cfg: &AgentConfig, m: &Manifest, manifest_toml: &str) -> C
             .iter()
             .map(|p| (p.host, p.container, p.protocol.to_string()))
             .collect(),
+        host_ip: cfg.host_bind.map(|ip| ip.to_string()),
+        // Set per chute by create_container (a persisted slot), not from the config alone.
+        userns: None,
         oci_runtime: cfg.oci_runtime.clone(),
         stop_timeout_secs: cfg.lifecycle.stop_timeout_secs,
         cgroup_parent: cfg.cgroup_parent.clone(),

@@ -24,10 +24,13 @@ struct World {
 
 fn config() -> AgentConfig {
     // 2 cores, 768 MiB of memory for chutes (3/4 of 1 GiB).
-    AgentConfig::defaults(HostFacts {
+    let mut cfg = AgentConfig::defaults(HostFacts {
         cpus: 2,
         memory_bytes: 1 << 30,
-    })
+    });
+    // The fake's images are tags; pinning by content is tested against real Podman.
+    cfg.allow_unpinned_images = true;
+    cfg
 }
 
 impl World {
@@ -239,7 +242,12 @@ fn growth_that_does_not_fit_is_refused_before_the_running_chute_is_touched() {
 fn stop_and_start_are_acknowledged_when_podman_returns_and_keep_the_reservation() {
     let w = World::new();
     w.deploy(&manifest("ss", "64MiB", "")).expect("deployed");
-    let stopped = w.ask(Request::Stop { name: "ss".into() }).expect("stopped");
+    let stopped = w
+        .ask(Request::Stop {
+            name: "ss".into(),
+            timeout_secs: None,
+        })
+        .expect("stopped");
     let Response::Chute(a) = stopped else {
         panic!("{stopped:?}")
     };
@@ -247,7 +255,10 @@ fn stop_and_start_are_acknowledged_when_podman_returns_and_keep_the_reservation(
     assert!(!w.fake.by_name("chute-ss").expect("kept").running);
     assert_eq!(w.used_memory(), 64 << 20);
     let e = w
-        .ask(Request::Stop { name: "ss".into() })
+        .ask(Request::Stop {
+            name: "ss".into(),
+            timeout_secs: None,
+        })
         .expect_err("already stopped");
     assert_eq!(e.code, ErrorCode::InvalidState);
     let started = w
@@ -366,4 +377,32 @@ fn reconcile_adopts_the_running_restarts_the_dead_and_reports_strangers() {
         status.unknown_containers[0].chute.as_deref(),
         Some("stranger")
     );
+}
+
+#[test]
+fn a_stop_may_shorten_the_grace_period_but_not_lengthen_it() {
+    let w = World::new();
+    let configured = w.agent.cfg.lifecycle.stop_timeout_secs;
+    w.deploy(&manifest("grace", "64MiB", "")).expect("deployed");
+    for (asked, used) in [
+        (Some(1), 1),
+        (Some(configured + 50), configured),
+        (None, configured),
+    ] {
+        w.fake.take_calls();
+        w.ask(Request::Stop {
+            name: "grace".into(),
+            timeout_secs: asked,
+        })
+        .expect("stopped");
+        let calls = w.fake.take_calls();
+        assert!(
+            calls.contains(&format!("stop-timeout {used}")),
+            "{asked:?}: {calls:?}"
+        );
+        w.ask(Request::Start {
+            name: "grace".into(),
+        })
+        .expect("started");
+    }
 }
