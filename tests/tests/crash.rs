@@ -225,23 +225,31 @@ fn with_the_state_dir_full_nothing_is_acknowledged_and_nothing_changes() {
     write_manifest(&other_dir, &manifest(&other, 1, ""));
 
     disk.fill();
+    let state_dir = w.state_dir.to_str().unwrap().to_owned();
     for args in [
         vec!["stop", name.as_str()],
         vec!["restart", name.as_str()],
         vec!["remove", name.as_str()],
-        vec!["deploy", other_dir.to_str().unwrap()],
     ] {
         let err = w.cli_err(&args);
         assert!(
             err.contains("could not be saved")
-                && err.contains("snapshot.bin")
+                && err.contains(&format!("{state_dir}/snapshot.bin"))
                 && err.contains("No space left on device"),
             "{args:?}: {err}"
         );
     }
+    // A deploy or update may be refused earlier, by the image pin it records first; either
+    // way the error names the file in the state dir and the full disk.
     write_manifest(&dir, &manifest(&name, 2, ""));
-    let err = w.cli_err(&["deploy", dir.to_str().unwrap()]);
-    assert!(err.contains("could not be saved"), "update: {err}");
+    for target in [&other_dir, &dir] {
+        let err = w.cli_err(&["deploy", target.to_str().unwrap()]);
+        assert!(
+            err.contains(&state_dir) && err.contains("No space left on device"),
+            "deploy {}: {err}",
+            target.display()
+        );
+    }
     // As it was: running, same container, version 1; nothing of the refused deploy.
     let v = w.inspect(&name);
     assert_eq!(v.state, ChuteState::Running);
