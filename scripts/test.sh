@@ -28,7 +28,10 @@ step "cargo build"
 cargo build --workspace -q
 # Root-needing tests (Podman, netns) are #[ignore]d so a plain `cargo test` passes as a
 # normal user; CI runs as root and includes them.
-run "cargo test" cargo test --workspace --no-fail-fast -q -- --include-ignored --test-threads=4
+run "cargo test" cargo test --workspace --no-fail-fast -q -- --include-ignored --test-threads=4 --skip crash_loop
+# The randomized crash loops (skipped above), alone so their kill timing is not skewed by
+# parallel tests; they print their figures.
+run "crash loops" scripts/tests/crash-loop.sh
 # Every README set-up and packaging command as written: the demo (the main job), the ARM
 # builds, their qemu smoke test, the size report and the .ipk. The ARM builds come before
 # the packaging tests, which put the real binaries into the .ipk and run them under qemu.

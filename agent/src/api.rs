@@ -50,7 +50,10 @@ impl Agent {
             }
             Request::Restart { name } => self.op(&name, ChuteOp::Restart).await,
             Request::Remove { name } => self.op(&name, ChuteOp::Remove).await,
-            Request::Status => Ok(Response::Status(self.status())),
+            Request::Status => {
+                self.refresh_unknown().await;
+                Ok(Response::Status(self.status()))
+            }
             Request::Logs { name, follow, tail } => self
                 .stream_logs(&name, follow, tail, events)
                 .await

@@ -4,7 +4,15 @@
 //! LE), CRC-32 of the payload (u32 LE), then the postcard payload. Written atomically (temp file in the same
 //! directory, fsync, rename, fsync of the directory) so a crash at any instant leaves either
 //! the old or the new snapshot, never a mix. A snapshot that fails any check is reported
-//! and set aside; the agent then rebuilds from the labels Podman keeps on our containers.
+//! and set aside.
+//!
+//! Two copies: `snapshot.bin` and `journal.bin`, the same bytes, written as a pair (both
+//! temp files written and fsynced before either is renamed into place, so a full disk
+//! fails the pair before either file changes). A corrupt or deleted snapshot is then
+//! recovered whole from the journal: desired states, current manifests (including live
+//! bandwidth changes, which container labels cannot carry: labels are fixed at create),
+//! restart counters. Only when both are unusable does the agent fall back to the manifest
+//! each container carries in its labels.
 //!
 //! Compatibility is by rule, not equality: a reader accepts any snapshot of its own major
 //! version, whatever the minor. A minor version may only append fields at the end of
@@ -36,6 +44,8 @@ const HEADER_LEN: usize = 4 + 2 + 4 + 4;
 /// length field cannot make us allocate the machine's memory.
 const MAX_PAYLOAD: usize = 16 << 20;
 pub const FILE_NAME: &str = "snapshot.bin";
+/// The second, independent copy of the snapshot.
+pub const JOURNAL_NAME: &str = "journal.bin";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Snapshot {
@@ -207,30 +217,133 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()>
     result
 }
 
+/// Writes the snapshot and its journal copy. Both temp files are written and fsynced before
+/// either is renamed, so an error (a full disk) leaves both files as they were.
 pub fn save(state_dir: &Path, snapshot: &Snapshot) -> Result<(), SnapshotError> {
-    let path = state_dir.join(FILE_NAME);
-    write_atomic(&path, &encode(snapshot), 0o600)
-        .map_err(|source| SnapshotError::Io { path, source })
+    save_bytes(state_dir, &encode(snapshot))
+}
+
+pub fn save_bytes(state_dir: &Path, bytes: &[u8]) -> Result<(), SnapshotError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let pid = std::process::id();
+    let names = [FILE_NAME, JOURNAL_NAME];
+    let tmps: Vec<PathBuf> = names
+        .iter()
+        .map(|n| state_dir.join(format!(".{n}.tmp.{pid}")))
+        .collect();
+    let cleanup = |tmps: &[PathBuf]| {
+        for t in tmps {
+            let _ = fs::remove_file(t);
+        }
+    };
+    for tmp in &tmps {
+        let written = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(tmp)?;
+            f.write_all(bytes)?;
+            f.sync_all()
+        })();
+        if let Err(source) = written {
+            cleanup(&tmps);
+            return Err(SnapshotError::Io {
+                path: state_dir.join(FILE_NAME),
+                source,
+            });
+        }
+    }
+    for (tmp, name) in tmps.iter().zip(names) {
+        if let Err(source) = fs::rename(tmp, state_dir.join(name)) {
+            cleanup(&tmps);
+            return Err(SnapshotError::Io {
+                path: state_dir.join(name),
+                source,
+            });
+        }
+    }
+    File::open(state_dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| SnapshotError::Io {
+            path: state_dir.to_owned(),
+            source,
+        })
+}
+
+/// What `load` found.
+#[derive(Debug)]
+pub struct Loaded {
+    /// The state, from the snapshot or (if that is unusable) the journal; `None` when
+    /// neither exists or neither is usable.
+    pub snapshot: Option<Snapshot>,
+    /// Why the snapshot file could not be used (absent when it was fine or missing).
+    pub snapshot_error: Option<SnapshotError>,
+    /// Why the journal could not be used (absent when it was fine, missing or not needed).
+    pub journal_error: Option<SnapshotError>,
+    /// The state came from the journal.
+    pub from_journal: bool,
+    /// Neither file exists.
+    pub none_found: bool,
 }
 
 /// `Ok(None)` when there is no snapshot yet (first start).
 pub fn load(state_dir: &Path) -> Result<Option<Snapshot>, SnapshotError> {
-    let path = state_dir.join(FILE_NAME);
-    match fs::read(&path) {
-        Ok(bytes) => decode(&bytes, &path).map(Some),
+    load_file(&state_dir.join(FILE_NAME))
+}
+
+fn load_file(path: &Path) -> Result<Option<Snapshot>, SnapshotError> {
+    match fs::read(path) {
+        Ok(bytes) => decode(&bytes, path).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(SnapshotError::Io { path, source }),
+        Err(source) => Err(SnapshotError::Io {
+            path: path.to_owned(),
+            source,
+        }),
     }
 }
 
-/// Moves a snapshot that failed to load out of the way, keeping it for a post-mortem.
-pub fn set_aside(state_dir: &Path) -> Option<PathBuf> {
-    let from = state_dir.join(FILE_NAME);
+/// The snapshot, or its journal copy when the snapshot is missing or fails a check.
+pub fn load_with_journal(state_dir: &Path) -> Loaded {
+    let mut out = Loaded {
+        snapshot: None,
+        snapshot_error: None,
+        journal_error: None,
+        from_journal: false,
+        none_found: false,
+    };
+    let snap_missing = match load_file(&state_dir.join(FILE_NAME)) {
+        Ok(Some(s)) => {
+            out.snapshot = Some(s);
+            return out;
+        }
+        Ok(None) => true,
+        Err(e) => {
+            out.snapshot_error = Some(e);
+            false
+        }
+    };
+    match load_file(&state_dir.join(JOURNAL_NAME)) {
+        Ok(Some(s)) => {
+            out.snapshot = Some(s);
+            out.from_journal = true;
+        }
+        Ok(None) => out.none_found = snap_missing,
+        Err(e) => out.journal_error = Some(e),
+    }
+    out
+}
+
+/// Moves a snapshot (or journal: `file`) that failed to load out of the way, keeping it
+/// for a post-mortem.
+pub fn set_aside(state_dir: &Path, file: &str) -> Option<PathBuf> {
+    let from = state_dir.join(file);
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let to = state_dir.join(format!("{FILE_NAME}.corrupt-{secs}"));
+    let to = state_dir.join(format!("{file}.corrupt-{secs}"));
     fs::rename(&from, &to).ok().map(|_| to)
 }
 
@@ -318,6 +431,47 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("magic"));
+    }
+
+    #[test]
+    fn a_corrupt_or_deleted_snapshot_is_recovered_from_the_journal() {
+        let dir = tempdir();
+        save(&dir, &sample()).unwrap();
+        assert_eq!(load(&dir).unwrap(), Some(sample()));
+        let mut b = fs::read(dir.join(FILE_NAME)).unwrap();
+        let last = b.len() - 1;
+        b[last] ^= 0xff;
+        fs::write(dir.join(FILE_NAME), &b).unwrap();
+        let l = load_with_journal(&dir);
+        assert!(l.from_journal && l.snapshot_error.is_some());
+        assert_eq!(l.snapshot, Some(sample()));
+        fs::remove_file(dir.join(FILE_NAME)).unwrap();
+        let l = load_with_journal(&dir);
+        assert!(l.from_journal && l.snapshot_error.is_none() && !l.none_found);
+        assert_eq!(l.snapshot, Some(sample()));
+        fs::write(dir.join(JOURNAL_NAME), b"garbage").unwrap();
+        let l = load_with_journal(&dir);
+        assert!(l.snapshot.is_none() && l.journal_error.is_some() && !l.none_found);
+        fs::remove_file(dir.join(JOURNAL_NAME)).unwrap();
+        assert!(load_with_journal(&dir).none_found);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_failed_write_changes_neither_file() {
+        let dir = tempdir();
+        save(&dir, &sample()).unwrap();
+        let before = fs::read(dir.join(FILE_NAME)).unwrap();
+        // A directory where the journal's temp file goes makes the second write fail.
+        let blocker = dir.join(format!(".{JOURNAL_NAME}.tmp.{}", std::process::id()));
+        fs::create_dir(&blocker).unwrap();
+        let mut other = sample();
+        other.chutes[0].state = ChuteState::Stopped;
+        let e = save(&dir, &other).unwrap_err();
+        assert!(e.to_string().contains(FILE_NAME), "{e}");
+        assert_eq!(fs::read(dir.join(FILE_NAME)).unwrap(), before);
+        assert_eq!(fs::read(dir.join(JOURNAL_NAME)).unwrap(), before);
+        fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -333,6 +333,9 @@ impl Lifecycle {
             // exited, the start it still owes is made on reconciliation, whatever the
             // policy (and a chute Podman did restart is adopted).
             (ChuteState::Running, Expect::RestartExit | Expect::Start) => ChuteState::Restarting,
+            // A requested start under way: owed too, so a crash before the container runs
+            // still ends with it running.
+            (ChuteState::Stopped | ChuteState::Failed, Expect::Start) => ChuteState::Restarting,
             (state, _) => state,
         }
     }
@@ -911,6 +914,22 @@ mod tests {
         // The next exit is a real one again.
         timer(&l.handle(I::ContainerExited { exit_code: 1 }, 4), 1_000);
         assert_eq!(l.state(), S::Restarting);
+    }
+
+    #[test]
+    fn a_requested_start_under_way_is_recorded_as_owed() {
+        let mut l = running(RestartPolicy::Never);
+        l.handle(I::StopRequested, 1);
+        l.handle(I::ContainerExited { exit_code: 0 }, 2);
+        assert_eq!(l.snapshot_state(), S::Stopped);
+        l.handle(I::StartRequested, 3);
+        assert_eq!(
+            l.snapshot_state(),
+            S::Restarting,
+            "a crash before the start returns still owes it, whatever the policy"
+        );
+        l.handle(I::ContainerStarted, 4);
+        assert_eq!(l.snapshot_state(), S::Running);
     }
 
     #[test]

@@ -5,7 +5,10 @@
 //! running container is adopted as it is (same id, no restart), one that died while the
 //! agent was away is handled as its restart policy says, and a container that carries our
 //! label but is not in the snapshot is reported, never deleted: deleting is only ever done
-//! on a user's signed request.
+//! on a user's signed request. The one exception is a deploy that was never acknowledged:
+//! the agent records a chute as installing before it creates anything, so a chute still
+//! installing in the snapshot is undone (its container removed, its record dropped), as a
+//! deploy that fails is; the caller, who never heard "deployed", deploys again.
 
 use serde::{Deserialize, Serialize};
 
@@ -89,13 +92,15 @@ pub enum ReconcileAction {
         /// The chute its label names, if any.
         chute: Option<ChuteName>,
     },
-    /// Dead (removed) and its container is gone: drop the record.
+    /// Dead (removed) or still installing (never acknowledged) and its container is gone:
+    /// drop the record.
     Forget {
         /// The chute.
         chute: ChuteName,
     },
-    /// Dead (a removal was under way when the agent stopped) but its container is still
-    /// there: finish the removal (remove the container, release, purge), then forget it.
+    /// Dead (a removal was under way when the agent stopped), or still installing (a deploy
+    /// never acknowledged), but its container is still there: remove the container and
+    /// forget the chute (no reservation is held for it).
     FinishRemoval {
         /// The chute.
         chute: ChuteName,
@@ -192,7 +197,12 @@ pub fn plan(known: &[KnownChute], observed: &[ObservedContainer]) -> Vec<Reconci
     for (k, slot) in known.iter().zip(&matched) {
         let chute = k.name.clone();
         let action = match (slot.map(|i| &observed[i]), k.state) {
-            (None, ChuteState::Dead) => ReconcileAction::Forget { chute },
+            (None, ChuteState::Dead | ChuteState::Installing) => ReconcileAction::Forget { chute },
+            // A deploy interrupted before it was acknowledged: undone.
+            (Some(c), ChuteState::Installing) => ReconcileAction::FinishRemoval {
+                chute,
+                container_id: c.id.clone(),
+            },
             (None, ChuteState::Stopped | ChuteState::Failed) => {
                 ReconcileAction::RecreateStopped { chute }
             }
@@ -212,10 +222,10 @@ pub fn plan(known: &[KnownChute], observed: &[ObservedContainer]) -> Vec<Reconci
                 container_id: c.id.clone(),
             },
             (Some(c), state) => {
-                // Running, Restarting or Installing in the snapshot, and dead now. A
-                // restart was already decided for Restarting; an interrupted deploy had
-                // yet to start (or just started) its container: both are started again.
-                let restart = matches!(state, ChuteState::Restarting | ChuteState::Installing)
+                // Running or Restarting in the snapshot, and dead now. A restart was
+                // already decided for Restarting (a requested restart or an update under
+                // way): it is made whatever the policy.
+                let restart = state == ChuteState::Restarting
                     || match k.policy {
                         RestartPolicy::Always => true,
                         // An unknown exit code is treated as a failure.
@@ -345,13 +355,28 @@ mod tests {
     }
 
     #[test]
-    fn restarting_or_installing_in_snapshot_is_restarted_even_under_never() {
-        for state in [Restarting, Installing] {
+    fn restarting_in_snapshot_is_restarted_even_under_never() {
+        let p = plan(
+            &[known("web", Some("aaa"), Restarting, Never)],
+            &[obs("aaa", Some("web"), false, None)],
+        );
+        assert!(matches!(p[0], ReconcileAction::Restart { .. }), "{p:?}");
+    }
+
+    #[test]
+    fn a_deploy_never_acknowledged_is_undone_whatever_its_container_does() {
+        for running in [true, false] {
             let p = plan(
-                &[known("web", Some("aaa"), state, Never)],
-                &[obs("aaa", Some("web"), false, None)],
+                &[known("web", None, Installing, Always)],
+                &[obs("aaa", Some("web"), running, None)],
             );
-            assert!(matches!(p[0], ReconcileAction::Restart { .. }), "{p:?}");
+            assert_eq!(
+                p,
+                vec![ReconcileAction::FinishRemoval {
+                    chute: n("web"),
+                    container_id: "aaa".into()
+                }]
+            );
         }
     }
 
@@ -387,7 +412,7 @@ mod tests {
             p,
             vec![
                 ReconcileAction::Recreate { chute: n("a") },
-                ReconcileAction::Recreate { chute: n("b") },
+                ReconcileAction::Forget { chute: n("b") },
                 ReconcileAction::Forget { chute: n("c") },
                 ReconcileAction::RecreateStopped { chute: n("d") },
             ]

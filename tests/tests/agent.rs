@@ -525,6 +525,10 @@ fn a_corrupt_snapshot_is_reported_and_the_agent_rebuilds_from_labels() {
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
     let mut w = World::new(&small_pools_config(""));
+    // A snapshot exists (empty) so this is not a rebuild-from-labels start (with no
+    // snapshot and no journal, labelled containers are the record and would be adopted).
+    w.start_agent();
+    w.kill_agent();
     let stray = unique("stray");
     w.track_container(&stray);
     podman_ok(&[
@@ -546,9 +550,6 @@ fn a_labelled_container_the_snapshot_does_not_know_is_reported_not_deleted() {
         "sleep",
         "3600",
     ]);
-    // A snapshot exists (empty) so this is not a rebuild-from-labels start.
-    w.start_agent();
-    w.kill_agent();
     w.start_agent();
     let st = w.status();
     let unknown = &st.unknown_containers;

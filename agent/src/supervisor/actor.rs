@@ -18,7 +18,7 @@ use tracing::{debug, warn};
 
 use super::registry::{Agent, ChuteView};
 use super::spec::container_spec;
-use super::{wall_nanos, OpError, LABEL_CHUTE};
+use super::{crash_point, wall_nanos, OpError, LABEL_CHUTE};
 use crate::cgroup::CgroupPaths;
 use crate::podman::{ContainerEvent, ContainerInfo, PodmanError};
 
@@ -80,6 +80,10 @@ pub(super) struct Actor {
     pub(super) runs: Confirmations,
     /// Why the Podman call behind the request being handled failed, for its caller.
     pub(super) failed_op: Option<OpError>,
+    /// The state recorded in the snapshot in place of the lifecycle's while an update
+    /// replaces the container (`Restarting` for a chute that ran: a crash at any point of
+    /// the update must end with it running, on the old version or the new).
+    pub(super) pin: Option<ChuteState>,
     /// The grace period asked for by the stop being handled, if any.
     pub(super) stop_timeout: Option<u32>,
 }
@@ -110,11 +114,14 @@ impl Actor {
             let finished = self.purge || self.lc.state() == ChuteState::Dead;
             // Durable before acknowledged: a caller told "deployed" must find the chute
             // again even if the agent is killed the next instant.
+            // Every request wrote what it decided before acting on it (`feed`, `install`,
+            // `update`), so a failure here loses at most details (a new container id, a
+            // counter) that reconciliation finds again; it is logged by the writer.
             if finished {
                 self.timers.clear();
                 self.agent.forget(&self.name);
             } else {
-                self.agent.save_snapshot();
+                let _ = self.agent.save_snapshot();
             }
             if let Some((reply, result)) = reply_to {
                 let _ = reply.try_send(result);
@@ -137,7 +144,7 @@ impl Actor {
     pub(super) fn publish(&self) {
         let mut v = self.view.borrow_mut();
         v.state = self.lc.state();
-        v.durable_state = self.lc.snapshot_state();
+        v.durable_state = self.pin.unwrap_or(self.lc.snapshot_state());
         v.restarts = self.lc.restarts();
         if let Some(code) = self.lc.last_exit_code() {
             v.last_exit_code = Some(code);
@@ -153,6 +160,17 @@ impl Actor {
             chute: self.name.to_string(),
             source,
         }
+    }
+
+    /// Writes the snapshot; a failure as the operation's error.
+    pub(super) fn persist(&self) -> Result<(), OpError> {
+        self.publish();
+        self.agent
+            .save_snapshot()
+            .map_err(|source| OpError::NotSaved {
+                chute: self.name.to_string(),
+                source,
+            })
     }
 
     pub(super) fn refused(&self, source: chutes::LifecycleError) -> OpError {
@@ -287,12 +305,25 @@ impl Actor {
                 warn!(chute = %self.name, "lifecycle input budget exhausted");
                 break;
             }
+            let is_request = input.is_request();
+            let before = is_request.then(|| self.lc.clone());
             let actions = self.lc.handle(input, self.agent.now_ms());
             if !actions.is_empty() {
                 // Record the decision before acting on it: a stop whose `podman stop` is
                 // under way when the agent dies must still be a stop after reconciliation.
-                self.publish();
-                self.agent.save_snapshot();
+                // A user's request that cannot be recorded is not carried out (what
+                // happens to the chute by itself, a restart after a crash, still is).
+                if let Err(e) = self.persist() {
+                    if let Some(before) = before {
+                        self.lc = before;
+                        self.publish();
+                        self.failed_op = Some(e);
+                        return;
+                    }
+                }
+                if is_request {
+                    crash_point("request-recorded");
+                }
             }
             for action in actions {
                 for next in self.execute(action).await {
@@ -315,6 +346,7 @@ impl Actor {
                     self.view.borrow_mut().last_error = Some(e.to_string());
                     return vec![Input::ContainerExited { exit_code: 127 }];
                 }
+                crash_point("start-after-start");
                 self.started_by_us(asked_at, None).await;
                 return vec![Input::ContainerStarted];
             }
@@ -330,6 +362,7 @@ impl Actor {
                         self.failed_op = Some(self.podman_err(e));
                         return vec![Input::StopFailed];
                     }
+                    crash_point("stop-after-stop");
                     return self.exit_of_our_stop(&id).await.into_iter().collect();
                 }
             }
@@ -340,16 +373,29 @@ impl Actor {
             }
             Action::RemoveContainer => {
                 if let Some(id) = self.container_id() {
-                    if let Err(e) = podman.remove(&id, true).await {
-                        warn!(chute = %self.name, error = %e, "remove failed");
+                    match podman.remove(&id, true).await {
+                        // Forced: it ends the run even if the stop before it failed.
+                        Ok(()) | Err(PodmanError::NotFound { .. }) => self.failed_op = None,
+                        Err(e) => {
+                            // Not removed: the chute stays, with its container and its
+                            // reservation, and the caller is told.
+                            warn!(chute = %self.name, error = %e, "remove failed");
+                            self.failed_op = Some(self.podman_err(e));
+                            return Vec::new();
+                        }
                     }
                 }
+                crash_point("remove-after-remove");
                 let mut v = self.view.borrow_mut();
                 v.container_id = None;
                 v.pid = 0;
                 v.cgroup = None;
             }
             Action::ReleaseReservation => {
+                if self.failed_op.is_some() {
+                    // The removal before it failed: the chute keeps what it holds.
+                    return Vec::new();
+                }
                 self.agent.ledger.borrow_mut().release(&self.name);
                 self.view.borrow_mut().reservation_held = false;
             }
@@ -460,7 +506,11 @@ impl Actor {
         let podman = self.agent.runtime.clone();
         let id = match self.container_id() {
             Some(id) => id,
-            None => self.create_container().await?,
+            None => {
+                let id = self.create_container().await?;
+                crash_point("start-after-create");
+                id
+            }
         };
         match podman.start(&id).await {
             // Gone while we were not looking (removed by hand): build it again.
@@ -609,7 +659,8 @@ impl Actor {
                 self.lc
                     .check(&Input::StartRequested)
                     .map_err(|e| self.refused(e))?;
-                if !self.view.borrow().reservation_held {
+                let admitted = !self.view.borrow().reservation_held;
+                if admitted {
                     let want = self.view.borrow().manifest.reservation();
                     self.agent
                         .ledger
@@ -620,6 +671,17 @@ impl Actor {
                 self.view.borrow_mut().last_error = None;
                 let before = self.runs.starts_seen();
                 self.feed(Input::StartRequested).await;
+                if let Some(e) = self
+                    .failed_op
+                    .take()
+                    .filter(|e| matches!(e, OpError::NotSaved { .. }))
+                {
+                    if admitted {
+                        self.agent.ledger.borrow_mut().release(&self.name);
+                        self.view.borrow_mut().reservation_held = false;
+                    }
+                    return Err(e);
+                }
                 self.wait_for("running", |a| {
                     a.runs.starts_seen() > before && a.lc.state() == ChuteState::Running
                 })
@@ -656,7 +718,24 @@ impl Actor {
                 Ok(Response::Chute(self.ack()))
             }
             ChuteOp::Remove => {
+                let before = self.lc.clone();
                 self.feed(Input::RemoveRequested).await;
+                if let Some(e) = self.failed_op.take() {
+                    // Not recorded, or Podman did not remove the container: the chute is
+                    // kept as it was (listed, reservation held) and the caller told so.
+                    let resumed = self.lc.state() == ChuteState::Dead;
+                    self.lc = before;
+                    if resumed {
+                        // Its timers were cancelled with the removal.
+                        for action in self.lc.resume() {
+                            self.execute(action).await;
+                        }
+                        let _ = self.persist();
+                        // The stop before the failed removal may have ended the run.
+                        self.resync().await;
+                    }
+                    return Err(e);
+                }
                 if self.view.borrow().reservation_held {
                     self.agent.ledger.borrow_mut().release(&self.name);
                     self.view.borrow_mut().reservation_held = false;

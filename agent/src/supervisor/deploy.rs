@@ -12,7 +12,7 @@ use tracing::{info, warn};
 use super::actor::{Actor, ChuteOp};
 use super::images::ensure_image;
 use super::registry::{Agent, ChuteView};
-use super::{short, wall_nanos, OpError};
+use super::{crash_point, short, wall_nanos, OpError};
 
 impl Agent {
     /// Deploys a new chute or updates an existing one. Nothing is created or changed when
@@ -84,7 +84,14 @@ impl Actor {
         dir: Option<&Path>,
         progress: &Sender<String>,
     ) -> Result<Response, OpError> {
-        let result = self.install_inner(dir, progress).await;
+        let mut result = self.install_inner(dir, progress).await;
+        if result.is_ok() {
+            // Durable before acknowledged: if the running chute cannot be recorded, the
+            // deploy is undone rather than left running outside any record.
+            if let Err(e) = self.persist() {
+                result = Err(e);
+            }
+        }
         if let Err(e) = &result {
             // Leave nothing behind: no container, no reservation, no record.
             if let Some(id) = self.container_id() {
@@ -111,11 +118,16 @@ impl Actor {
         let manifest = self.view.borrow().manifest.clone();
         ensure_image(&*self.agent.runtime, &manifest, dir, progress).await?;
         self.pin_image(&manifest, dir).await?;
+        // Recorded (as installing) before anything is created: a crash from here on leaves
+        // a record that reconciliation undoes, never a container nobody counts.
+        self.persist()?;
+        crash_point("deploy-recorded");
         let _ = progress.try_send(format!(
             "creating container {}",
             manifest.name.container_name()
         ));
         let id = self.create_container().await?;
+        crash_point("deploy-after-create");
         let _ = progress.try_send(format!("starting container {}", short(&id)));
         let asked_at = wall_nanos();
         self.agent
@@ -123,6 +135,7 @@ impl Actor {
             .start(&id)
             .await
             .map_err(|e| self.podman_err(e))?;
+        crash_point("deploy-after-start");
         self.started_by_us(asked_at, None).await;
         self.feed(Input::Installed).await;
         if self.lc.state() != ChuteState::Running {
@@ -162,17 +175,33 @@ impl Actor {
         let _ = progress.try_send("changing bandwidth on the live chute".into());
         let old_manifest =
             std::mem::replace(&mut self.view.borrow_mut().manifest, manifest.clone());
+        let old_toml = std::mem::replace(
+            &mut self.view.borrow_mut().manifest_toml,
+            manifest_toml.clone(),
+        );
+        // The new rates are recorded before the kernel gets them: a crash in between is
+        // finished by reconciliation, which shapes an adopted chute from its record.
+        if let Err(e) = self.persist() {
+            let mut v = self.view.borrow_mut();
+            v.manifest = old_manifest;
+            v.manifest_toml = old_toml;
+            return Err(e);
+        }
         if let Err(e) = self.apply_shaping().await {
-            self.view.borrow_mut().manifest = old_manifest;
+            {
+                let mut v = self.view.borrow_mut();
+                v.manifest = old_manifest;
+                v.manifest_toml = old_toml;
+            }
             // Put the old rates back; the tc layer already removed what it half-built.
             let _ = self.apply_shaping().await;
+            let _ = self.persist();
             return Err(OpError::Bandwidth {
                 chute: self.name.to_string(),
                 source: e,
             });
         }
         self.agent.ledger.borrow_mut().resize(&self.name, want)?;
-        self.view.borrow_mut().manifest_toml = manifest_toml;
         info!(chute = %self.name, version = %manifest.version, "bandwidth changed live");
         Ok(self.deployed(DeployOutcome::Updated { live: true }))
     }
@@ -217,6 +246,28 @@ impl Actor {
             self.lc.state(),
             ChuteState::Running | ChuteState::Restarting
         );
+        // Recorded before the old container is touched: the new manifest, and a state that
+        // makes reconciliation start it, whatever the policy (an update starts the new
+        // version, as below).
+        // Interrupted anywhere below, the chute ends running: a container of the old
+        // version is replaced by one of the new (reconciliation compares the manifest in
+        // its labels), a missing one re-created, a stopped one started.
+        {
+            let mut v = self.view.borrow_mut();
+            v.manifest = manifest.clone();
+            v.manifest_toml = manifest_toml.clone();
+        }
+        self.pin = Some(ChuteState::Restarting);
+        if let Err(e) = self.persist() {
+            self.pin = None;
+            let mut v = self.view.borrow_mut();
+            v.manifest = old_manifest;
+            v.manifest_toml = old_toml;
+            drop(v);
+            self.publish();
+            return Err(e);
+        }
+        crash_point("update-recorded");
         let old_reservation = if held {
             Some(self.agent.ledger.borrow_mut().resize(&self.name, want)?)
         } else {
@@ -238,14 +289,14 @@ impl Actor {
                     .await;
             }
         }
+        crash_point("update-after-stop");
         if let Some(id) = self.container_id() {
             let _ = self.agent.runtime.remove(&id, true).await;
         }
+        crash_point("update-after-remove");
         {
             let mut v = self.view.borrow_mut();
             v.container_id = None;
-            v.manifest = manifest.clone();
-            v.manifest_toml = manifest_toml;
             v.last_error = None;
         }
         self.lc.set_policy(manifest.restart);
@@ -291,6 +342,9 @@ impl Actor {
                 }
             }
             self.view.borrow_mut().reservation_held = old_held;
+            // The old manifest is what must run now (if it ran before).
+            self.pin = was_running.then_some(ChuteState::Restarting);
+            let _ = self.persist();
             if was_running {
                 let before = self.runs.starts_seen();
                 self.feed(Input::StartRequested).await;
@@ -298,11 +352,13 @@ impl Actor {
                     .wait_for("running", |a| a.runs.starts_seen() > before)
                     .await;
             }
+            self.pin = None;
             return Err(OpError::UpdateRolledBack {
                 chute: self.name.to_string(),
                 message,
             });
         }
+        self.pin = None;
         info!(chute = %self.name, version = %manifest.version, "updated");
         Ok(self.deployed(DeployOutcome::Updated { live: false }))
     }

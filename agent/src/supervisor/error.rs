@@ -65,6 +65,13 @@ pub enum OpError {
     },
     #[error("chute `{chute}` is busy with another operation; try again")]
     Busy { chute: String },
+    /// The state could not be made durable, so the operation was refused or undone.
+    #[error("chute `{chute}`: not done, the agent's state could not be saved ({source}); free space on the state dir's disk and try again")]
+    NotSaved {
+        chute: String,
+        #[source]
+        source: crate::snapshot::SnapshotError,
+    },
     #[error(transparent)]
     HostPort(#[from] crate::config::HostPortRefused),
     #[error(transparent)]
@@ -93,6 +100,7 @@ impl OpError {
             OpError::ExitedAtStart { .. } | OpError::NotStarted { .. } => ErrorCode::InvalidState,
             OpError::Timeout { .. } => ErrorCode::Timeout,
             OpError::Busy { .. } => ErrorCode::Busy,
+            OpError::NotSaved { .. } => ErrorCode::Internal,
         }
     }
 }

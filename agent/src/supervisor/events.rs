@@ -29,6 +29,7 @@ pub async fn route_events(agent: Rc<Agent>) {
                 for tx in txs {
                     let _ = tx.send(ChuteMsg::Happened(Happening::Resync)).await;
                 }
+                agent.refresh_unknown().await;
                 while let Some(ev) = stream.next().await {
                     match ev {
                         Ok(ev) => {

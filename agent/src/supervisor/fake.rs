@@ -25,6 +25,8 @@ pub struct FakeState {
     pub calls: Vec<String>,
     /// Starting a container of this image fails, as a missing executable does.
     pub refuse_start_of_image: Option<String>,
+    /// Every container call fails as if Podman's socket were gone.
+    pub unreachable: bool,
     next_id: u64,
 }
 
@@ -84,6 +86,16 @@ impl FakePodman {
         self.state.borrow_mut().calls.push(format!("{op} {target}"));
     }
 
+    fn reachable(&self) -> Result<(), PodmanError> {
+        if self.state.borrow().unreachable {
+            return Err(PodmanError::Connect {
+                socket: "/fake/podman.sock".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into(),
+            });
+        }
+        Ok(())
+    }
+
     fn with<T>(
         &self,
         op: &'static str,
@@ -91,6 +103,7 @@ impl FakePodman {
         f: impl FnOnce(&mut FakeContainer) -> Result<T, PodmanError>,
     ) -> Result<T, PodmanError> {
         self.call(op, id);
+        self.reachable()?;
         let id = self.find_id(id).ok_or_else(|| not_found(id))?;
         let mut s = self.state.borrow_mut();
         let c = s.containers.get_mut(&id).ok_or_else(|| not_found(&id))?;
@@ -101,7 +114,10 @@ impl FakePodman {
 impl ContainerRuntime for FakePodman {
     fn create<'a>(&'a self, spec: &'a ContainerSpec) -> RtFuture<'a, String> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.call("create", &spec.name);
+            self.reachable()?;
             if self.find_id(&spec.name).is_some() {
                 return Err(PodmanError::Api {
                     op: "create",
@@ -129,6 +145,8 @@ impl ContainerRuntime for FakePodman {
 
     fn start<'a>(&'a self, id: &'a str) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             let refuse = self.state.borrow().refuse_start_of_image.clone();
             self.with("start", id, |c| {
                 if refuse.as_deref() == Some(c.spec.image.as_str()) {
@@ -149,6 +167,8 @@ impl ContainerRuntime for FakePodman {
 
     fn stop<'a>(&'a self, id: &'a str, timeout_secs: u32) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.call("stop-timeout", &timeout_secs.to_string());
             self.with("stop", id, |c| {
                 c.running = false;
@@ -160,6 +180,8 @@ impl ContainerRuntime for FakePodman {
 
     fn restart<'a>(&'a self, id: &'a str, _timeout_secs: u32) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.with("restart", id, |c| {
                 c.running = true;
                 c.started_at_nanos = now_nanos();
@@ -170,6 +192,8 @@ impl ContainerRuntime for FakePodman {
 
     fn kill<'a>(&'a self, id: &'a str, _signal: &'a str) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.with("kill", id, |c| {
                 c.running = false;
                 c.exit_code = 137;
@@ -180,7 +204,10 @@ impl ContainerRuntime for FakePodman {
 
     fn remove<'a>(&'a self, id: &'a str, _force: bool) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.call("remove", id);
+            self.reachable()?;
             let id = self.find_id(id).ok_or_else(|| not_found(id))?;
             self.state.borrow_mut().containers.remove(&id);
             Ok(())
@@ -189,6 +216,9 @@ impl ContainerRuntime for FakePodman {
 
     fn inspect<'a>(&'a self, id_or_name: &'a str) -> RtFuture<'a, ContainerInfo> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
+            self.reachable()?;
             let id = self
                 .find_id(id_or_name)
                 .ok_or_else(|| not_found(id_or_name))?;
@@ -212,6 +242,9 @@ impl ContainerRuntime for FakePodman {
 
     fn list<'a>(&'a self, label: &'a str) -> RtFuture<'a, Vec<ContainerSummary>> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
+            self.reachable()?;
             let (key, value) = label.split_once('=').unwrap_or((label, ""));
             Ok(self
                 .state
@@ -233,7 +266,11 @@ impl ContainerRuntime for FakePodman {
     }
 
     fn image_exists<'a>(&'a self, reference: &'a str) -> RtFuture<'a, bool> {
-        Box::pin(async move { Ok(self.state.borrow().images.contains(reference)) })
+        Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
+            Ok(self.state.borrow().images.contains(reference))
+        })
     }
 
     /// In the fake an image's id is its reference.
@@ -251,6 +288,8 @@ impl ContainerRuntime for FakePodman {
 
     fn image_load<'a>(&'a self, archive: &'a Path) -> RtFuture<'a, Vec<String>> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.call("load", &archive.display().to_string());
             Ok(Vec::new())
         })
@@ -258,6 +297,8 @@ impl ContainerRuntime for FakePodman {
 
     fn image_pull<'a>(&'a self, reference: &'a str) -> RtFuture<'a, ()> {
         Box::pin(async move {
+            // Every call is a point where the agent can be interrupted, as with Podman.
+            smol::future::yield_now().await;
             self.call("pull", reference);
             Err(PodmanError::Pull {
                 reference: reference.to_owned(),

@@ -29,6 +29,8 @@ pub mod spec;
 pub mod usage;
 
 #[cfg(test)]
+mod durability_tests;
+#[cfg(test)]
 mod fake;
 #[cfg(test)]
 mod tests;
@@ -49,6 +51,24 @@ fn wall_nanos() -> i64 {
         .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
         .unwrap_or(0)
 }
+
+/// A named point at which a debug build kills itself (SIGKILL, as `kill -9` would) when
+/// `CHUTED_CRASH_AT` names it, so crash tests interrupt an operation exactly there rather
+/// than by timing luck. Compiled out of release builds.
+#[cfg(debug_assertions)]
+pub(crate) fn crash_point(point: &str) {
+    if std::env::var("CHUTED_CRASH_AT").is_ok_and(|p| p == point) {
+        eprintln!("CHUTED_CRASH_AT={point}: killing myself");
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &std::process::id().to_string()])
+            .status();
+        std::process::abort();
+    }
+}
+
+#[cfg(not(debug_assertions))]
+#[inline(always)]
+pub(crate) fn crash_point(_point: &str) {}
 
 pub fn short(id: &str) -> &str {
     &id[..id.len().min(12)]

@@ -17,25 +17,36 @@ use crate::snapshot::{self, ChuteRecord};
 impl Agent {
     /// Brings the in-memory state in line with the snapshot and what Podman reports.
     pub async fn reconcile(self: &Rc<Self>) -> Result<(), ReconcileError> {
-        let (records, rebuilt) = match snapshot::load(&self.state_dir) {
-            Ok(Some(s)) => (s.chutes, false),
-            Ok(None) => (Vec::new(), false),
-            Err(e) => {
-                let aside = snapshot::set_aside(&self.state_dir);
-                warn!(error = %e, set_aside = ?aside, "snapshot unusable; rebuilding from container labels");
-                (Vec::new(), true)
-            }
-        };
-        let observed = self
+        let loaded = snapshot::load_with_journal(&self.state_dir);
+        if let Some(e) = &loaded.snapshot_error {
+            let aside = snapshot::set_aside(&self.state_dir, snapshot::FILE_NAME);
+            warn!(error = %e, set_aside = ?aside, from_journal = loaded.from_journal, "snapshot unusable");
+        }
+        if let Some(e) = &loaded.journal_error {
+            let aside = snapshot::set_aside(&self.state_dir, snapshot::JOURNAL_NAME);
+            warn!(error = %e, set_aside = ?aside, "journal unusable");
+        }
+        if loaded.from_journal {
+            info!("state recovered from the journal copy");
+        }
+        let mut observed = self
             .runtime
             .list(&self.owned_filter())
             .await
             .map_err(ReconcileError::List)?;
 
-        // When the snapshot was lost, the labels are the record: every container we own
-        // carries its manifest.
-        let mut records = records;
+        // When both copies are lost (corrupt, or deleted while our containers exist), the
+        // labels are the record: every container we own carries the manifest it was
+        // created from.
+        let mut records = loaded.snapshot.map(|s| s.chutes).unwrap_or_default();
+        let rebuilt = records.is_empty()
+            && !loaded.from_journal
+            && observed.iter().any(|c| c.labels.contains_key(LABEL_CHUTE));
         if rebuilt {
+            warn!(
+                containers = observed.len(),
+                "no usable snapshot or journal; rebuilding from container labels"
+            );
             for c in &observed {
                 if let (Some(name), Some(toml)) =
                     (c.labels.get(LABEL_CHUTE), c.labels.get(LABEL_MANIFEST))
@@ -52,6 +63,37 @@ impl Agent {
                         reservation_held: true,
                     });
                 }
+            }
+        }
+
+        // A container built from another manifest than the chute's record is a leftover
+        // of an update interrupted after the record changed: replaced, so the chute runs
+        // (or stays stopped) on the version it records. Bandwidth and version are left
+        // out of the comparison: a live rate change keeps the container.
+        let mut stale = Vec::new();
+        observed.retain(|c| {
+            let record = c
+                .labels
+                .get(LABEL_CHUTE)
+                .and_then(|n| records.iter().find(|r| &r.name == n));
+            let (Some(r), Some(label)) = (record, c.labels.get(LABEL_MANIFEST)) else {
+                return true;
+            };
+            match (
+                Manifest::from_toml_str(&r.manifest_toml),
+                Manifest::from_toml_str(label),
+            ) {
+                (Ok(want), Ok(built)) if !same_container(&want, &built) => {
+                    stale.push((r.name.clone(), c.id.clone()));
+                    false
+                }
+                _ => true,
+            }
+        });
+        for (chute, id) in stale {
+            info!(chute = %chute, container = %short(&id), "container is of another version than the record; replacing it");
+            if let Err(e) = self.runtime.remove(&id, true).await {
+                warn!(chute = %chute, error = %e, "cannot remove the stale container");
             }
         }
 
@@ -97,7 +139,8 @@ impl Agent {
         for action in plan {
             self.apply_reconcile(action, &mut manifests).await;
         }
-        self.save_snapshot();
+        let _ = self.save_snapshot();
+        self.refresh_unknown().await;
         Ok(())
     }
 
@@ -188,7 +231,7 @@ impl Agent {
                 chute,
                 container_id,
             } => {
-                info!(chute = %chute, container = %short(&container_id), "finishing a removal interrupted by the agent stopping");
+                info!(chute = %chute, container = %short(&container_id), "finishing a removal, or undoing a deploy never acknowledged, interrupted by the agent stopping");
                 if let Err(e) = self.runtime.remove(&container_id, true).await {
                     warn!(chute = %chute, error = %e, "cannot remove leftover container");
                 }
@@ -241,6 +284,16 @@ impl Agent {
         );
         self.spawn_actor(view, lc)
     }
+}
+
+/// Whether a container created from `built` serves a chute whose record says `want`:
+/// equal but for bandwidth (changed live) and version.
+fn same_container(want: &Manifest, built: &Manifest) -> bool {
+    let mut b = built.clone();
+    b.network.bandwidth_down_bps = want.network.bandwidth_down_bps;
+    b.network.bandwidth_up_bps = want.network.bandwidth_up_bps;
+    b.version = want.version.clone();
+    &b == want
 }
 
 /// The view of a chute rebuilt from its snapshot record during reconciliation.

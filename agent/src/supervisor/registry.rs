@@ -106,6 +106,9 @@ pub struct Agent {
     pub(super) ex: Rc<LocalExecutor<'static>>,
     pub(super) epoch: Instant,
     pub(super) last_saved: RefCell<Vec<u8>>,
+    /// Unit tests' stand-in for a full disk: every snapshot write fails while set.
+    #[cfg(test)]
+    pub(super) fail_saves: std::cell::Cell<bool>,
     /// Resyncs (an inspect, the cgroup's files opened, shaping checked over netlink)
     /// run a few at a time: after a restart with 100 chutes, all at once held 100
     /// connections' buffers at the same moment and left the heap ~2 MB larger for good.
@@ -145,6 +148,8 @@ impl Agent {
             ex,
             epoch: Instant::now(),
             last_saved: RefCell::new(Vec::new()),
+            #[cfg(test)]
+            fail_saves: std::cell::Cell::new(false),
             resync_gate: smol::lock::Semaphore::new(RESYNCS_AT_ONCE),
         })
     }
@@ -211,8 +216,10 @@ impl Agent {
             .collect()
     }
 
-    /// Writes the snapshot if anything in it changed since the last write.
-    pub fn save_snapshot(&self) {
+    /// Writes the snapshot (and its journal copy) if anything in it changed since the last
+    /// write. An error means the files on disk still hold the previous state: callers
+    /// acting on a user's request refuse or undo it.
+    pub fn save_snapshot(&self) -> Result<(), snapshot::SnapshotError> {
         let snap = Snapshot {
             chutes: self
                 .chutes
@@ -223,12 +230,48 @@ impl Agent {
         };
         let bytes = snapshot::encode(&snap);
         if *self.last_saved.borrow() == bytes {
+            return Ok(());
+        }
+        #[cfg(test)]
+        if self.fail_saves.get() {
+            return Err(snapshot::SnapshotError::Io {
+                path: self.state_dir.join(snapshot::FILE_NAME),
+                source: std::io::Error::from_raw_os_error(28),
+            });
+        }
+        match snapshot::save_bytes(&self.state_dir, &bytes) {
+            Ok(()) => {
+                *self.last_saved.borrow_mut() = bytes;
+                Ok(())
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot write snapshot");
+                Err(e)
+            }
+        }
+    }
+
+    /// The containers carrying this agent's instance label that no chute claims, listed
+    /// afresh (at start-up, after every event-stream reconnect, on every `status`). Kept as
+    /// it was when Podman cannot answer.
+    pub async fn refresh_unknown(&self) {
+        let Ok(listed) = self.runtime.list(&self.owned_filter()).await else {
             return;
-        }
-        match snapshot::save(&self.state_dir, &snap) {
-            Ok(()) => *self.last_saved.borrow_mut() = bytes,
-            Err(e) => warn!(error = %e, "cannot write snapshot"),
-        }
+        };
+        let claimed: Vec<String> = self
+            .views()
+            .iter()
+            .filter_map(|v| v.borrow().container_id.clone())
+            .collect();
+        let unknown = listed
+            .into_iter()
+            .filter(|c| !claimed.iter().any(|id| id == &c.id))
+            .map(|c| UnknownContainer {
+                chute: c.labels.get(super::LABEL_CHUTE).cloned(),
+                container_id: c.id,
+            })
+            .collect();
+        *self.unknown.borrow_mut() = unknown;
     }
 
     pub(super) fn spawn_actor(
@@ -262,6 +305,7 @@ impl Agent {
             restored,
             runs: chutes::Confirmations::new(),
             failed_op: None,
+            pin: None,
             stop_timeout: None,
         };
         self.ex.spawn(actor.run()).detach();
@@ -270,7 +314,9 @@ impl Agent {
 
     pub(super) fn forget(&self, name: &ChuteName) {
         self.chutes.borrow_mut().remove(name);
-        self.save_snapshot();
+        // A failure is logged; the record left on disk says Dead, which reconciliation
+        // finishes.
+        let _ = self.save_snapshot();
     }
 
     pub(super) async fn ask(
