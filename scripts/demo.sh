@@ -15,10 +15,14 @@ say "building chuted (release)"
 cargo build --release -q -p chuted
 BIN=$PWD/target/release/chuted
 ls -l "$BIN" | awk '{printf "binary: %s bytes\n", $5}'
-say "building the example image from busybox-static"
-examples/hello-web/build-image.sh
-
 mkdir -p "$RUN"; chmod 700 "$RUN"
+say "building the example image from busybox-static, and its archive"
+# The agent creates a chute only from an image pinned by content (an archive with its
+# sha256, or NAME@sha256:DIGEST), so the demo deploys the chute with its archive beside
+# chute.toml, as a developer ships it.
+CHUTE_DIR=$RUN/hello-web
+examples/hello-web/build-image.sh --archive "$CHUTE_DIR"
+cp examples/hello-web/chute.toml "$CHUTE_DIR/"
 CLOUD_ARGS=()
 PODMAN_SOCK=$RUN/podman.sock ADMIN=$RUN/admin.sock
 cleanup() {
@@ -44,9 +48,9 @@ C() { echo "\$ chuted $*"; "$BIN" --admin-socket "$ADMIN" "$@"; }
 say "starting the agent"
 start_agent
 
-say "deploying examples/hello-web"
-C validate examples/hello-web
-C deploy examples/hello-web
+say "deploying examples/hello-web (chute.toml + image.tar + image.tar.sha256)"
+C validate "$CHUTE_DIR"
+C deploy "$CHUTE_DIR"
 C list
 say "the chute serves http on port 18080"
 # bash's /dev/tcp, not busybox wget: Debian's static busybox wget segfaults on this host.

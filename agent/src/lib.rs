@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod identity;
 pub mod imagepin;
 pub mod limits;
+pub mod oom;
 pub mod podman;
 pub mod server;
 pub mod snapshot;

@@ -536,6 +536,41 @@ fn idle_admin_connections_cannot_starve_the_agent() {
     });
 }
 
+/// An exit 137 alone cannot tell an OOM kill from any other SIGKILL (Podman 4.3 reports
+/// OOMKilled false here); the agent reads the kernel's memory-cgroup OOM record for the
+/// chute's container and says so with the cap, and a plain kill -9 is not called OOM.
+#[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
+fn a_chute_killed_for_its_memory_cap_says_so() {
+    let mut w = World::new(&small_pools_config(""));
+    w.start_agent();
+    let name = unique("oom");
+    let hog = r#"["sh", "-c", "sleep 2; a=$(head -c 80000000 /dev/zero | tr '\\0' x); sleep 60"]"#;
+    let dir = w.chute_dir(&name, hog, &(res("0.25", "16MiB", 32) + &policy("never")));
+    w.deploy(&dir);
+    w.wait_state(&name, ChuteState::Failed, Duration::from_secs(30));
+    let d = w.inspect(&name);
+    assert_eq!(d.last_exit_code, Some(137), "{d:?}");
+    assert_eq!(
+        d.last_error.as_deref(),
+        Some("killed: out of memory (cap 16 MiB)"),
+        "{d:?}"
+    );
+    // The same container started again and killed by hand is not an OOM kill.
+    let name2 = unique("kill");
+    let dir = w.chute_dir(
+        &name2,
+        POLITE,
+        &(res("0.25", "16MiB", 32) + &policy("never")),
+    );
+    w.deploy(&dir);
+    kill(w.container_pid(&name2), "-KILL");
+    w.wait_state(&name2, ChuteState::Failed, Duration::from_secs(30));
+    let d = w.inspect(&name2);
+    assert_eq!(d.last_exit_code, Some(137), "{d:?}");
+    assert_eq!(d.last_error, None, "{d:?}");
+}
+
 fn raw_request(socket: &Path, bytes: &[u8], shutdown_write: bool) -> String {
     let mut s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();

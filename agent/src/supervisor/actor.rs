@@ -204,6 +204,7 @@ impl Actor {
                         DiedEvent::Exited => {
                             let exit_code = ev.exit_code.unwrap_or(-1);
                             debug!(chute = %self.name, exit_code, "container died");
+                            self.note_exit_cause(exit_code);
                             self.view.borrow_mut().pid = 0;
                             self.feed(Input::ContainerExited { exit_code }).await;
                         }
@@ -261,6 +262,7 @@ impl Actor {
                         self.feed(Input::ContainerStarted).await;
                     }
                 } else if !info.running && matches!(state, ChuteState::Running) {
+                    self.note_exit_cause(info.exit_code);
                     self.view.borrow_mut().pid = 0;
                     self.feed(Input::ContainerExited {
                         exit_code: info.exit_code,
@@ -269,6 +271,23 @@ impl Actor {
                 }
             }
             Err(e) => debug!(chute = %self.name, error = %e, "resync inspect failed"),
+        }
+    }
+
+    /// An exit by SIGKILL (137) that the kernel logged as a memory-cgroup OOM kill in this
+    /// chute's container is recorded as such, with the cap it hit; `inspect` shows it
+    /// beside the exit code (which alone cannot tell it from any other kill).
+    fn note_exit_cause(&self, exit_code: i32) {
+        if exit_code != 137 {
+            return;
+        }
+        let Some(id) = self.container_id() else {
+            return;
+        };
+        if crate::oom::killed_for_memory(&id, self.runs.last_start_nanos()) {
+            let cap = chutes::format_bytes(self.view.borrow().manifest.resources.memory_bytes);
+            warn!(chute = %self.name, cap = %cap, "killed: out of memory");
+            self.view.borrow_mut().last_error = Some(format!("killed: out of memory (cap {cap})"));
         }
     }
 
