@@ -44,6 +44,7 @@ trap cleanup EXIT
 podman system service --time=0 "unix://$PS" & PODMAN=$!
 for _ in $(seq 50); do [ -S "$PS" ] && break; sleep 0.1; done
 cat > "$W/agent.toml" <<CONF
+instance = "bench-$$"
 stop_timeout_secs = 5
 allow_unpinned_images = true
 ${USERNS:+userns_base = $USERNS}

@@ -38,9 +38,14 @@ cleanup() {
 trap cleanup EXIT
 podman system service --time=0 "unix://$PODMAN_SOCK" & PODMAN_PID=$!
 for _ in $(seq 50); do [ -S "$PODMAN_SOCK" ] && break; sleep 0.1; done
+# Its own ownership label: the demo's agent never adopts (or counts) containers of another
+# agent sharing this Podman, such as a benchmark's.
+printf 'instance = "chuted-demo"\n' > "$RUN/agent.toml"
+# A fresh device each run (its key, snapshot and grants live here; the demo owns it).
+rm -rf "$STATE"
 start_agent() {
   "$BIN" --admin-socket "$ADMIN" run --state-dir "$STATE" --podman-socket "$PODMAN_SOCK" \
-    "${CLOUD_ARGS[@]}" 2>>"$RUN/agent.log" & AGENT_PID=$!
+    --config "$RUN/agent.toml" "${CLOUD_ARGS[@]}" 2>>"$RUN/agent.log" & AGENT_PID=$!
   for _ in $(seq 100); do "$BIN" --admin-socket "$ADMIN" status >/dev/null 2>&1 && return; sleep 0.1; done
   echo "agent did not come up; log:"; tail -20 "$RUN/agent.log"; exit 1
 }
