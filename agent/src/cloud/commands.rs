@@ -270,13 +270,17 @@ impl Cloud {
         self.agent
             .spawn(async move {
                 let outcome = this.execute(&command, image).await;
-                this.finish(command, outcome);
+                this.finish(command, outcome).await;
             })
             .detach();
         None
     }
 
-    fn finish(&self, command: SignedCommand, outcome: Outcome) {
+    /// Caches the signed result (a resent CALL gets it again) and sends it to the waiters
+    /// of this session. A result waits for room in the outbox rather than being dropped
+    /// when heartbeats and events have filled it: the caller would otherwise wait for an
+    /// answer that never comes.
+    async fn finish(&self, command: SignedCommand, outcome: Outcome) {
         let key = (command.signer, command.command.request_id);
         let result = SignedResult::sign(&self.device, &command.command, outcome);
         self.results.borrow_mut().insert(key.0, result.clone());
@@ -284,10 +288,18 @@ impl Cloud {
         let epoch = self.epoch.get();
         for (e, request) in waiters {
             if e == epoch {
-                self.send(&Message::Result(CallResult {
-                    request,
-                    result: result.clone(),
-                }));
+                let sent = self
+                    .send_wait(&Message::Result(CallResult {
+                        request,
+                        result: result.clone(),
+                    }))
+                    .await;
+                if !sent {
+                    tracing::info!(
+                        request,
+                        "session gone before the result was sent; kept for a resend"
+                    );
+                }
             }
         }
     }
