@@ -490,6 +490,12 @@ fn tc_msg(
     m
 }
 
+/// Whether a request creates a qdisc: decided by the request itself, not by its log
+/// label. ENOENT to a qdisc creation means the kernel has no (loadable) qdisc of the kind.
+fn creates_qdisc(msg: &RouteNetlinkMessage, flags: u16) -> bool {
+    matches!(msg, RouteNetlinkMessage::NewQueueDiscipline(_)) && flags & NLM_F_CREATE != 0
+}
+
 async fn ack(
     handle: &Handle,
     msg: RouteNetlinkMessage,
@@ -498,6 +504,7 @@ async fn ack(
     kind: &'static str,
     interface: &str,
 ) -> Result<(), ShapeError> {
+    let creates_qdisc = creates_qdisc(&msg, flags);
     let mut req = NetlinkMessage::from(msg);
     req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
     let mut handle = handle.clone();
@@ -506,8 +513,7 @@ async fn ack(
         .map_err(|e| nl_error(op, interface, &e))?;
     while let Some(m) = resp.next().await {
         if let NetlinkPayload::Error(e) = m.payload {
-            let creating_qdisc = matches!(op, "replace root qdisc" | "replace leaf qdisc");
-            if creating_qdisc && e.raw_code() == -(nix::errno::Errno::ENOENT as i32) {
+            if creates_qdisc && e.raw_code() == -(nix::errno::Errno::ENOENT as i32) {
                 // The kernel answers ENOENT when it cannot find (or load) the qdisc kind.
                 return Err(ShapeError::MissingQdisc {
                     kind,
@@ -611,6 +617,22 @@ pub async fn apply_op(
 mod tests {
     use super::*;
     use crate::plan::{wanted, Psched};
+
+    #[test]
+    fn only_a_qdisc_creation_can_mean_a_missing_qdisc_kind() {
+        use RouteNetlinkMessage as R;
+        let q = || tc_msg(1, ROOT_HANDLE, TC_H_ROOT, "htb", None);
+        assert!(creates_qdisc(
+            &R::NewQueueDiscipline(q()),
+            NLM_F_CREATE | NLM_F_REPLACE
+        ));
+        assert!(!creates_qdisc(&R::NewQueueDiscipline(q()), 0), "a change");
+        assert!(!creates_qdisc(
+            &R::NewTrafficClass(q()),
+            NLM_F_CREATE | NLM_F_EXCL
+        ));
+        assert!(!creates_qdisc(&R::DelQueueDiscipline(q()), 0));
+    }
 
     fn as_attrs(kind: &str, opts: Vec<TcOption>) -> Vec<TcAttribute> {
         // What the kernel sends back is the same nest we send; wrap it the way
