@@ -13,4 +13,5 @@ pub mod podman;
 pub mod server;
 pub mod snapshot;
 pub mod supervisor;
+pub mod timeout;
 pub mod userns;

@@ -216,15 +216,15 @@ impl Podman {
         limit: Duration,
         call: impl Future<Output = Result<T, PodmanError>>,
     ) -> Result<T, PodmanError> {
-        smol::future::or(call, async move {
-            smol::Timer::after(limit).await;
-            Err(PodmanError::Timeout {
-                op,
-                socket: self.socket.clone(),
-                after: limit,
+        crate::timeout::with_timeout(limit, call)
+            .await
+            .unwrap_or_else(|| {
+                Err(PodmanError::Timeout {
+                    op,
+                    socket: self.socket.clone(),
+                    after: limit,
+                })
             })
-        })
-        .await
     }
 
     pub fn socket(&self) -> &Path {

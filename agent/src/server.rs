@@ -15,6 +15,7 @@ use tracing::{debug, warn};
 
 use crate::api::Event;
 use crate::supervisor::Agent;
+use crate::timeout::with_timeout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminSocketError {
@@ -100,11 +101,7 @@ pub async fn serve(agent: Rc<Agent>, listener: UnixListener) {
                     // Best effort and bounded: a client that does not read is dropped.
                     let refusal: Reply<()> = Reply::Error(ApiError::new(ErrorCode::Busy, msg));
                     let reply = write_reply(&mut stream, &refusal);
-                    let _ = smol::future::or(async { reply.await.map(Some) }, async {
-                        smol::Timer::after(std::time::Duration::from_millis(100)).await;
-                        Ok(None)
-                    })
-                    .await;
+                    let _ = with_timeout(std::time::Duration::from_millis(100), reply).await;
                     continue;
                 }
                 open.set(open.get() + 1);
@@ -140,14 +137,9 @@ async fn handle(agent: Rc<Agent>, stream: UnixStream) -> std::io::Result<()> {
     let mut writer = stream.clone();
     let mut reader = BufReader::new(stream.take(MAX_REQUEST as u64));
     let mut raw = Vec::new();
-    let read = smol::future::or(
-        async { reader.read_until(b'\n', &mut raw).await.map(Some) },
-        async {
-            smol::Timer::after(REQUEST_TIMEOUT).await;
-            Ok(None)
-        },
-    )
-    .await?;
+    let read = with_timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut raw))
+        .await
+        .transpose()?;
     let bad = |message: String| -> Reply<()> {
         Reply::Error(ApiError::new(ErrorCode::BadRequest, message))
     };

@@ -457,11 +457,7 @@ impl Cloud {
     ) -> Result<std::path::PathBuf, (ErrorCode, String)> {
         let stall = self.cfg.transfer_stall;
         loop {
-            let got = futures_lite::future::or(async { Some(rx.recv().await) }, async {
-                smol::Timer::after(stall / 4).await;
-                None
-            })
-            .await;
+            let got = crate::timeout::with_timeout(stall / 4, rx.recv()).await;
             match got {
                 Some(Ok(r)) => return r,
                 Some(Err(_)) => {

@@ -22,6 +22,7 @@ use smol::Timer;
 use super::backoff::{jitter, Backoff};
 use super::commands::error_msg;
 use super::{heartbeat, unix_now, Cloud, Outbox};
+use crate::timeout::with_timeout;
 
 /// Malformed or out-of-place frames tolerated in one session before it is closed.
 const MAX_MALFORMED: u32 = 8;
@@ -326,14 +327,6 @@ pub(super) async fn run(cloud: Rc<Cloud>) {
 
 fn cfg_close() -> Duration {
     SEND_TIMEOUT.with(|t| t.get())
-}
-
-async fn with_timeout<T>(d: Duration, f: impl std::future::Future<Output = T>) -> Option<T> {
-    futures_lite::future::or(async { Some(f.await) }, async {
-        Timer::after(d).await;
-        None
-    })
-    .await
 }
 
 /// One websocket send, given up after `limit`: a peer that stops reading (full TCP
