@@ -1,7 +1,7 @@
 #!/bin/sh
 # Build static `chuted` binaries for ARM routers and SBCs on a stock Debian 12 (root).
 #
-#   cross/build.sh [aarch64|armv7|all] [--install-only] [--unstripped]
+#   cross/build.sh [aarch64|armv7|all] [--install-only]
 #   cross/build.sh --target aarch64|armv7|all ...      (the same, as an option)
 #
 # Why this shape: rustup may not serve the musl ARM std on CI machines, so std is rebuilt
@@ -14,6 +14,9 @@
 #
 # Outputs target/cross/chuted-<arch> (release profile of the root Cargo.toml) and exits
 # non-zero if the armv7 binary exceeds the 2.5 MB budget (BUDGET_BYTES overrides).
+# Also keeps target/cross/chuted-<arch>.unstripped for size-report.sh: cargo links with
+# symbols and the cross `strip --strip-all` makes the shipped file, so one LTO build
+# serves both (a profile with strip=true would need a second full build-std build).
 set -eu
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -35,15 +38,15 @@ export CARGO_TARGET_DIR
 
 TARGETS=all
 INSTALL_ONLY=0
-UNSTRIPPED=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --target) TARGETS=${2:?--target needs aarch64, armv7 or all}; shift 2 ;;
         --target=*) TARGETS=${1#--target=}; shift ;;
         all|aarch64|armv7) TARGETS=$1; shift ;;
         --install-only) INSTALL_ONLY=1; shift ;;
-        --unstripped) UNSTRIPPED=1; shift ;;
-        -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+        # Accepted for old callers: the unstripped binary is now always kept.
+        --unstripped) shift ;;
+        -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
         *) echo "build.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -193,18 +196,15 @@ build_one() {
     # Static, no self-contained crt (build-std has none): the specs file supplies musl's.
     # libunwind.a: std's unwinder on musl, even with panic=abort (backtraces).
     eval "export CARGO_TARGET_${ENVTRIPLE}_RUSTFLAGS=\"-C target-feature=+crt-static -C link-self-contained=no -L native=$dir/lib -L native=$MUSLDIR\""
-    if [ "$UNSTRIPPED" = 1 ]; then
-        # For size-report.sh: same profile, symbols kept.
-        export CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=false
-    fi
+    # Symbols kept at link time; stripped below (see the header).
+    export CARGO_PROFILE_RELEASE_STRIP=false CARGO_PROFILE_RELEASE_DEBUG=false
     std_features=""
     [ "$STD_FEATURES" = cargo-default ] || std_features="-Zbuild-std-features=$STD_FEATURES"
     (cd "$SRC" && /usr/bin/cargo build $CARGO_FLAGS --release -p chuted --bin chuted \
         --target "$TRIPLE" -Zbuild-std=std,panic_abort $std_features)
     mkdir -p "$OUT"
-    suffix=""
-    [ "$UNSTRIPPED" = 1 ] && suffix=".unstripped"
-    cp "$CARGO_TARGET_DIR/$TRIPLE/release/chuted" "$OUT/chuted-$1$suffix"
+    cp "$CARGO_TARGET_DIR/$TRIPLE/release/chuted" "$OUT/chuted-$1.unstripped"
+    "$GNU-strip" --strip-all -o "$OUT/chuted-$1" "$OUT/chuted-$1.unstripped"
 }
 
 install_deps
@@ -215,12 +215,10 @@ for t in $TARGETS; do build_one "$t"; done
 status=0
 echo "static chuted binaries (release profile):"
 for t in $TARGETS; do
-    suffix=""
-    [ "$UNSTRIPPED" = 1 ] && suffix=".unstripped"
-    f="$OUT/chuted-$t$suffix"
+    f="$OUT/chuted-$t"
     size=$(stat -c %s "$f")
     line=$(printf '  %-8s %9d bytes  %s' "$t" "$size" "$f")
-    if [ "$t" = armv7 ] && [ "$UNSTRIPPED" = 0 ]; then
+    if [ "$t" = armv7 ]; then
         if [ "$size" -le "$BUDGET_BYTES" ]; then
             line="$line  (within the $BUDGET_BYTES-byte budget)"
         else

@@ -3,8 +3,8 @@
 #
 #   cross/size-report.sh [aarch64|armv7] [TOP]      (default armv7, top 20)
 #
-# Builds the same release profile with symbols kept (its own target dir, so the stripped
-# build's cache is untouched), then sums `nm --size-sort` symbol sizes per crate: the first
+# Uses the symbols-kept binary cross/build.sh keeps beside the shipped one (building it
+# if needed: seconds when the build is warm), then sums `nm --size-sort` symbol sizes per crate: the first
 # path segment of each demangled Rust symbol (`core::ptr::drop_in_place<T>` counts for T's
 # crate: it is T's drop glue), C symbols (musl libc, libunwind, compiler-rt) as "[C]",
 # anonymous constants (string and table literals) as "[Rust constants]".
@@ -22,7 +22,7 @@ case "$ARCH" in
     *) echo "size-report.sh: arch must be aarch64 or armv7, not '$ARCH'" >&2; exit 2 ;;
 esac
 
-CARGO_TARGET_DIR=$ROOT/target/cross-build-syms "$ROOT/cross/build.sh" --target "$ARCH" --unstripped >&2
+"$ROOT/cross/build.sh" --target "$ARCH" >&2
 BIN=$ROOT/target/cross/chuted-$ARCH.unstripped
 STRIPPED=$ROOT/target/cross/chuted-$ARCH
 
