@@ -88,7 +88,7 @@ pub fn page(title: &str, who: Option<&Who<'_>>, body: &str) -> String {
     )
 }
 
-/// A small line chart of `points` (x in seconds ago 0..=3600, y values) against an
+/// A small line chart of `points` (x in seconds ago, up to 3600; y values) against an
 /// optional cap drawn as a dashed line. Presentation attributes only (the CSP forbids
 /// inline styles).
 pub fn chart(label: &str, points: &[(f64, f64)], cap: Option<f64>, unit: &str) -> String {
@@ -100,9 +100,16 @@ pub fn chart(label: &str, points: &[(f64, f64)], cap: Option<f64>, unit: &str) -
         .chain(cap)
         .fold(0.0f64, f64::max)
         .max(1e-9);
+    // The x axis spans the history there is (at least a minute, at most the hour), so
+    // a device that just connected shows its first minutes rather than a flat corner.
+    let span = points
+        .iter()
+        .map(|p| p.0)
+        .fold(60.0f64, f64::max)
+        .min(3600.0);
     let mut line = String::new();
     for (x, y) in points {
-        let px = W - (x / 3600.0 * W).clamp(0.0, W);
+        let px = W - (x / span * W).clamp(0.0, W);
         let py = H - (y / max * (H - 2.0)).clamp(0.0, H);
         let _ = write!(line, "{px:.1},{py:.1} ");
     }
@@ -112,12 +119,17 @@ pub fn chart(label: &str, points: &[(f64, f64)], cap: Option<f64>, unit: &str) -
             r##"<line x1="0" x2="{W}" y1="{py:.1}" y2="{py:.1}" stroke="#b00" stroke-dasharray="4 3"/>"##
         )
     });
+    let window = if span >= 120.0 {
+        format!("last {:.0} min", span / 60.0)
+    } else {
+        format!("last {span:.0} s")
+    };
     let last = points.last().map_or("no samples yet".to_owned(), |p| {
-        format!("now {}", human(p.1, unit))
+        format!("{window}, now {}", human(p.1, unit))
     });
     let cap_txt = cap.map_or(String::new(), |c| format!(", cap {}", human(c, unit)));
     format!(
-        r##"<figure class="chart"><svg role="img" aria-label="{l}: last hour, {last}{cap_txt}" viewBox="0 0 {W} {H}" width="{W}" height="{H}"><rect width="{W}" height="{H}" fill="#f6f6f6"/>{cap_line}<polyline fill="none" stroke="#036" stroke-width="1.5" points="{line}"/></svg><figcaption>{l}: {last}{cap_txt}</figcaption></figure>"##,
+        r##"<figure class="chart"><svg role="img" aria-label="{l}: {last}{cap_txt}" viewBox="0 0 {W} {H}" width="{W}" height="{H}"><rect width="{W}" height="{H}" fill="#f6f6f6"/>{cap_line}<polyline fill="none" stroke="#036" stroke-width="1.5" points="{line}"/></svg><figcaption>{l}: {last}{cap_txt}</figcaption></figure>"##,
         l = esc(label),
         last = esc(&last),
         cap_txt = esc(&cap_txt),

@@ -180,6 +180,8 @@ pub fn router(app: Arc<App>) -> Router<Arc<App>> {
         .route("/console/events/logs/{id}/{chute}", get(log_events))
         .route("/console/events/deployment/{id}", get(deployment_events))
         .route("/assets/{file}", get(asset))
+        // Browsers ask for it; there is none (and no 404 noise in their consoles).
+        .route("/favicon.ico", get(|| async { StatusCode::NO_CONTENT }))
         .layer(axum::middleware::from_fn(security_headers))
 }
 
@@ -575,7 +577,7 @@ async fn device_page(
         r#"<dl class="facts"><dt>Status</dt><dd>{status}</dd><dt>Connection</dt><dd id="connection">{conn}</dd>
 <dt>Last heartbeat</dt><dd id="heartbeat-age">{hbage}</dd><dt>Agent version</dt><dd>{ver}</dd><dt>Clock</dt><dd>{clock}</dd>
 <dt>Fingerprint</dt><dd><code>{fp}</code></dd><dt>Tags</dt><dd>{tags}</dd></dl>
-<table id="chutes" data-device="{id}"><caption>Chutes (usage from heartbeats; charts: the last hour, caps dashed)</caption>
+<table id="chutes" data-device="{id}"><caption>Chutes (usage from heartbeats; charts: up to the last hour, caps dashed)</caption>
 <thead><tr><th scope="col">Chute</th><th scope="col">State</th><th scope="col">Restarts</th><th scope="col">CPU</th><th scope="col">Memory</th><th scope="col">Bandwidth</th><th scope="col">Actions</th></tr></thead>
 <tbody>{rows}</tbody></table>
 <p id="outcome" role="status" aria-live="polite"></p>"#,

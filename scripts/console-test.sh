@@ -1,0 +1,26 @@
+#!/bin/bash
+# The web console's tests:
+#  1. the browser's command codec against the Rust golden fixtures (node --test, when a
+#     Node with WebCrypto Ed25519 is installed; the browser test exercises it too);
+#  2. the end-to-end browser test (tests/tests/console.rs + tests/console/console_test.py):
+#     a real headless Chromium (Debian's chromium, from scripts/setup.sh) driven by
+#     Playwright for Python, pinned, in a venv made on first use; a real chute-cloud and a
+#     real chuted on Podman. Screenshots of every page: target/console-test/.
+# Needs root (Podman). usage: scripts/console-test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PLAYWRIGHT_VERSION=1.55.0
+VENV=${CHUTE_CONSOLE_VENV:-/var/cache/chuted-test/playwright}
+if ! "$VENV/bin/python" -c "import playwright, sys; from importlib.metadata import version; sys.exit(version('playwright') != '$PLAYWRIGHT_VERSION')" 2>/dev/null; then
+  python3 -m venv "$VENV"
+  # Only the Python package: the browser is Debian's /usr/bin/chromium (no download).
+  "$VENV/bin/pip" install -q "playwright==$PLAYWRIGHT_VERSION"
+fi
+[ -x /usr/bin/chromium ] || { echo "chromium missing: run scripts/setup.sh" >&2; exit 1; }
+if command -v node >/dev/null && node -e 'process.exit(parseInt(process.versions.node) >= 20 ? 0 : 1)'; then
+  node --test cloud/assets/
+else
+  echo "console-test: no Node >= 20; the codec runs in Chromium only (codec cases in the browser test)"
+fi
+cargo build -q -p chuted -p chute-cloud -p chutectl
+CONSOLE_PYTHON="$VENV/bin/python" cargo test -q -p e2e --test console -- --include-ignored --nocapture

@@ -1,0 +1,234 @@
+"""The web console driven in headless Chromium (Playwright for Python, Debian's chromium).
+
+Started by tests/tests/console.rs, which sets up a real chute-cloud and a real chuted
+and passes everything through CONSOLE_* / CHUTECTL* environment variables. Every step
+finds controls by role and accessible name, as assistive technology would. Screenshots
+of every page go to $CONSOLE_OUT.
+"""
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+
+from playwright.sync_api import expect, sync_playwright
+
+URL = os.environ["CONSOLE_URL"]
+TOKEN = os.environ["CONSOLE_TOKEN"]
+DEVICE = os.environ["CONSOLE_DEVICE"]
+CHUTE = os.environ["CONSOLE_CHUTE"]
+CHUTE_DIR = os.environ["CONSOLE_CHUTE_DIR"]
+OUT = os.environ["CONSOLE_OUT"]
+PROFILE = os.environ["CONSOLE_PROFILE"]
+CHUTECTL = os.environ["CHUTECTL"]
+PREFIX = CHUTE.rsplit("-", 1)[0]
+T = 60_000  # ms
+
+# Without the background-networking flags Chromium tries to reach Google services, and
+# this closed network refuses (slowly).
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+problems = []
+
+
+def shot(page, name):
+    page.screenshot(path=os.path.join(OUT, f"{name}.png"), full_page=True)
+
+
+def step(msg):
+    print(f"console test: {msg}", flush=True)
+
+
+def sign(page, what):
+    """Confirms the signing dialog after checking it shows the decoded command."""
+    dialog = page.locator("#confirm")
+    expect(dialog).to_be_visible(timeout=T)
+    expect(page.locator("#confirm-what")).to_contain_text(what)
+    page.get_by_role("button", name="Sign and send").click()
+
+
+def main():
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(
+            PROFILE,
+            executable_path="/usr/bin/chromium",
+            headless=True,
+            args=FLAGS,
+            viewport={"width": 1280, "height": 900},
+        )
+        page = ctx.new_page()
+        page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+        # Script errors and CSP violations; failed loads are checked by response below.
+        page.on(
+            "console",
+            lambda m: problems.append(f"console {m.type}: {m.text}")
+            if (m.type == "error" and not m.text.startswith("Failed to load resource"))
+            or "Content Security Policy" in m.text
+            else None,
+        )
+        # Every request of the console succeeds, except asking whether an image blob is
+        # already uploaded (404: not yet, upload from 0).
+        page.on(
+            "response",
+            lambda r: problems.append(f"HTTP {r.status}: {r.request.method} {r.url}")
+            if r.status >= 400
+            and not (r.status == 404 and "/api/v1/blobs/" in r.url and r.request.method == "GET")
+            else None,
+        )
+        # No request may leave the machine (no CDN, no fonts from outside).
+        page.on(
+            "request",
+            lambda r: problems.append(f"request off the console: {r.url}")
+            if not r.url.startswith(URL) and not r.url.startswith("data:")
+            else None,
+        )
+
+        step("sign in")
+        page.goto(URL + "/")
+        expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+        shot(page, "01-signin")
+        page.get_by_label("API token").fill(TOKEN)
+        page.get_by_role("button", name="Sign in").click()
+        expect(page.get_by_role("heading", name="Devices", exact=True)).to_be_visible()
+        cookies = {c["name"]: c for c in ctx.cookies()}
+        session = cookies["chute_session"]
+        assert session["httpOnly"] and session["sameSite"] == "Strict", session
+
+        step("accept the pending device")
+        pending = page.locator("#pending")
+        expect(pending).to_contain_text(DEVICE, timeout=T)
+        expect(pending).to_contain_text(f"{DEVICE[0:4]}-{DEVICE[4:8]}-{DEVICE[8:12]}")
+        shot(page, "02-devices-pending")
+        page.get_by_role("button", name=f"Accept {DEVICE}").click()
+        row = page.locator("#devices tr", has_text=DEVICE)
+        expect(row).to_contain_text("accepted")
+        # Heartbeats arrive once accepted: reload until the agent version shows.
+        deadline = time.time() + 60
+        while "?" in row.locator("td").nth(5).inner_text() and time.time() < deadline:
+            time.sleep(1)
+            page.reload()
+        expect(row).to_contain_text("connected since")
+        page.get_by_label("Filter by tag").fill("no-such-tag")
+        page.get_by_role("button", name="Filter").click()
+        expect(page.locator("#devices")).not_to_contain_text(DEVICE)
+        page.get_by_label("Filter by tag").fill("")
+        page.get_by_role("button", name="Filter").click()
+        shot(page, "03-devices")
+
+        step("grant this browser's key with the line the Keys page prints")
+        page.get_by_role("link", name="Keys").click()
+        expect(page.locator("#my-pubkey")).to_have_text(lambda_hex(), timeout=T)
+        page.get_by_label("Chutes to ask for (name or prefix-*)").fill(f"{PREFIX}-*")
+        line = page.locator("#grant-line").inner_text().strip()
+        argv = shlex.split(line)
+        assert argv[:3] == ["chutectl", "grant", "issue"], line
+        subprocess.run([CHUTECTL] + argv[1:], check=True, stdout=subprocess.DEVNULL)
+        page.reload()
+        grants = page.locator("#grants")
+        expect(grants).to_contain_text("valid", timeout=T)
+        expect(grants).to_contain_text(f"{PREFIX}-*")
+        shot(page, "04-keys")
+
+        step("deploy from the page")
+        page.get_by_role("link", name="Deploy").click()
+        bad = os.path.join(OUT, "bad-chute.toml")
+        with open(bad, "w") as f:
+            f.write('name = "Bad Name"\nversion = "1"\nimage = "x"\n')
+        page.get_by_label("chute.toml").set_input_files(bad)
+        expect(page.locator("#manifest-check")).to_contain_text("refused", timeout=T)
+        page.get_by_label("chute.toml").set_input_files(os.path.join(CHUTE_DIR, "chute.toml"))
+        expect(page.locator("#manifest-check")).to_contain_text(f"valid: {CHUTE} 1.0.0", timeout=T)
+        page.get_by_label("Image archive (image.tar; optional)").set_input_files(
+            os.path.join(CHUTE_DIR, "image.tar")
+        )
+        page.get_by_label(DEVICE).check()
+        page.get_by_role("button", name="Deploy").click()
+        sign(page, f"deploy, chute {CHUTE}, image sha256")
+        expect(page.locator("#upload-progress")).to_have_attribute("value", "100")
+        outcome = page.locator("#outcomes tr", has_text=DEVICE)
+        expect(outcome).to_contain_text("succeeded", timeout=120_000)
+        expect(outcome).to_contain_text("verified (device-signed)", timeout=T)
+        shot(page, "05-deploy")
+
+        step("the device page: running, with its caps and charts")
+        page.goto(f"{URL}/devices/{DEVICE}")
+        chute_row = page.locator("#chutes tr", has_text=CHUTE)
+        expect(chute_row.locator(".state")).to_have_text("running", timeout=T)
+        # A few heartbeats for the charts, then a fresh render.
+        time.sleep(8)
+        page.reload()
+        chute_row = page.locator("#chutes tr", has_text=CHUTE)
+        expect(chute_row).to_contain_text("of 64")  # memory cap 64 MiB
+        expect(chute_row).to_contain_text("down 8")  # bandwidth cap 8 mbit
+        expect(chute_row).not_to_contain_text("no known cap")
+        assert chute_row.locator("svg").count() >= 4
+        shot(page, "06-device")
+
+        step("follow the logs, hostile lines as text, pause")
+        chute_row.get_by_role("link", name="Logs").click()
+        page.get_by_role("button", name="Follow").click()
+        sign(page, f"logs, chute {CHUTE}, tail 20, follow")
+        lines = page.locator("#log-lines li")
+        expect(lines.filter(has_text="<img src=x onerror=").first).to_be_visible(timeout=T)
+        expect(lines.filter(has_text="<script>window.__pwned=2</script>").first).to_be_visible(timeout=T)
+        assert page.locator("#log-lines img, #log-lines script").count() == 0
+        assert page.evaluate("window.__pwned === undefined")
+        page.get_by_role("button", name="Pause").click()
+        held = lines.count()
+        time.sleep(2.5)
+        assert lines.count() == held, "lines kept arriving while paused"
+        page.get_by_role("button", name="Resume").click()
+        expect(lines).not_to_have_count(held, timeout=T)
+        shot(page, "07-logs")
+
+        step("stop from the button; the agent reports it stopped")
+        page.goto(f"{URL}/devices/{DEVICE}")
+        page.get_by_role("button", name=f"Stop {CHUTE}").click()
+        sign(page, f"stop, chute {CHUTE}")
+        expect(page.locator("#outcome")).to_contain_text(
+            "succeeded, verified (device-signed)", timeout=T
+        )
+        chute_row = page.locator("#chutes tr", has_text=CHUTE)
+        expect(chute_row.locator(".state")).to_have_text("stopped", timeout=T)
+        shot(page, "08-device-stopped")
+
+        step("commands: results verified in the browser")
+        page.get_by_role("link", name="Commands").click()
+        stop_row = page.locator("#commands tr", has_text="stop").first
+        expect(stop_row).to_contain_text("verified (device-signed)", timeout=T)
+        expect(page.locator("#commands td.bad")).to_have_count(0)
+        shot(page, "09-commands")
+
+        step("sign out")
+        page.get_by_role("button", name="Sign out").click()
+        expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+        page.goto(URL + "/devices")
+        expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
+        r = page.request.get(URL + "/api/v1/devices")
+        assert r.status == 401, r.status
+        shot(page, "10-signed-out")
+        ctx.close()
+
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        sys.exit(1)
+    print("console test: ok")
+
+
+def lambda_hex():
+    import re
+
+    return re.compile(r"^[0-9a-f]{64}$")
+
+
+if __name__ == "__main__":
+    main()
