@@ -1,7 +1,8 @@
 #!/bin/bash
 # The web console's tests:
-#  1. the browser's command codec against the Rust golden fixtures (node --test, when a
-#     Node with WebCrypto Ed25519 is installed; the browser test exercises it too);
+#  1. the browser's command codec against the Rust golden fixtures: its cases
+#     (cloud/assets/codec.cases.mjs) run in Chromium at the start of the browser test,
+#     and under `node --test` too when a Node >= 20 is installed;
 #  2. the end-to-end browser test (tests/tests/console.rs + tests/console/console_test.py):
 #     a real headless Chromium (Debian's chromium, from scripts/setup.sh) driven by
 #     Playwright for Python, pinned, in a venv made on first use; a real chute-cloud and a
@@ -20,7 +21,7 @@ fi
 if command -v node >/dev/null && node -e 'process.exit(parseInt(process.versions.node) >= 20 ? 0 : 1)'; then
   node --test cloud/assets/
 else
-  echo "console-test: no Node >= 20; the codec runs in Chromium only (codec cases in the browser test)"
+  echo "console-test: no Node >= 20 here; the codec cases run in Chromium only"
 fi
 cargo build -q -p chuted -p chute-cloud -p chutectl
 CONSOLE_PYTHON="$VENV/bin/python" cargo test -q -p e2e --test console -- --include-ignored --nocapture

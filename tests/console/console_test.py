@@ -11,6 +11,7 @@ import shlex
 import subprocess
 import sys
 import time
+import urllib.parse
 
 from playwright.sync_api import expect, sync_playwright
 
@@ -23,6 +24,7 @@ OUT = os.environ["CONSOLE_OUT"]
 PROFILE = os.environ["CONSOLE_PROFILE"]
 CHUTECTL = os.environ["CHUTECTL"]
 PREFIX = CHUTE.rsplit("-", 1)[0]
+REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 T = 60_000  # ms
 
 # Without the background-networking flags Chromium tries to reach Google services, and
@@ -56,6 +58,44 @@ def sign(page, what):
     page.get_by_role("button", name="Sign and send").click()
 
 
+def codec_in_browser(ctx):
+    """Runs the codec's cases (cloud/assets/codec.cases.mjs) against the Rust golden
+    fixtures inside Chromium. Files are served by request interception under
+    http://localhost/ (a secure context, which WebCrypto needs)."""
+    page = ctx.new_page()
+
+    def serve(route):
+        path = urllib.parse.urlparse(route.request.url).path
+        if path == "/":
+            return route.fulfill(body="<!doctype html><title>codec</title>", content_type="text/html")
+        for prefix, base, ctype in [
+            ("/assets/", "cloud/assets", "text/javascript"),
+            ("/golden/", "proto/tests/golden", "text/plain"),
+        ]:
+            rest = path[len(prefix):]
+            if path.startswith(prefix) and ".." not in rest:
+                return route.fulfill(path=os.path.join(REPO, base, rest), content_type=ctype)
+        return route.fulfill(status=404, body="")
+
+    page.route("http://localhost/**", serve)
+    page.goto("http://localhost/")
+    results = page.evaluate(
+        """async () => {
+            const c = await import("/assets/codec.js");
+            const m = await import("/assets/codec.cases.mjs");
+            const fx = {};
+            for (const n of m.FIXTURES) {
+                fx[n] = c.unhex((await (await fetch(`/golden/${n}.hex`)).text()).trim());
+            }
+            return m.runAll((n) => fx[n].slice());
+        }"""
+    )
+    page.close()
+    bad = [r for r in results if not r["ok"]]
+    assert len(results) >= 7 and not bad, results
+    step(f"codec in Chromium: {len(results)} cases against the golden fixtures passed")
+
+
 def main():
     with sync_playwright() as p:
         ctx = p.chromium.launch_persistent_context(
@@ -65,6 +105,7 @@ def main():
             args=FLAGS,
             viewport={"width": 1280, "height": 900},
         )
+        codec_in_browser(ctx)
         page = ctx.new_page()
         page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
         # Script errors and CSP violations; failed loads are checked by response below.
@@ -189,6 +230,16 @@ def main():
         page.get_by_role("button", name="Resume").click()
         expect(lines).not_to_have_count(held, timeout=T)
         shot(page, "07-logs")
+
+        step("the dialog shows what the bytes say, not what the button says")
+        page.goto(f"{URL}/devices/{DEVICE}")
+        stop = page.get_by_role("button", name=f"Stop {CHUTE}")
+        # As a compromised server could: a button labelled Stop that asks for remove.
+        stop.evaluate("b => { b.dataset.procedure = 'remove'; }")
+        stop.click()
+        expect(page.locator("#confirm-what")).to_contain_text(f"remove, chute {CHUTE}")
+        page.get_by_role("button", name="Cancel").click()
+        expect(page.locator("#outcome")).to_contain_text("cancelled")
 
         step("stop from the button; the agent reports it stopped")
         page.goto(f"{URL}/devices/{DEVICE}")
