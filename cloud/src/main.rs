@@ -158,7 +158,11 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         hub: agent::Hub::default(),
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
-        console: console::Console::default(),
+        // Session cookies are `Secure` when this process serves TLS itself.
+        console: console::Console {
+            secure: s.tls_cert.is_some(),
+            ..Default::default()
+        },
     });
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await

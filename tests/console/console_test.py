@@ -134,7 +134,9 @@ def main():
         )
 
         step("sign in")
-        page.goto(URL + "/")
+        resp = page.goto(URL + "/")
+        csp = resp.headers.get("content-security-policy", "")
+        assert "script-src 'self'" in csp and "unsafe" not in csp, csp
         expect(page.get_by_role("heading", name="Sign in", exact=True)).to_be_visible()
         shot(page, "01-signin")
         page.get_by_label("API token").fill(TOKEN)
@@ -143,6 +145,14 @@ def main():
         cookies = {c["name"]: c for c in ctx.cookies()}
         session = cookies["chute_session"]
         assert session["httpOnly"] and session["sameSite"] == "Strict", session
+
+        step("requests without the session's CSRF token are refused")
+        r = page.request.post(
+            URL + "/api/v1/claim-tokens", data="{}", headers={"content-type": "application/json"}
+        )
+        assert r.status == 403 and "CSRF" in r.text(), (r.status, r.text())
+        r = page.request.post(f"{URL}/devices/{DEVICE}/accept", form={"csrf": "forged"})
+        assert r.status == 403, r.status
 
         step("accept the pending device")
         pending = page.locator("#pending")
