@@ -240,9 +240,11 @@ function logsPage() {
         if (paused) held.push(l);
         else show(l);
       }
-      say(paused ? `Paused (${held.length} lines held).` : "Following.", state);
+      if (paused) say(`Paused (${held.length} lines held).`, state);
     });
-    es.addEventListener("waiting", () => say("Waiting for the device to start sending lines…", state));
+    es.addEventListener("waiting", () => {
+      if (!list.children.length) say("Waiting for the device to start sending lines…", state);
+    });
   };
   $("#follow").addEventListener("click", async () => {
     try {
@@ -251,7 +253,18 @@ function logsPage() {
       if (!sent) return say("Cancelled.", state);
       open();
       const o = await outcome(sent[0]);
-      if (o.status !== "succeeded") say(`logs: ${o.status}, ${o.text}`, state);
+      if (o.status !== "succeeded") return say(`logs: ${o.status}, ${o.text}`, state);
+      // The tail came back in the device-signed result: shown first, marked verified
+      // (live lines after it are relayed by the cloud, unsigned).
+      const tail = (o.value?.lines ?? []).map((l) => {
+        const li = document.createElement("li");
+        li.className = `verified ${l.stream === "stderr" ? "stderr" : "stdout"}`;
+        li.title = "in the device-signed result (verified)";
+        li.textContent = l.line ?? l.text ?? "";
+        return li;
+      });
+      list.prepend(...tail);
+      say(`Following: ${tail.length} tail line(s) ${o.text}; newer lines relayed by the cloud (not signed).`, state);
     } catch (e) {
       say(e.message, state);
     }

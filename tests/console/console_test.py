@@ -231,6 +231,9 @@ def main():
         lines = page.locator("#log-lines li")
         expect(lines.filter(has_text="<img src=x onerror=").first).to_be_visible(timeout=T)
         expect(lines.filter(has_text="<script>window.__pwned=2</script>").first).to_be_visible(timeout=T)
+        # The tail in the device-signed result is shown and marked verified.
+        expect(page.locator("#log-lines li.verified").first).to_be_visible(timeout=T)
+        expect(page.locator("#log-state")).to_contain_text("verified (device-signed)")
         assert page.locator("#log-lines img, #log-lines script").count() == 0
         assert page.evaluate("window.__pwned === undefined")
         page.get_by_role("button", name="Pause").click()
