@@ -13,6 +13,8 @@
 pub mod history;
 pub mod html;
 pub mod session;
+#[cfg(test)]
+mod tests;
 
 use std::convert::Infallible;
 use std::sync::Arc;
