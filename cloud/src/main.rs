@@ -159,10 +159,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
         // Session cookies are `Secure` when this process serves TLS itself.
-        console: console::Console {
-            secure: s.tls_cert.is_some(),
-            ..Default::default()
-        },
+        console: console::Console::new(s.tls_cert.is_some()),
     });
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await

@@ -40,6 +40,18 @@ pub struct Console {
     pub history: history::History,
     /// Mark cookies `Secure` (set when chute-cloud itself serves TLS).
     pub secure: bool,
+    /// Whether the heartbeat sampler runs (started once, by the first router built).
+    sampling: std::sync::atomic::AtomicBool,
+}
+
+impl Console {
+    /// `secure`: chute-cloud serves TLS itself, so session cookies are `Secure`.
+    pub fn new(secure: bool) -> Self {
+        Self {
+            secure,
+            ..Self::default()
+        }
+    }
 }
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
@@ -162,7 +174,12 @@ async fn security_headers(req: Request, next: axum::middleware::Next) -> Respons
 }
 
 pub fn router(app: Arc<App>) -> Router<Arc<App>> {
-    if tokio::runtime::Handle::try_current().is_ok() {
+    if tokio::runtime::Handle::try_current().is_ok()
+        && !app
+            .console
+            .sampling
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
+    {
         tokio::spawn(sample_heartbeats(app.clone()));
     }
     Router::new()
