@@ -5,17 +5,21 @@
 #     and under `node --test` too when a Node >= 20 is installed;
 #  2. the end-to-end browser test (tests/tests/console.rs + tests/console/console_test.py):
 #     a real headless Chromium (Debian's chromium, from scripts/setup.sh) driven by
-#     Playwright for Python, pinned, in a venv made on first use; a real chute-cloud and a
-#     real chuted on Podman. Screenshots of every page: target/console-test/.
+#     Playwright for Python (locked: tests/console/requirements.txt) in a venv made on
+#     first use; a real chute-cloud and a real chuted on Podman. Screenshots of every page: target/console-test/.
 # Needs root (Podman). usage: scripts/console-test.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PLAYWRIGHT_VERSION=1.55.0
 VENV=${CHUTE_CONSOLE_VENV:-/var/cache/chuted-test/playwright}
-if ! "$VENV/bin/python" -c "import playwright, sys; from importlib.metadata import version; sys.exit(version('playwright') != '$PLAYWRIGHT_VERSION')" 2>/dev/null; then
+REQ=tests/console/requirements.txt
+# (Re)made when the locked requirements change.
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  rm -rf "$VENV"
   python3 -m venv "$VENV"
-  # Only the Python package: the browser is Debian's /usr/bin/chromium (no download).
-  "$VENV/bin/pip" install -q "playwright==$PLAYWRIGHT_VERSION"
+  # Only the Python packages: the browser is Debian's /usr/bin/chromium (no download).
+  "$VENV/bin/pip" install -q --require-hashes -r "$REQ"
+  echo "$want" >"$VENV/.requirements.sha256"
 fi
 [ -x /usr/bin/chromium ] || { echo "chromium missing: run scripts/setup.sh" >&2; exit 1; }
 if command -v node >/dev/null && node -e 'process.exit(parseInt(process.versions.node) >= 20 ? 0 : 1)'; then
