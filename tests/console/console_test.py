@@ -43,6 +43,19 @@ problems = []
 
 
 def shot(page, name):
+    """Keeps a screenshot, and checks the page as assistive technology meets it: every
+    input has a label and every button a visible text label."""
+    unlabelled = page.evaluate(
+        """() => [
+            ...[...document.querySelectorAll("input:not([type=hidden]), select, textarea")]
+                .filter((e) => !(e.labels && e.labels.length) && !e.getAttribute("aria-label"))
+                .map((e) => `input ${e.id || e.name}`),
+            ...[...document.querySelectorAll("button")]
+                .filter((b) => !b.textContent.trim())
+                .map((b) => `button ${b.id}`),
+        ]"""
+    )
+    assert not unlabelled, f"{name}: unlabelled {unlabelled}"
     page.screenshot(path=os.path.join(OUT, f"{name}.png"), full_page=True)
 
 
