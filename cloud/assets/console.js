@@ -285,6 +285,15 @@ function logsPage() {
 
 function commandsPage() {
   for (const td of $$("td.verify")) {
+    // What was signed, from the signed bytes (the other columns are the server's word).
+    const cell = td.previousElementSibling;
+    try {
+      const sc = codec.decodeCall(codec.unhex(td.dataset.command)).command;
+      cell.textContent = `${codec.describe(sc.command)}; signed by ${codec.hex(sc.signer).slice(0, 16)}…`;
+    } catch (e) {
+      cell.textContent = `does not decode: ${e.message}`;
+      cell.classList.add("bad");
+    }
     if (!td.dataset.result) continue;
     (async () => {
       try {

@@ -282,6 +282,7 @@ def main():
         page.get_by_role("link", name="Commands").click()
         stop_row = page.locator("#commands tr", has_text="stop").first
         expect(stop_row).to_contain_text("verified (device-signed)", timeout=T)
+        expect(stop_row.locator("td.decoded")).to_contain_text(f"stop, chute {CHUTE}, timeout 10s, on device {DEVICE}")
         expect(page.locator("#commands td.bad")).to_have_count(0)
         shot(page, "09-commands")
 

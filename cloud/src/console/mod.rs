@@ -766,7 +766,7 @@ async fn commands_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Respo
             .map_or("", |d| d.pubkey.as_str());
         rows.push_str(&format!(
             r#"<tr><td>{cid}</td><td><a href="/devices/{uid}">{dev}</a></td><td>{proc}</td><td>{chute}</td><td>{status}{reason}</td><td><ol class="timeline">{timeline}</ol></td>
-<td class="verify" data-command="{signed}" data-result="{result}" data-pubkey="{pubkey}">{vtxt}</td></tr>"#,
+<td class="decoded">{decoded_txt}</td><td class="verify" data-command="{signed}" data-result="{result}" data-pubkey="{pubkey}">{vtxt}</td></tr>"#,
             cid = c.id,
             uid = url(&c.device_id),
             dev = esc(&c.device_id),
@@ -777,15 +777,16 @@ async fn commands_page(State(app): State<Arc<App>>, headers: HeaderMap) -> Respo
             signed = esc(&c.signed),
             result = esc(c.result.as_deref().unwrap_or("")),
             pubkey = esc(pubkey),
+            decoded_txt = "decoding…",
             vtxt = if c.result.is_some() { "checking…" } else { "no result yet" },
         ));
     }
     let body = format!(
         r#"<p>Newest first. "Verified" is checked in this browser: the result must be signed by the device key (which must hash to the device id) for exactly the command shown.</p>
-<table id="commands"><thead><tr><th scope="col">Id</th><th scope="col">Device</th><th scope="col">Procedure</th><th scope="col">Chute</th><th scope="col">Status</th><th scope="col">Timeline</th><th scope="col">Device-signed result</th></tr></thead>
+<table id="commands"><thead><tr><th scope="col">Id</th><th scope="col">Device</th><th scope="col">Procedure</th><th scope="col">Chute</th><th scope="col">Status</th><th scope="col">Timeline</th><th scope="col">Signed command (decoded here)</th><th scope="col">Device-signed result</th></tr></thead>
 <tbody>{rows}</tbody></table>"#,
         rows = if rows.is_empty() {
-            "<tr><td colspan=\"7\">No commands yet.</td></tr>".to_owned()
+            "<tr><td colspan=\"8\">No commands yet.</td></tr>".to_owned()
         } else {
             rows
         },
