@@ -10,6 +10,8 @@ set -eu
 PKGS="podman runc conmon netavark iptables busybox-static iproute2 iperf3 ca-certificates openssl"
 # chute-cloud tests and API fuzzing (scripts/fuzz-api.sh: schemathesis in a venv)
 PKGS="$PKGS curl python3-venv"
+# the web console's browser test (scripts/console-test.sh: Playwright drives Debian's chromium)
+PKGS="$PKGS chromium"
 # program|package: what Podman and the agent exec, and who ships it. Podman finds conmon
 # and netavark in its helper directories, iptables on root's PATH (/usr/sbin).
 NEEDED="

@@ -28,7 +28,7 @@ step "cargo build"
 cargo build --workspace -q
 # Root-needing tests (Podman, netns) are #[ignore]d so a plain `cargo test` passes as a
 # normal user; CI runs as root and includes them.
-run "cargo test" cargo test --workspace --no-fail-fast -q -- --include-ignored --test-threads=4 --skip crash_loop
+run "cargo test" cargo test --workspace --no-fail-fast -q -- --include-ignored --test-threads=4 --skip crash_loop --skip console_browser
 # The randomized crash loops (skipped above), alone so their kill timing is not skewed by
 # parallel tests; they print their figures.
 run "crash loops" scripts/tests/crash-loop.sh
@@ -41,6 +41,8 @@ if [ -z "${CHUTED_SKIP_CROSS:-}" ]; then
 fi
 run "openwrt-pkg tests" openwrt-pkg/tests/run.sh
 run "chute-cloud API fuzz (schemathesis, from its OpenAPI document)" scripts/fuzz-api.sh
+# The web console in headless Chromium (skipped above: it needs its Playwright venv).
+run "web console (JS codec + headless Chromium end to end)" scripts/console-test.sh
 
 step "summary"
 if [ ${#FAILED[@]} -ne 0 ]; then

@@ -1016,7 +1016,7 @@ async fn openapi() -> Json<utoipa::openapi::OpenApi> {
 /// Token roles: `admin` may do everything; `developer` may read fleet state (not the
 /// audit log or tokens) and submit what a developer signs: commands, blobs, deployments.
 /// Signatures still decide what runs on a device; roles decide what this cloud accepts.
-fn allowed(role: &str, method: &Method, path: &str) -> bool {
+pub(crate) fn allowed(role: &str, method: &Method, path: &str) -> bool {
     if role == "admin" {
         return true;
     }
@@ -1104,14 +1104,23 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim);
-    let Some(token) = token else {
-        return ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing `Authorization: Bearer TOKEN` (the admin token is in the data dir)".into(),
-        )
-        .into_response();
-    };
-    let row = match app.store.token_lookup(&token_hash(token)).await {
+    // Without a bearer token, the console's session cookie (with its CSRF header on
+    // mutating calls) stands for the API token it was opened with.
+    let hash =
+        match token.map(token_hash) {
+            Some(h) => h,
+            None => match crate::console::api_session(&app, &req) {
+                Ok(Some(h)) => h,
+                Ok(None) => return ApiError(
+                    StatusCode::UNAUTHORIZED,
+                    "missing `Authorization: Bearer TOKEN` (the admin token is in the data dir)"
+                        .into(),
+                )
+                .into_response(),
+                Err(msg) => return ApiError(StatusCode::FORBIDDEN, msg).into_response(),
+            },
+        };
+    let row = match app.store.token_lookup(&hash).await {
         Ok(Some(r)) => r,
         Ok(None) => {
             return ApiError(
@@ -1215,5 +1224,6 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/api/v1/openapi.json", get(openapi))
         .route("/agent", get(agent_ws))
         .nest("/api/v1", api)
+        .merge(crate::console::router(app.clone()))
         .with_state(app)
 }

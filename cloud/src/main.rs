@@ -14,6 +14,7 @@
 mod agent;
 mod api;
 mod blobs;
+mod console;
 mod store;
 mod wire;
 
@@ -78,6 +79,8 @@ pub struct App {
     /// Agent handshakes in progress; beyond this many, upgrades are refused with 429
     /// (a flood of half-open sessions cannot exhaust memory or the store).
     pub handshakes: Arc<tokio::sync::Semaphore>,
+    /// Web console sessions and heartbeat history.
+    pub console: console::Console,
 }
 
 pub fn now() -> i64 {
@@ -155,6 +158,8 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         hub: agent::Hub::default(),
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
+        // Session cookies are `Secure` when this process serves TLS itself.
+        console: console::Console::new(s.tls_cert.is_some()),
     });
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
