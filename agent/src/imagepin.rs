@@ -640,8 +640,15 @@ mod tests {
         std::fs::write(held.join(DIGEST), format!("{sha}  image.tar\n")).unwrap();
         check_deploy(dir.path(), false, &a, Some(&held)).unwrap();
         let e = check_deploy(dir.path(), false, &b, Some(&held)).unwrap_err();
-        assert!(e.contains("image.tar is missing") && e.contains(&sha), "{e}");
-        std::fs::write(held.join(DIGEST), format!("{}  image.tar\n", "3".repeat(64))).unwrap();
+        assert!(
+            e.contains("image.tar is missing") && e.contains(&sha),
+            "{e}"
+        );
+        std::fs::write(
+            held.join(DIGEST),
+            format!("{}  image.tar\n", "3".repeat(64)),
+        )
+        .unwrap();
         assert!(check_deploy(dir.path(), false, &a, Some(&held)).is_err());
         // Pins written before digests were recorded still read.
         std::fs::write(

@@ -1108,7 +1108,8 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
     w.kill_agent();
 
     // Trusting the CA (--cloud-ca), it connects over wss and the claim accepts it.
-    w.run_args.extend(["--cloud-ca".into(), ca.to_str().unwrap().to_owned()]);
+    w.run_args
+        .extend(["--cloud-ca".into(), ca.to_str().unwrap().to_owned()]);
     w.start_agent();
     wait_until("the device connected and accepted over wss", T, || {
         device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
@@ -1150,7 +1151,10 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
         dir.join("image.tar").to_str().unwrap(),
         IMAGE,
     ]);
-    let pushed = ctl.ok(&dev_key, &["push", dir.to_str().unwrap(), "--device", &device]);
+    let pushed = ctl.ok(
+        &dev_key,
+        &["push", dir.to_str().unwrap(), "--device", &device],
+    );
     let r = &pushed["results"][0];
     assert_eq!(
         (r["status"].as_str(), r["verified"].as_bool()),
@@ -1162,7 +1166,10 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
     let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
     assert!(listed.to_string().contains(&name), "{listed}");
     let (ok, metrics) = curl_tls(&ca, &[&format!("{}/metrics", cloud.http())]);
-    assert!(ok && metrics.contains("chute_cloud_sessions 1"), "{metrics}");
+    assert!(
+        ok && metrics.contains("chute_cloud_sessions 1"),
+        "{metrics}"
+    );
 
     // The silent client was disconnected after the handshake timeout (10 s).
     let (read, waited) = silent.join().unwrap();

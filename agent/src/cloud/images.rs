@@ -320,7 +320,12 @@ impl Images {
         std::fs::create_dir_all(&dir)?;
         crate::snapshot::write_atomic(
             &dir.join(crate::supervisor::IMAGE_DIGEST),
-            format!("{}  {}\n", hex_encode(sha), crate::supervisor::IMAGE_ARCHIVE).as_bytes(),
+            format!(
+                "{}  {}\n",
+                hex_encode(sha),
+                crate::supervisor::IMAGE_ARCHIVE
+            )
+            .as_bytes(),
             0o600,
         )?;
         Ok(dir)
