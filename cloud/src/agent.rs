@@ -1,7 +1,9 @@
 //! Agent sessions at `/agent`: the router side of the `proto` handshake (HELLO →
 //! CHALLENGE → AUTHENTICATE → WELCOME), device admission, and one loop per device that
 //! delivers its stored commands in order (one at a time), streams image blobs over the
-//! resumable chunk transfer, and records heartbeats and signed results.
+//! resumable chunk transfer (only the chunks the agent asks for: none when it already
+//! holds the digest), and records heartbeats (with the device clock and its skew against
+//! ours) and signed results.
 //!
 //! Bounds: frames over `proto::MAX_FRAME` close the socket (the websocket layer refuses
 //! them); the handshake must finish within [`HANDSHAKE_TIMEOUT`]; a session that sends
