@@ -359,6 +359,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
 
     // Pushing the same version again replaces the chute in place; the blob is already in
     // the cloud, so nothing is uploaded again.
+    let started = Instant::now();
     let o = dctl.run(
         &dev_key,
         &["push", dir.to_str().unwrap(), "--device", &device],
@@ -378,7 +379,10 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
         "{}",
         tail(&w.agent_log(), 30)
     );
-    eprintln!("second push of the same image: 0 image bytes sent (first: {image_size})");
+    eprintln!(
+        "second push of the same image: 0 image bytes sent (first: {image_size}), {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Honest status: running/total from heartbeats.
     wait_until("heartbeats to count the running chute", T, || {
