@@ -16,6 +16,11 @@
 //! * containers are created from the pinned image id, never from a tag; an image id
 //!   another chute's archive brought is refused.
 //!
+//! * the pin of an archive also records the archive's sha256, so a later deploy of the
+//!   same chute with the same archive (a directory holding only `image.tar.sha256`, as
+//!   the cloud link makes when the image is still here: [`loaded_archive`]) needs no
+//!   bytes: the reference must still resolve to the recorded image id.
+//!
 //! Only `podman save --format docker-archive` archives are accepted (their
 //! `manifest.json` names the image id and its tags; `build-image.sh --archive` writes
 //! them).
@@ -32,6 +37,8 @@ use crate::supervisor::ContainerRuntime;
 pub const PINS_FILE: &str = "image-pins.json";
 /// The archive file beside a manifest (same name as the supervisor's).
 const ARCHIVE: &str = "image.tar";
+/// Its sha256 (same name as the supervisor's).
+const DIGEST: &str = "image.tar.sha256";
 /// Largest `manifest.json` / `repositories` read from an archive.
 const MAX_META: u64 = 1 << 20;
 
@@ -236,6 +243,9 @@ struct Pin {
     reference: String,
     id: String,
     from_archive: bool,
+    /// sha256 (hex) of the archive that brought the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    archive_sha256: Option<String>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -267,6 +277,31 @@ fn save_pins(state_dir: &Path, pins: &Pins) -> Result<(), String> {
     write_atomic(&path, &bytes, 0o600).map_err(|e| format!("cannot write {}: {e}", path.display()))
 }
 
+/// The sha256 named by `dir`'s digest file when `dir` holds no archive: a deploy of an
+/// archive loaded before.
+fn digest_only(dir: Option<&Path>) -> Option<String> {
+    let dir = dir?;
+    if dir.join(ARCHIVE).exists() {
+        return None;
+    }
+    let text = std::fs::read_to_string(dir.join(DIGEST)).ok()?;
+    Some(text.split_whitespace().next()?.to_ascii_lowercase())
+}
+
+/// The image id that chute `m.name`'s archive `sha256` (hex) brought for `m.image`,
+/// when this chute loaded exactly that archive before (the caller still checks that the
+/// image is present and the reference resolves to it).
+pub fn loaded_archive(state_dir: &Path, m: &Manifest, sha256: &str) -> Option<String> {
+    let own = normalize(&m.image);
+    load_pins(state_dir).ok()?.pins.into_iter().find_map(|p| {
+        (p.from_archive
+            && p.chute == m.name.as_str()
+            && p.reference == own
+            && p.archive_sha256.as_deref() == Some(sha256))
+        .then_some(p.id)
+    })
+}
+
 /// Before anything is loaded or created: the deploy pins its image by content (unless
 /// `allow_unpinned` for a local deploy), and an archive tags only the chute's own
 /// reference, which no other chute's archive owns.
@@ -276,6 +311,17 @@ pub fn check_deploy(
     m: &Manifest,
     dir: Option<&Path>,
 ) -> Result<(), String> {
+    if let Some(sha) = digest_only(dir) {
+        // Pinned by the archive's digest; the archive itself was checked when it was loaded.
+        if loaded_archive(state_dir, m, &sha).is_some() {
+            return Ok(());
+        }
+        return Err(format!(
+            "{DIGEST} names archive {sha} but {ARCHIVE} is missing, and chute `{}` has not \
+             loaded that archive for {:?} before; put {ARCHIVE} beside it",
+            m.name, m.image
+        ));
+    }
     let archive = dir.map(|d| d.join(ARCHIVE)).filter(|a| a.exists());
     let Some(archive) = archive else {
         if is_digest_ref(&m.image) || allow_unpinned {
@@ -316,12 +362,19 @@ pub async fn pin(
     dir: Option<&Path>,
 ) -> Result<String, String> {
     let archive = dir.map(|d| d.join(ARCHIVE)).filter(|a| a.exists());
-    let from_archive = match &archive {
-        Some(a) => {
+    // The archive's digest file was verified against it before loading.
+    let sha = dir
+        .and_then(|d| std::fs::read_to_string(d.join(DIGEST)).ok())
+        .and_then(|t| Some(t.split_whitespace().next()?.to_ascii_lowercase()));
+    let from_archive = match (&archive, digest_only(dir)) {
+        (Some(a), _) => {
             let a = a.clone();
             Some(smol::unblock(move || inspect_archive(&a)).await?.id)
         }
-        None => None,
+        (None, Some(sha)) => Some(loaded_archive(state_dir, m, &sha).ok_or_else(|| {
+            format!("archive {sha} was not loaded for chute `{}` before", m.name)
+        })?),
+        (None, None) => None,
     };
     let id = podman
         .image_id(&m.image)
@@ -337,11 +390,23 @@ pub async fn pin(
             ));
         }
     }
-    record(state_dir, m, &id, from_archive.is_some())?;
+    let sha = sha.filter(|_| from_archive.is_some());
+    record_archive(state_dir, m, &id, from_archive.is_some(), sha)?;
     Ok(id)
 }
 
+#[cfg(test)]
 fn record(state_dir: &Path, m: &Manifest, id: &str, from_archive: bool) -> Result<(), String> {
+    record_archive(state_dir, m, id, from_archive, None)
+}
+
+fn record_archive(
+    state_dir: &Path,
+    m: &Manifest,
+    id: &str,
+    from_archive: bool,
+    archive_sha256: Option<String>,
+) -> Result<(), String> {
     let mut pins = load_pins(state_dir)?;
     let chute = m.name.as_str();
     if let Some(other) = pins
@@ -362,6 +427,7 @@ fn record(state_dir: &Path, m: &Manifest, id: &str, from_archive: bool) -> Resul
         reference: normalize(&m.image),
         id: id.to_owned(),
         from_archive,
+        archive_sha256,
     });
     pins.version = 1;
     save_pins(state_dir, &pins)
@@ -543,5 +609,53 @@ mod tests {
             Some(&archive_dir),
         )
         .unwrap();
+    }
+
+    /// A chute that loaded an archive may deploy it again by its digest alone (nothing
+    /// transferred); nobody else may, and another digest needs its archive.
+    #[test]
+    fn an_archive_loaded_before_is_known_by_digest_to_its_own_chute_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = |name: &str, image: &str| {
+            Manifest::from_toml_str(&format!(
+                "name = \"{name}\"\nversion = \"1\"\nimage = \"{image}\"\n"
+            ))
+            .unwrap()
+        };
+        let (id, sha) = ("f".repeat(64), "1".repeat(64));
+        let a = m("a-web", "localhost/a-web:1");
+        record_archive(dir.path(), &a, &id, true, Some(sha.clone())).unwrap();
+        assert_eq!(loaded_archive(dir.path(), &a, &sha), Some(id.clone()));
+        assert_eq!(loaded_archive(dir.path(), &a, &"2".repeat(64)), None);
+        assert_eq!(
+            loaded_archive(dir.path(), &m("a-web", "localhost/a-web:2"), &sha),
+            None,
+            "another reference is not what the archive tagged"
+        );
+        let b = m("b-web", "localhost/a-web:1");
+        assert_eq!(loaded_archive(dir.path(), &b, &sha), None);
+
+        let held = dir.path().join("held");
+        std::fs::create_dir(&held).unwrap();
+        std::fs::write(held.join(DIGEST), format!("{sha}  image.tar\n")).unwrap();
+        check_deploy(dir.path(), false, &a, Some(&held)).unwrap();
+        let e = check_deploy(dir.path(), false, &b, Some(&held)).unwrap_err();
+        assert!(
+            e.contains("image.tar is missing") && e.contains(&sha),
+            "{e}"
+        );
+        std::fs::write(
+            held.join(DIGEST),
+            format!("{}  image.tar\n", "3".repeat(64)),
+        )
+        .unwrap();
+        assert!(check_deploy(dir.path(), false, &a, Some(&held)).is_err());
+        // Pins written before digests were recorded still read.
+        std::fs::write(
+            dir.path().join(PINS_FILE),
+            format!(r#"{{"version":1,"pins":[{{"chute":"a-web","reference":"localhost/a-web:1","id":"{id}","from_archive":true}}]}}"#),
+        )
+        .unwrap();
+        assert_eq!(loaded_archive(dir.path(), &a, &sha), None);
     }
 }

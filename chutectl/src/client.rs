@@ -1,4 +1,7 @@
-//! The cloud's REST API over plain HTTP (blocking; one request at a time).
+//! The cloud's REST API over http or https (blocking; one request at a time).
+//!
+//! https trusts the CA certificates of `--ca FILE` (a private CA, or the cloud's
+//! self-signed certificate itself), else the system bundle [`SYSTEM_CA_BUNDLE`].
 
 use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
@@ -16,18 +19,57 @@ pub struct Client {
 /// Upload piece size (the cloud accepts up to 8 MiB per request).
 const PIECE: usize = 1 << 20;
 
+/// Where https finds CA certificates without `--ca` (Debian's and OpenWrt's bundle, as
+/// the agent's `--cloud-ca` default).
+pub const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// The CA certificates in a PEM file (at least one).
+fn roots(path: &Path) -> anyhow::Result<Vec<ureq::tls::Certificate<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| anyhow::anyhow!("CA file {}: {e}", path.display()))?
+        .into_iter()
+        .map(|c| ureq::tls::Certificate::from_der(&c).to_owned())
+        .collect();
+    if certs.is_empty() {
+        bail!(
+            "CA file {}: no CERTIFICATE in it (a PEM file of CA certificates, or the cloud's self-signed certificate, is needed)",
+            path.display()
+        );
+    }
+    Ok(certs)
+}
+
 impl Client {
-    pub fn new(base: &str, token: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
+    /// `ca`: PEM CA certificates for https (default [`SYSTEM_CA_BUNDLE`]); read only
+    /// for an https URL.
+    pub fn new(base: &str, token: &str, ca: Option<&Path>) -> anyhow::Result<Self> {
+        let mut cfg = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build()
-            .into();
-        Self {
+            .timeout_global(Some(Duration::from_secs(60)));
+        if base.starts_with("https://") {
+            let path = ca.unwrap_or(Path::new(SYSTEM_CA_BUNDLE));
+            let certs = roots(path).with_context(|| {
+                format!("https to {base}: pass --ca FILE (or set CHUTECTL_CA) to trust the cloud's CA or certificate")
+            })?;
+            cfg = cfg.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::new_with_certs(&certs))
+                    .unversioned_rustls_crypto_provider(std::sync::Arc::new(
+                        rustls::crypto::ring::default_provider(),
+                    ))
+                    .build(),
+            );
+        } else if !base.starts_with("http://") {
+            bail!("cloud URL {base:?}: use http://HOST:PORT or https://HOST:PORT");
+        }
+        Ok(Self {
             base: base.trim_end_matches('/').to_owned(),
             token: token.to_owned(),
-            agent,
-        }
+            agent: cfg.build().into(),
+        })
     }
 
     fn url(&self, path: &str) -> String {
@@ -43,8 +85,16 @@ impl Client {
         what: &str,
         r: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
     ) -> anyhow::Result<(u16, Value)> {
-        let mut r =
-            r.with_context(|| format!("{what}: cannot reach the cloud at {}", self.base))?;
+        let mut r = r.map_err(|e| {
+            let e = e.to_string();
+            let hint = if e.contains("certificate") {
+                " (trust the cloud's CA, or its self-signed certificate, with --ca FILE; a \
+                 self-signed certificate must say basicConstraints CA:FALSE)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{what}: cannot reach the cloud at {}: {e}{hint}", self.base)
+        })?;
         let status = r.status().as_u16();
         let text = r.body_mut().read_to_string().unwrap_or_default();
         let v: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));

@@ -33,6 +33,11 @@ struct Cli {
     /// API token (or env CHUTECTL_TOKEN, or `chutectl login`)
     #[argh(option)]
     token: Option<String>,
+    /// PEM CA certificate(s) to trust for an https cloud: a private CA or the cloud's
+    /// self-signed certificate (or env CHUTECTL_CA, or `chutectl login`; default the
+    /// system bundle /etc/ssl/certs/ca-certificates.crt)
+    #[argh(option)]
+    ca: Option<PathBuf>,
     /// key file (or env CHUTECTL_KEY; default ~/.config/chutectl/key)
     #[argh(option)]
     key: Option<PathBuf>,
@@ -119,6 +124,9 @@ struct Login {
     /// API token
     #[argh(option)]
     token: String,
+    /// PEM CA certificate(s) to trust for an https URL (saved with the URL and token)
+    #[argh(option)]
+    ca: Option<PathBuf>,
 }
 
 /// The fleet owner key.
@@ -391,6 +399,7 @@ fn saved() -> Value {
 struct Ctx {
     cli_cloud: Option<String>,
     cli_token: Option<String>,
+    cli_ca: Option<PathBuf>,
     key_path: PathBuf,
     json: bool,
 }
@@ -410,7 +419,15 @@ impl Ctx {
             .or_else(|| std::env::var("CHUTECTL_TOKEN").ok())
             .or_else(|| s["token"].as_str().map(str::to_owned))
             .context("no API token: pass --token, set CHUTECTL_TOKEN or run `chutectl login URL --token T`")?;
-        Ok(Client::new(&cloud, &token))
+        let ca = self.ca().or_else(|| s["ca"].as_str().map(PathBuf::from));
+        Client::new(&cloud, &token, ca.as_deref())
+    }
+
+    /// The CA file given on the command line or in the environment (not the saved one).
+    fn ca(&self) -> Option<PathBuf> {
+        self.cli_ca
+            .clone()
+            .or_else(|| std::env::var_os("CHUTECTL_CA").map(PathBuf::from))
     }
 
     fn key(&self) -> anyhow::Result<Keypair> {
@@ -448,8 +465,16 @@ fn device_line(d: &Value) -> String {
     } else {
         "offline".into()
     };
+    // The device clock at its last heartbeat, and how far it is from the cloud's.
+    let clock = match (
+        d["clock"]["state"].as_str(),
+        d["clock"]["skew_secs"].as_i64(),
+    ) {
+        (Some(state), Some(skew)) => format!("{state} ({skew:+}s)"),
+        _ => "?".into(),
+    };
     format!(
-        "{}  {:<8}  {}  {}  heartbeat {}  chutes {}/{}  agent {}  tags {}",
+        "{}  {:<8}  {}  {}  heartbeat {}  clock {clock}  chutes {}/{}  agent {}  tags {}",
         d["id"].as_str().unwrap_or("?"),
         d["status"].as_str().unwrap_or("?"),
         d["fingerprint"].as_str().unwrap_or("?"),
@@ -925,6 +950,7 @@ fn run() -> anyhow::Result<()> {
     let ctx = Ctx {
         cli_cloud: cli.cloud.clone(),
         cli_token: cli.token.clone(),
+        cli_ca: cli.ca.clone(),
         key_path,
         json: cli.json,
     };
@@ -945,13 +971,25 @@ fn run() -> anyhow::Result<()> {
             ctx.out(&json!({ "pubkey": key.public_hex() }), || key.public_hex());
         }
         Cmd::Login(l) => {
-            let c = Client::new(&l.url, &l.token);
+            // Saved as an absolute path: later commands run from anywhere.
+            let ca = match l.ca.clone().or_else(|| ctx.ca()) {
+                Some(p) => Some(
+                    std::fs::canonicalize(&p)
+                        .with_context(|| format!("CA file {}", p.display()))?,
+                ),
+                None => None,
+            };
+            let c = Client::new(&l.url, &l.token, ca.as_deref())?;
             c.get("/api/v1/owner")
                 .context("the cloud refused this URL/token")?;
             let dir = config_dir();
             std::fs::create_dir_all(&dir)?;
             let path = dir.join("config.json");
-            let body = serde_json::to_string_pretty(&json!({ "cloud": l.url, "token": l.token }))?;
+            let mut saved = json!({ "cloud": l.url, "token": l.token });
+            if let Some(ca) = &ca {
+                saved["ca"] = json!(ca);
+            }
+            let body = serde_json::to_string_pretty(&saved)?;
             {
                 use std::io::Write;
                 use std::os::unix::fs::OpenOptionsExt;
@@ -963,9 +1001,10 @@ fn run() -> anyhow::Result<()> {
                     .open(&path)?;
                 f.write_all(body.as_bytes())?;
             }
-            ctx.out(&json!({ "cloud": l.url, "saved_to": path }), || {
-                format!("logged in to {}; saved to {}", l.url, path.display())
-            });
+            ctx.out(
+                &json!({ "cloud": l.url, "ca": ca, "saved_to": path }),
+                || format!("logged in to {}; saved to {}", l.url, path.display()),
+            );
         }
         Cmd::Owner(OwnerCmd {
             sub: OwnerSub::Init(_),
@@ -1005,7 +1044,13 @@ fn run() -> anyhow::Result<()> {
                 DeviceSub::Show(d) => {
                     device_arg(&d.id)?;
                     let v = c.get(&format!("/api/v1/devices/{}", d.id))?;
-                    ctx.out(&v, || serde_json::to_string_pretty(&v).unwrap_or_default());
+                    ctx.out(&v, || {
+                        format!(
+                            "{}\n{}",
+                            device_line(&v),
+                            serde_json::to_string_pretty(&v).unwrap_or_default()
+                        )
+                    });
                 }
                 DeviceSub::Accept(d) => {
                     device_arg(&d.id)?;

@@ -1,7 +1,9 @@
 //! Agent sessions at `/agent`: the router side of the `proto` handshake (HELLO →
 //! CHALLENGE → AUTHENTICATE → WELCOME), device admission, and one loop per device that
 //! delivers its stored commands in order (one at a time), streams image blobs over the
-//! resumable chunk transfer, and records heartbeats and signed results.
+//! resumable chunk transfer (only the chunks the agent asks for: none when it already
+//! holds the digest), and records heartbeats (with the device clock and its skew against
+//! ours) and signed results.
 //!
 //! Bounds: frames over `proto::MAX_FRAME` close the socket (the websocket layer refuses
 //! them); the handshake must finish within [`HANDSHAKE_TIMEOUT`]; a session that sends
@@ -656,9 +658,19 @@ async fn handle(
                         .iter()
                         .filter(|c| c.state == proto::ChuteState::Running)
                         .count();
+                    let t = now();
+                    let clock_secs = i64::try_from(h.clock_secs).unwrap_or(i64::MAX);
                     let body = json!({
                         "seq": h.seq,
                         "uptime_secs": h.uptime_secs,
+                        // The device clock against ours when the heartbeat arrived: a
+                        // router without an RTC can be years off, and its commands are
+                        // then judged at its time floor (see `DeviceClock` in the API).
+                        "clock": {
+                            "secs": clock_secs,
+                            "state": h.clock.as_str(),
+                            "skew_secs": clock_secs.saturating_sub(t),
+                        },
                         "resources": {
                             "cpu_millicores_total": h.resources.cpu_millicores_total,
                             "cpu_millicores_free": h.resources.cpu_millicores_free,
@@ -682,12 +694,7 @@ async fn handle(
                     });
                     let _ = app
                         .store
-                        .device_heartbeat(
-                            device,
-                            h.agent_version.as_str(),
-                            &body.to_string(),
-                            now(),
-                        )
+                        .device_heartbeat(device, h.agent_version.as_str(), &body.to_string(), t)
                         .await;
                 }
                 Publication::Logs(b) => {

@@ -99,9 +99,26 @@ pub struct Device {
     pub chutes_total: Option<i64>,
     pub agent_version: Option<String>,
     pub tags: Vec<String>,
+    /// The device clock at the last heartbeat (none before the first).
+    pub clock: Option<DeviceClock>,
     /// Per chute state, restarts and usage from the last heartbeat.
     #[schema(value_type = Object)]
     pub heartbeat: Option<Value>,
+}
+
+/// A device's clock as its last heartbeat reported it.
+#[derive(Serialize, ToSchema)]
+pub struct DeviceClock {
+    /// The device clock, unix seconds.
+    pub secs: i64,
+    /// `ok`; `behind floor`: earlier than the newest signed command the device has seen
+    /// (set back, or lost at boot without an RTC: commands are judged at that floor, so
+    /// short-lived ones may be refused as expired); `ahead`: the newest authentic
+    /// command arrived already expired (the clock probably runs ahead).
+    pub state: String,
+    /// Device clock minus the cloud's clock when the heartbeat arrived, in seconds
+    /// (positive: the device is ahead).
+    pub skew_secs: i64,
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -317,6 +334,14 @@ fn device_view(app: &App, d: DeviceRow) -> Device {
         chutes_total: hb.as_ref().and_then(|h| h["chutes_total"].as_i64()),
         agent_version: d.agent_version,
         tags: serde_json::from_str(&d.tags).unwrap_or_default(),
+        clock: hb.as_ref().and_then(|h| {
+            let c = &h["clock"];
+            Some(DeviceClock {
+                secs: c["secs"].as_i64()?,
+                state: c["state"].as_str()?.to_owned(),
+                skew_secs: c["skew_secs"].as_i64()?,
+            })
+        }),
         heartbeat: hb,
         id: d.id,
         status: d.status,

@@ -7,15 +7,19 @@
 //! (that needs a developer key with an owner-signed grant) or a result (that needs the
 //! device key); `chutectl` verifies every result itself.
 //!
-//! What it deliberately is not (yet): multi-tenant, replicated (the store trait is the
-//! seam for a PostgreSQL backend), or a TLS terminator (put it behind one, or use
-//! `--tls-cert`/`--tls-key` once implemented).
+//! TLS: with `--tls-cert F --tls-key F` it serves https and wss on its one listener
+//! (rustls on *ring*, see `tls`); without, plain http and ws (for a loopback test or
+//! behind a TLS-terminating proxy).
+//!
+//! What it deliberately is not (yet): multi-tenant or replicated (the store trait is
+//! the seam for a PostgreSQL backend).
 
 mod agent;
 mod api;
 mod blobs;
 mod console;
 mod store;
+mod tls;
 mod wire;
 
 use std::io::Write;
@@ -55,10 +59,10 @@ struct Serve {
     /// database URL (default sqlite://DATA_DIR/cloud.db)
     #[argh(option)]
     database: Option<String>,
-    /// PEM certificate chain for https/wss (not implemented yet: terminate TLS in front)
+    /// PEM certificate chain: serve https and wss instead of http and ws (needs --tls-key)
     #[argh(option)]
     tls_cert: Option<PathBuf>,
-    /// PEM private key for --tls-cert
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 or SEC1)
     #[argh(option)]
     tls_key: Option<PathBuf>,
     /// log level: error, warn, info, debug (default info)
@@ -121,9 +125,17 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
 }
 
 async fn serve(s: Serve) -> anyhow::Result<()> {
-    if s.tls_cert.is_some() || s.tls_key.is_some() {
-        anyhow::bail!("--tls-cert/--tls-key are not implemented yet; terminate TLS in a reverse proxy and let agents use wss:// to it");
-    }
+    // Checked before anything is created: a typo in a path must not leave a data dir.
+    let tls = match (&s.tls_cert, &s.tls_key) {
+        (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
+        (None, None) => None,
+        (Some(_), None) => {
+            anyhow::bail!("--tls-cert needs --tls-key (the certificate's private key)")
+        }
+        (None, Some(_)) => {
+            anyhow::bail!("--tls-key needs --tls-cert (the certificate chain it belongs to)")
+        }
+    };
     // The database holds token hashes and the audit log: a data dir we create is
     // owner-only (an existing one is left as its owner set it; the files are 0600).
     if !s.data_dir.exists() {
@@ -165,26 +177,42 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
-    println!("chute-cloud listening on http://{addr} (agents: ws://{addr}/agent)");
-    tracing::info!(%addr, "listening");
-    axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(async {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term => {}
-            }
-            tracing::info!("shutting down");
-        })
-        .await?;
+    let router = api::router(app);
+    match tls {
+        Some(cfg) => {
+            println!("chute-cloud listening on https://{addr} (agents: wss://{addr}/agent)");
+            tracing::info!(%addr, tls = true, "listening");
+            let listener = tls::TlsListener::new(listener, cfg)?;
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown())
+                .await?;
+        }
+        None => {
+            println!("chute-cloud listening on http://{addr} (agents: ws://{addr}/agent)");
+            tracing::info!(%addr, tls = false, "listening");
+            axum::serve(listener, router)
+                .with_graceful_shutdown(shutdown())
+                .await?;
+        }
+    }
     Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    tracing::info!("shutting down");
 }
 
 fn main() -> anyhow::Result<()> {

@@ -705,6 +705,96 @@ fn image_archive_deploy_resumes_after_link_loss_and_is_verified() {
     assert_eq!(observable(&c.w), before);
 }
 
+/// The reply to `request`, failing if the agent asks for archive `sha` on the way.
+fn reply_without_transfer(s: &mut Session, request: u64, sha: [u8; 32]) -> Reply {
+    let start = Instant::now();
+    loop {
+        match s.recv(T) {
+            Some(Message::ChunkAck(a)) if a.image_sha256 == sha => {
+                panic!("the agent asked for an archive it already loaded: {a:?}")
+            }
+            Some(Message::Result(r)) if r.request == request => return Reply::Result(r.result),
+            Some(Message::Error(e)) if e.request == request => return Reply::Error(e),
+            _ => assert!(start.elapsed() < T, "no reply to request {request}"),
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
+fn an_archive_the_chute_already_loaded_is_not_sent_again_unless_its_image_is_gone() {
+    let mut c = setup("", &[]);
+    let chute = unique("cl-");
+    c.w.track(&chute);
+    // A tag of its own: untagging it below touches no other test's image.
+    let own = format!("localhost/{}:1", unique("held-"));
+    podman_ok(&["tag", IMAGE, &own]);
+    let tar = c.w.dir.join("held.tar");
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        tar.to_str().unwrap(),
+        &own,
+    ]);
+    let data = std::fs::read(&tar).unwrap();
+    let archive = Archive {
+        sha: {
+            use sha2::Digest;
+            sha2::Sha256::digest(&data).into()
+        },
+        data,
+    };
+    let deploy = |dev: &mut Developer| {
+        dev.sign(Args::Deploy(DeployArgs {
+            chute: name(&chute),
+            manifest_toml: BoundedString::new(manifest_with(&chute, &own)).unwrap(),
+            image_sha256: Some(archive.sha),
+            image_size: archive.total(),
+        }))
+    };
+    let ack_of = |m: &Message| archive.is_ack(m);
+
+    // First deploy: the archive crosses the link.
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 1,
+        command: deploy(&mut c.dev),
+    })));
+    c.s.wait_for("first ack", T, ack_of);
+    assert!(archive.finish(&mut c.s, 0, 256 * 1024).complete);
+    let v: DeployResult = c.s.reply(1, T).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+
+    // Again (a new signed command, same archive): not a byte is asked for.
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 2,
+        command: deploy(&mut c.dev),
+    })));
+    let v: DeployResult = reply_without_transfer(&mut c.s, 2, archive.sha).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+    assert!(c
+        .w
+        .agent_log()
+        .contains("image archive already loaded; nothing to transfer"));
+
+    // Once the reference no longer names that image, the archive is needed again.
+    podman_ok(&["untag", &own, &own]);
+    c.s.send(&Message::Call(Box::new(proto::Call {
+        request: 3,
+        command: deploy(&mut c.dev),
+    })));
+    let Message::ChunkAck(ChunkAck { next_offset: 0, .. }) = c.s.wait_for("an ack", T, ack_of)
+    else {
+        panic!("the transfer starts at 0")
+    };
+    assert!(archive.finish(&mut c.s, 0, 256 * 1024).complete);
+    let v: DeployResult = c.s.reply(3, T).ok();
+    assert_eq!(v.chute.state, chute_api::ChuteState::Running, "{v:?}");
+    c.w.wait_state(&chute, chute_api::ChuteState::Running, T);
+    let _ = podman(&["untag", &own, &own]);
+}
+
 #[test]
 #[ignore = "needs root and Podman; scripts/test.sh runs it with --include-ignored"]
 fn id_and_trust_commands() {
@@ -748,36 +838,6 @@ fn id_and_trust_commands() {
     let (ok, out, _) = run(&["selftest"]);
     assert!(ok && out.contains("selftest ok"), "{out}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A private CA and a certificate for 127.0.0.1 signed by it (openssl CLI).
-fn make_certs(
-    dir: &std::path::Path,
-) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    let sh = |script: &str| {
-        let st = std::process::Command::new("sh")
-            .arg("-ec")
-            .arg(script)
-            .current_dir(dir)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .status()
-            .expect("run openssl");
-        assert!(st.success(), "openssl failed: {script}");
-    };
-    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=chuted-test-ca");
-    sh("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -out leaf.csr -subj /CN=127.0.0.1");
-    std::fs::write(
-        dir.join("leaf.ext"),
-        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    sh("openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out leaf.pem -days 2 -extfile leaf.ext");
-    (
-        dir.join("ca.pem"),
-        dir.join("leaf.pem"),
-        dir.join("leaf.key"),
-    )
 }
 
 #[test]

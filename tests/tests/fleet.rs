@@ -32,10 +32,18 @@ struct Cloud {
     port: u16,
     data: PathBuf,
     log: PathBuf,
+    /// What it printed on stdout.
+    out: PathBuf,
+    tls: bool,
 }
 
 impl Cloud {
     fn start(dir: &Path) -> Cloud {
+        Self::start_with(dir, None)
+    }
+
+    /// With `tls` (certificate chain, key): https and wss.
+    fn start_with(dir: &Path, tls: Option<(&Path, &Path)>) -> Cloud {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -43,16 +51,19 @@ impl Cloud {
             .port();
         let data = dir.join("cloud");
         let log = dir.join("cloud.log");
-        let child = Command::new(bin("chute-cloud"))
-            .args(["serve", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--log-level",
-                "debug",
-            ])
-            .stdout(Stdio::null())
+        let out = dir.join("cloud.out");
+        let mut cmd = Command::new(bin("chute-cloud"));
+        cmd.args(["serve", "--data-dir"]).arg(&data).args([
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--log-level",
+            "debug",
+        ]);
+        if let Some((cert, key)) = tls {
+            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
+        }
+        let child = cmd
+            .stdout(std::fs::File::create(&out).unwrap())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("start chute-cloud");
@@ -61,6 +72,8 @@ impl Cloud {
             port,
             data,
             log,
+            out,
+            tls: tls.is_some(),
         };
         wait_until("chute-cloud /healthz", T, || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
@@ -70,11 +83,13 @@ impl Cloud {
     }
 
     fn http(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
     fn agent_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/agent", self.port)
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://127.0.0.1:{}/agent", self.port)
     }
 
     fn token(&self) -> String {
@@ -199,6 +214,14 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
                 && d["agent_version"].is_string()
         })
     });
+    // Its clock, as its heartbeats report it: this host's, so in step with the cloud's.
+    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    assert_eq!(d["clock"]["state"], "ok", "{d}");
+    let skew = d["clock"]["skew_secs"].as_i64().unwrap();
+    assert!(skew.abs() <= 3, "{d}");
+    let shown = ctl.run(&owner_key, &["device", "show", &device]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains("clock ok ("), "{shown}");
     ctl.ok(&owner_key, &["device", "tag", &device, "lab", "e2e"]);
 
     // The owner grants a developer key every procedure on chutes `<prefix>*` only.
@@ -336,6 +359,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
 
     // Pushing the same version again replaces the chute in place; the blob is already in
     // the cloud, so nothing is uploaded again.
+    let started = Instant::now();
     let o = dctl.run(
         &dev_key,
         &["push", dir.to_str().unwrap(), "--device", &device],
@@ -343,6 +367,22 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert!(String::from_utf8_lossy(&o.stderr).contains("already in the cloud"));
     w.wait_state(&name, e2e::ChuteState::Running, T);
+    // The device still holds the image that archive loaded: nothing crosses the link.
+    assert_eq!(
+        metric(&cloud, "chute_cloud_image_bytes_sent_total"),
+        image_size,
+        "a device that already holds the digest is sent nothing"
+    );
+    assert!(
+        w.agent_log()
+            .contains("image archive already loaded; nothing to transfer"),
+        "{}",
+        tail(&w.agent_log(), 30)
+    );
+    eprintln!(
+        "second push of the same image: 0 image bytes sent (first: {image_size}), {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
 
     // Honest status: running/total from heartbeats.
     wait_until("heartbeats to count the running chute", T, || {
@@ -560,6 +600,14 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
             d["last_heartbeat"].is_i64() && d["agent_version"] == "fake-2" && d["chutes_total"] == 0
         })
     });
+    // Its clock said 1970: the skew against the cloud's clock shows it.
+    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    let now = e2e::peer::unix_now() as i64;
+    assert_eq!(d["clock"]["secs"], 0, "{d}");
+    assert!(
+        (d["clock"]["skew_secs"].as_i64().unwrap() + now).abs() <= 5,
+        "{d}"
+    );
 
     // A heartbeat flood is recorded at a bounded rate, not frame by frame.
     let hb = |seq: u64| {
@@ -944,4 +992,197 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
         d["last_heartbeat"], first,
         "a state change is not a heartbeat: {d}"
     );
+}
+
+/// `curl` against the TLS cloud, trusting `ca`; (exit success, stdout).
+fn curl_tls(ca: &Path, args: &[&str]) -> (bool, String) {
+    let o = Command::new("curl")
+        .args(["-s", "--max-time", "20", "--cacert"])
+        .arg(ca)
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
+    use std::io::{Read, Write};
+    let mut w = World::new(&small_pools_config("heartbeat_secs = 1\nsample_secs = 1\n"));
+    let certs = w.dir.join("tls");
+    std::fs::create_dir_all(&certs).unwrap();
+    let (ca, leaf, key) = make_certs(&certs);
+    let cloud = Cloud::start_with(&w.dir, Some((&leaf, &key)));
+    let printed = std::fs::read_to_string(&cloud.out).unwrap();
+    assert!(
+        printed.contains(&format!("https://127.0.0.1:{}", cloud.port))
+            && printed.contains(&format!("wss://127.0.0.1:{}/agent", cloud.port)),
+        "{printed}"
+    );
+    let ctl = Ctl {
+        cloud: cloud.http(),
+        token: cloud.token(),
+        home: w.dir.join("home"),
+    };
+    let owner_key = w.dir.join("owner.key");
+
+    // chutectl trusts the private CA once `login --ca` saved it; not before.
+    let (ok, v) = ctl.json(&owner_key, &["device", "list"]);
+    assert!(
+        !ok && v["error"].as_str().unwrap().contains("certificate"),
+        "{v}"
+    );
+    let o = ctl.run(
+        &owner_key,
+        &[
+            "login",
+            &cloud.http(),
+            "--token",
+            &cloud.token(),
+            "--ca",
+            ca.to_str().unwrap(),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    ctl.ok(&owner_key, &["keygen"]);
+    let owner_hex = ctl.ok(&owner_key, &["owner", "init"])["owner_key"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let state = w.state_dir.to_str().unwrap().to_owned();
+    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
+    let device = w
+        .cli(&["id", "--state-dir", &state])
+        .lines()
+        .find_map(|l| l.strip_prefix("device_id "))
+        .unwrap()
+        .trim()
+        .to_owned();
+
+    // Hostile clients on the TLS port: one that never starts its handshake, one that
+    // speaks plain http. Neither disturbs anyone; the silent one is cut off.
+    let mut silent = std::net::TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    let silent = std::thread::spawn(move || {
+        let since = Instant::now();
+        silent
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut buf = [0u8; 16];
+        (silent.read(&mut buf).map_err(|e| e.kind()), since.elapsed())
+    });
+    let mut plain = std::net::TcpStream::connect(("127.0.0.1", cloud.port)).unwrap();
+    plain
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    plain
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer);
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("ok"),
+        "plain http was served on the TLS port"
+    );
+    assert_eq!(
+        curl_tls(&ca, &[&format!("{}/healthz", cloud.http())]),
+        (true, "ok\n".to_owned())
+    );
+
+    // An agent that does not trust the cloud's certificate (the system bundle only)
+    // does not connect, and says why.
+    let claim = ctl.ok(&owner_key, &["device", "claim-token", "--expires", "10m"]);
+    let claim = claim["token"].as_str().unwrap().to_owned();
+    w.run_args = vec![
+        "--cloud".into(),
+        cloud.agent_url(),
+        "--claim".into(),
+        claim.clone(),
+    ];
+    w.start_agent();
+    wait_until("the agent to log the untrusted certificate", T, || {
+        w.agent_log().contains("invalid peer certificate")
+    });
+    assert!(
+        device_entry(&ctl, &owner_key, &device).is_none(),
+        "an agent that refused the certificate reached the cloud"
+    );
+    w.kill_agent();
+
+    // Trusting the CA (--cloud-ca), it connects over wss and the claim accepts it.
+    w.run_args
+        .extend(["--cloud-ca".into(), ca.to_str().unwrap().to_owned()]);
+    w.start_agent();
+    wait_until("the device connected and accepted over wss", T, || {
+        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+            d["status"] == "accepted" && d["connected"] == true && d["last_heartbeat"].is_i64()
+        })
+    });
+
+    // A developer pushes a chute with its image over https; it runs on the device.
+    let dev_key = w.dir.join("dev.key");
+    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let prefix = unique("tls");
+    ctl.ok(
+        &owner_key,
+        &[
+            "grant",
+            "issue",
+            "--to",
+            &dev_pub,
+            "--procedures",
+            "deploy,start,stop,restart,remove,logs,status",
+            "--chutes",
+            &format!("{prefix}-*"),
+        ],
+    );
+    let name = format!("{prefix}-web");
+    let dir = w.chute_dir(
+        &name,
+        r#"["sh", "-c", "while true; do echo tick; sleep 1; done"]"#,
+        "",
+    );
+    podman_ok(&[
+        "save",
+        "--format",
+        "docker-archive",
+        "-o",
+        dir.join("image.tar").to_str().unwrap(),
+        IMAGE,
+    ]);
+    let pushed = ctl.ok(
+        &dev_key,
+        &["push", dir.to_str().unwrap(), "--device", &device],
+    );
+    let r = &pushed["results"][0];
+    assert_eq!(
+        (r["status"].as_str(), r["verified"].as_bool()),
+        (Some("succeeded"), Some(true)),
+        "{pushed}\ncloud log:\n{}",
+        tail(&cloud.log(), 30)
+    );
+    w.wait_state(&name, e2e::ChuteState::Running, T);
+    let listed = ctl.ok(&dev_key, &["list", "--device", &device]);
+    assert!(listed.to_string().contains(&name), "{listed}");
+    let (ok, metrics) = curl_tls(&ca, &[&format!("{}/metrics", cloud.http())]);
+    assert!(
+        ok && metrics.contains("chute_cloud_sessions 1"),
+        "{metrics}"
+    );
+
+    // The silent client was disconnected after the handshake timeout (10 s).
+    let (read, waited) = silent.join().unwrap();
+    assert_eq!(read, Ok(0), "the silent client was not closed ({waited:?})");
+    assert!(
+        waited >= Duration::from_secs(9) && waited < Duration::from_secs(20),
+        "silent client closed after {waited:?}"
+    );
+
+    let r = ctl.ok(&dev_key, &["remove", "--device", &device, &name]);
+    assert_eq!(r["verified"], true, "{r}");
 }

@@ -29,8 +29,17 @@ use super::Cloud;
 use crate::api::Event;
 use chute_api::{ApiError, DeviceStatus, GrantInstalled, LogBatch, LogLine, Request, Response};
 
+/// Where a deploy's archive comes from, as decided when its CALL was accepted.
+enum Source {
+    /// Over the chunk transfer.
+    Transfer(Expect),
+    /// This chute loaded exactly this archive before, as this image id: if the image is
+    /// still here, nothing is transferred.
+    Held(String),
+}
+
 /// A deploy's image, as registered when its CALL was accepted.
-type ImageRequest = Result<([u8; 32], Expect), (ErrorCode, String)>;
+type ImageRequest = Result<([u8; 32], Source), (ErrorCode, String)>;
 
 pub(super) fn error_msg(
     kind: MessageType,
@@ -259,10 +268,23 @@ impl Cloud {
         let image = match &cmd.args {
             // A deploy that will be refused anyway must not open a transfer.
             Args::Deploy(a) if precheck(a).is_ok() => a.image_sha256.map(|sha| {
-                self.images
-                    .borrow_mut()
-                    .expect(sha, a.image_size)
-                    .map(|e| (sha, e))
+                let held = chutes::Manifest::from_toml_str(&a.manifest_toml)
+                    .ok()
+                    .and_then(|m| {
+                        crate::imagepin::loaded_archive(
+                            &self.agent.state_dir,
+                            &m,
+                            &proto::hex_encode(&sha),
+                        )
+                    });
+                match held {
+                    Some(id) => Ok((sha, Source::Held(id))),
+                    None => self
+                        .images
+                        .borrow_mut()
+                        .expect(sha, a.image_size)
+                        .map(|e| (sha, Source::Transfer(e))),
+                }
             }),
             _ => None,
         };
@@ -315,6 +337,12 @@ impl Cloud {
                 if let Err((code, msg)) = precheck(a) {
                     return failed(code, &msg);
                 }
+                let image = match image {
+                    Some(Ok((sha, Source::Held(id)))) => Some(self.held(a, sha, &id).await),
+                    Some(Ok((sha, Source::Transfer(e)))) => Some(Ok((sha, e))),
+                    Some(Err(e)) => Some(Err(e)),
+                    None => None,
+                };
                 let (dir, sha) = match image {
                     None => (None, None),
                     Some(Err((code, msg))) => return failed(code, &msg),
@@ -448,6 +476,34 @@ impl Cloud {
                 })
             }
         }
+    }
+
+    /// An archive this chute loaded before: when its reference still resolves to the
+    /// image it brought, a directory naming only the digest (nothing is transferred);
+    /// otherwise the transfer after all.
+    async fn held(
+        &self,
+        a: &proto::DeployArgs,
+        sha: [u8; 32],
+        id: &str,
+    ) -> Result<([u8; 32], Expect), (ErrorCode, String)> {
+        let reference = chutes::Manifest::from_toml_str(&a.manifest_toml)
+            .map(|m| m.image)
+            .unwrap_or_default();
+        let here = self.agent.runtime.image_id(&reference).await.ok();
+        if here.as_deref() == Some(id) {
+            match self.images.borrow().held_dir(&sha) {
+                Ok(dir) => {
+                    tracing::info!(image = %proto::hex_encode(&sha), "image archive already loaded; nothing to transfer");
+                    return Ok((sha, Expect::Ready(dir)));
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot note a held image; transferring it"),
+            }
+        }
+        self.images
+            .borrow_mut()
+            .expect(sha, a.image_size)
+            .map(|e| (sha, e))
     }
 
     async fn wait_image(

@@ -313,6 +313,24 @@ impl Images {
         }
     }
 
+    /// A directory holding only the digest file of `sha`: a deploy of the archive the
+    /// chute loaded before (see `imagepin::loaded_archive`). Removed by [`Self::release`].
+    pub fn held_dir(&self, sha: &[u8; 32]) -> std::io::Result<PathBuf> {
+        let dir = self.ready_dir(sha);
+        std::fs::create_dir_all(&dir)?;
+        crate::snapshot::write_atomic(
+            &dir.join(crate::supervisor::IMAGE_DIGEST),
+            format!(
+                "{}  {}\n",
+                hex_encode(sha),
+                crate::supervisor::IMAGE_ARCHIVE
+            )
+            .as_bytes(),
+            0o600,
+        )?;
+        Ok(dir)
+    }
+
     /// Removes a finished archive once its deploy is done with it.
     pub fn release(&mut self, sha: &[u8; 32]) {
         let _ = std::fs::remove_dir_all(self.ready_dir(sha));

@@ -1,5 +1,6 @@
-//! Owns image handling: an archive beside chute.toml verified by its sha256 and loaded, else
-//! the local store, else a pull.
+//! Owns image handling: an archive beside chute.toml verified by its sha256 and loaded
+//! (or, with only its sha256 there, the image that archive loaded before), else the
+//! local store, else a pull.
 
 use std::path::Path;
 
@@ -74,6 +75,13 @@ pub async fn ensure_image(
                     manifest.image
                 )));
             }
+            return Ok(());
+        }
+        if dir.join(IMAGE_DIGEST).exists() {
+            // The archive of that digest was loaded before (`imagepin::check_deploy`
+            // allowed it); pinning checks the reference still resolves to its image.
+            // Never a pull: the deploy is pinned to the archive's content.
+            let _ = progress.try_send("image archive already loaded".to_owned());
             return Ok(());
         }
     }
