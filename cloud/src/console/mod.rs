@@ -346,11 +346,20 @@ fn fingerprint(d: &DeviceRow) -> String {
 }
 
 /// What the agent last said about its clock, if it reports one.
+/// The device clock as people read it: its state and its skew against the cloud's clock
+/// when the last heartbeat arrived (`ok (+0 s)`), as `chutectl device list` prints it.
 fn clock_of(hb: &Value) -> String {
     match hb.get("clock").or_else(|| hb.get("clock_state")) {
         Some(Value::String(s)) => s.clone(),
         Some(Value::Null) | None => "not reported".into(),
-        Some(v) => v.to_string(),
+        Some(v) => match (
+            v.get("state").and_then(Value::as_str),
+            v.get("skew_secs").and_then(Value::as_i64),
+        ) {
+            (Some(state), Some(skew)) => format!("{state} ({skew:+} s skew)"),
+            (Some(state), None) => state.to_string(),
+            _ => v.to_string(),
+        },
     }
 }
 

@@ -234,3 +234,13 @@ async fn a_developer_token_cannot_admit_devices_from_the_console() {
     let d = e.app.store.device_get(&id).await.unwrap().unwrap();
     assert_eq!(d.status, "pending");
 }
+
+#[test]
+fn the_device_clock_reads_as_its_state_and_skew() {
+    use serde_json::json;
+    let hb = json!({"clock": {"secs": 1_700_000_000, "state": "ok", "skew_secs": -2}});
+    assert_eq!(super::clock_of(&hb), "ok (-2 s skew)");
+    let hb = json!({"clock": {"secs": 0, "state": "unset", "skew_secs": 0}});
+    assert_eq!(super::clock_of(&hb), "unset (+0 s skew)");
+    assert_eq!(super::clock_of(&json!({})), "not reported");
+}
