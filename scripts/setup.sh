@@ -10,6 +10,9 @@ set -eu
 PKGS="podman runc conmon netavark iptables busybox-static iproute2 iperf3 ca-certificates openssl"
 # chute-cloud tests and API fuzzing (scripts/fuzz-api.sh: schemathesis in a venv)
 PKGS="$PKGS curl python3-venv"
+# chute-cloud on PostgreSQL: its tests start private clusters (initdb + pg_ctl as the
+# `postgres` user the package creates); the package's own cluster is not used.
+PKGS="$PKGS postgresql"
 # program|package: what Podman and the agent exec, and who ships it. Podman finds conmon
 # and netavark in its helper directories, iptables on root's PATH (/usr/sbin).
 NEEDED="

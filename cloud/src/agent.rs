@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use futures_util::SinkExt;
 
 use crate::store::CommandRow;
-use crate::{now, wire, App};
+use crate::{bus, now, wire, App};
 
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MALFORMED: u32 = 8;
@@ -71,7 +71,8 @@ pub struct Follow {
     pub last_poll: Instant,
 }
 
-/// Connected devices.
+/// Connected devices: the sessions of this process, and — with replicas on PostgreSQL
+/// — what the other replicas announced over the [`bus`](crate::bus).
 pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
     next_session: AtomicU64,
@@ -79,6 +80,12 @@ pub struct Hub {
     follows: Mutex<HashMap<(String, String), Follow>>,
     /// Image bytes sent to devices in CHUNKs (for /metrics).
     pub chunk_bytes: AtomicU64,
+    /// Other replicas (PostgreSQL only).
+    bus: OnceLock<bus::Sender>,
+    /// device → (replica, session, since) of sessions on other replicas.
+    remote: Mutex<HashMap<String, (u64, u64, i64)>>,
+    /// replica → when it last said it was alive.
+    alive: Mutex<HashMap<u64, Instant>>,
 }
 
 impl Default for Hub {
@@ -88,27 +95,81 @@ impl Default for Hub {
             next_session: AtomicU64::new(1),
             follows: Mutex::new(HashMap::new()),
             chunk_bytes: AtomicU64::new(0),
+            bus: OnceLock::new(),
+            remote: Mutex::new(HashMap::new()),
+            alive: Mutex::new(HashMap::new()),
         }
     }
 }
 
 impl Hub {
-    pub fn get(&self, device: &str) -> Option<Live> {
+    /// Joins the other replicas: events go out through `sender`, and session ids are
+    /// prefixed with the replica's so they stay unique across replicas.
+    pub fn attach_bus(&self, sender: bus::Sender) {
+        self.next_session
+            .store(((sender.replica & 0xF_FFFF) << 40) | 1, Ordering::Relaxed);
+        let _ = self.bus.set(sender);
+    }
+
+    fn publish(&self, e: bus::Event) {
+        if let Some(b) = self.bus.get() {
+            b.publish(e);
+        }
+    }
+
+    fn replica_alive(&self, replica: u64) -> bool {
+        self.alive
+            .lock()
+            .ok()
+            .and_then(|a| a.get(&replica).map(|t| t.elapsed() < bus::ALIVE_TIMEOUT))
+            .unwrap_or(false)
+    }
+
+    fn local(&self, device: &str) -> Option<Live> {
         self.live.lock().ok()?.get(device).cloned()
     }
 
-    pub fn count(&self) -> usize {
-        self.live.lock().map(|m| m.len()).unwrap_or(0)
+    /// The device's session here or, with replicas, on a live other replica.
+    pub fn get(&self, device: &str) -> Option<Live> {
+        if let Some(l) = self.local(device) {
+            return Some(l);
+        }
+        let (replica, session, since) = *self.remote.lock().ok()?.get(device)?;
+        self.replica_alive(replica).then(|| Live {
+            session,
+            since,
+            wake: Arc::new(Notify::new()),
+        })
     }
 
-    /// Tells the device's session to look at the store again (new command, accepted…).
+    /// Sessions open on this replica and on the live others.
+    pub fn count(&self) -> usize {
+        let local = self.live.lock().map(|m| m.len()).unwrap_or(0);
+        let remote = self
+            .remote
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|(r, _, _)| self.replica_alive(*r))
+                    .count()
+            })
+            .unwrap_or(0);
+        local + remote
+    }
+
+    /// Tells the device's session to look at the store again (new command, accepted…),
+    /// wherever it is.
     pub fn wake(&self, device: &str) {
-        if let Some(l) = self.get(device) {
-            l.wake.notify_one();
+        match self.local(device) {
+            Some(l) => l.wake.notify_one(),
+            None => self.publish(bus::Event::Wake {
+                d: device.to_owned(),
+            }),
         }
     }
 
     fn register(&self, device: &str, live: Live) {
+        let (session, since) = (live.session, live.since);
         if let Ok(mut m) = self.live.lock() {
             // A newer session of the same key replaces the older one; the older loop
             // notices on its next wake and ends.
@@ -116,29 +177,127 @@ impl Hub {
                 old.wake.notify_one();
             }
         }
+        if let Ok(mut r) = self.remote.lock() {
+            r.remove(device);
+        }
+        self.publish(bus::Event::Session {
+            d: device.to_owned(),
+            s: session,
+            since,
+        });
     }
 
     fn unregister(&self, device: &str, session: u64) {
         if let Ok(mut m) = self.live.lock() {
             if m.get(device).is_some_and(|l| l.session == session) {
                 m.remove(device);
+                self.publish(bus::Event::Gone {
+                    d: device.to_owned(),
+                    s: session,
+                });
+            }
+        }
+    }
+
+    /// An event from another replica.
+    pub fn deliver(&self, replica: u64, e: bus::Event) {
+        use bus::Event as E;
+        if let Ok(mut a) = self.alive.lock() {
+            a.insert(replica, Instant::now());
+        }
+        match e {
+            E::Wake { d } => {
+                if let Some(l) = self.local(&d) {
+                    l.wake.notify_one();
+                }
+            }
+            E::Session { d, s, since } => {
+                // The device reconnected there: a session of it here is stale.
+                if let Ok(mut m) = self.live.lock() {
+                    if let Some(old) = m.remove(&d) {
+                        old.wake.notify_one();
+                    }
+                }
+                if let Ok(mut r) = self.remote.lock() {
+                    r.insert(d, (replica, s, since));
+                }
+            }
+            E::Gone { d, s } => {
+                if let Ok(mut r) = self.remote.lock() {
+                    if r.get(&d).is_some_and(|(_, rs, _)| *rs == s) {
+                        r.remove(&d);
+                    }
+                }
+            }
+            E::Follow { d, c, sub } => self.follow_start_here(&d, &c, sub),
+            E::Logs {
+                d,
+                c,
+                lines,
+                dropped,
+            } => self.follow_push_here(&d, &c, lines, dropped),
+            E::Poll { d, c } => {
+                if let Ok(mut f) = self.follows.lock() {
+                    if let Some(f) = f.get_mut(&(d, c)) {
+                        f.last_poll = Instant::now();
+                    }
+                }
+            }
+            E::Unfollow { d, c } => {
+                if let Ok(mut m) = self.follows.lock() {
+                    m.retain(|(fd, fc), _| fd != &d || c.as_ref().is_some_and(|c| c != fc));
+                }
+            }
+            E::Alive => {}
+            E::Hello => {
+                // A replica started: tell it which sessions are here.
+                let here: Vec<(String, u64, i64)> = self
+                    .live
+                    .lock()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(d, l)| (d.clone(), l.session, l.since))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for (d, s, since) in here {
+                    self.publish(bus::Event::Session { d, s, since });
+                }
             }
         }
     }
 
     /// Lines after `after` of a followed chute; `None` when nobody follows it. Counts
-    /// as a poll (keeps the follow alive).
+    /// as a poll (keeps the follow alive, on the session's replica too).
     pub fn poll_logs(&self, device: &str, chute: &str, after: u64) -> Option<(Vec<LogLine>, u64)> {
-        let mut f = self.follows.lock().ok()?;
-        let f = f.get_mut(&(device.to_owned(), chute.to_owned()))?;
-        f.last_poll = Instant::now();
-        Some((
-            f.lines.iter().filter(|l| l.seq > after).cloned().collect(),
-            f.dropped,
-        ))
+        let found = {
+            let mut f = self.follows.lock().ok()?;
+            let f = f.get_mut(&(device.to_owned(), chute.to_owned()))?;
+            f.last_poll = Instant::now();
+            (
+                f.lines.iter().filter(|l| l.seq > after).cloned().collect(),
+                f.dropped,
+            )
+        };
+        if self.local(device).is_none() {
+            self.publish(bus::Event::Poll {
+                d: device.to_owned(),
+                c: chute.to_owned(),
+            });
+        }
+        Some(found)
     }
 
     fn follow_start(&self, device: &str, chute: &str, subscription: u64) {
+        self.follow_start_here(device, chute, subscription);
+        self.publish(bus::Event::Follow {
+            d: device.to_owned(),
+            c: chute.to_owned(),
+            sub: subscription,
+        });
+    }
+
+    fn follow_start_here(&self, device: &str, chute: &str, subscription: u64) {
         if let Ok(mut m) = self.follows.lock() {
             let f = m
                 .entry((device.to_owned(), chute.to_owned()))
@@ -155,6 +314,24 @@ impl Hub {
     }
 
     fn follow_push(
+        &self,
+        device: &str,
+        chute: &str,
+        lines: Vec<(u64, String, String)>,
+        dropped: u32,
+    ) {
+        if self.bus.get().is_some() {
+            self.publish(bus::Event::Logs {
+                d: device.to_owned(),
+                c: chute.to_owned(),
+                lines: lines.clone(),
+                dropped,
+            });
+        }
+        self.follow_push_here(device, chute, lines, dropped);
+    }
+
+    fn follow_push_here(
         &self,
         device: &str,
         chute: &str,
@@ -195,8 +372,14 @@ impl Hub {
             .map(|(k, _)| k.clone())
             .collect();
         idle.into_iter()
-            .filter_map(|k| m.remove(&k))
-            .map(|f| f.subscription)
+            .filter_map(|k| {
+                let f = m.remove(&k)?;
+                self.publish(bus::Event::Unfollow {
+                    d: k.0,
+                    c: Some(k.1),
+                });
+                Some(f.subscription)
+            })
             .collect()
     }
 
@@ -205,10 +388,14 @@ impl Hub {
         if let Ok(mut m) = self.follows.lock() {
             m.retain(|(d, _), _| d != device);
         }
+        self.publish(bus::Event::Unfollow {
+            d: device.to_owned(),
+            c: None,
+        });
     }
 
     fn current(&self, device: &str, session: u64) -> bool {
-        self.get(device).is_some_and(|l| l.session == session)
+        self.local(device).is_some_and(|l| l.session == session)
     }
 }
 

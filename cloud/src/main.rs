@@ -7,13 +7,17 @@
 //! (that needs a developer key with an owner-signed grant) or a result (that needs the
 //! device key); `chutectl` verifies every result itself.
 //!
-//! What it deliberately is not (yet): multi-tenant, replicated (the store trait is the
-//! seam for a PostgreSQL backend), or a TLS terminator (put it behind one, or use
+//! Replicas: several `serve` processes on one PostgreSQL database (`--database
+//! postgres://…`) behave as one manager; they share nothing but the database
+//! (see `bus`). With SQLite it is one process.
+//!
+//! What it deliberately is not (yet): multi-tenant, or a TLS terminator (put it behind one, or use
 //! `--tls-cert`/`--tls-key` once implemented).
 
 mod agent;
 mod api;
 mod blobs;
+mod bus;
 mod store;
 mod wire;
 
@@ -25,7 +29,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use argh::FromArgs;
 
-use crate::store::{SqliteStore, Store};
+use crate::store::{Backend, SqlStore, Store};
 
 /// chute-cloud: fleet manager for chuted devices.
 #[derive(FromArgs)]
@@ -51,7 +55,8 @@ struct Serve {
     /// address to listen on (default 127.0.0.1:8080)
     #[argh(option, default = "String::from(\"127.0.0.1:8080\")")]
     listen: String,
-    /// database URL (default sqlite://DATA_DIR/cloud.db)
+    /// database URL: sqlite://PATH (default sqlite://DATA_DIR/cloud.db) or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (replicas share one)
     #[argh(option)]
     database: Option<String>,
     /// PEM certificate chain for https/wss (not implemented yet: terminate TLS in front)
@@ -85,6 +90,18 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// A replica's id for this run (unique among the processes sharing a database).
+fn replica_id() -> u64 {
+    let b = proto::random_bytes::<8>().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (t ^ (u64::from(std::process::id()) << 40)).to_le_bytes()
+    });
+    u64::from_le_bytes(b)
 }
 
 /// File holding the admin API token, written 0600 on first start.
@@ -135,10 +152,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cloud.db").display()));
-    if !url.starts_with("sqlite:") {
-        anyhow::bail!("database {url:?}: only sqlite:// URLs are supported in this version");
-    }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url).await?);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(&url).await?);
     if s.database.is_none() {
         use std::os::unix::fs::PermissionsExt;
         for f in ["cloud.db", "cloud.db-wal", "cloud.db-shm"] {
@@ -156,6 +170,14 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
     });
+    if Backend::of_url(&url)? == Backend::Postgres {
+        // Other replicas may share this database: join them through it.
+        let replica = replica_id();
+        let to = app.clone();
+        let sender = bus::start(&url, replica, move |r, e| to.hub.deliver(r, e)).await?;
+        app.hub.attach_bus(sender);
+        tracing::info!(replica = format!("{replica:016x}"), "replica joined");
+    }
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
