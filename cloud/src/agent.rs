@@ -26,6 +26,8 @@ use futures_util::SinkExt;
 use crate::store::CommandRow;
 use crate::{bus, now, wire, App};
 
+/// Websocket read buffer per session.
+pub const WS_READ_BUFFER: usize = 4096;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MALFORMED: u32 = 8;
 pub const MAX_PENDING: i64 = 1000;
@@ -36,8 +38,14 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Image chunk size and how many are in flight ahead of the device's acknowledgement.
 const CHUNK: usize = 256 * 1024;
 const WINDOW: u64 = 4;
-/// How often a session looks for expired or newly queued commands without a wake-up.
-const POLL: Duration = Duration::from_secs(2);
+/// How often a session wakes on its own (silence check, idle follows).
+const POLL: Duration = Duration::from_secs(5);
+/// Every this many POLLs it also reads the store without a wake-up: a fallback for a
+/// wake-up lost between replicas, and for commands expiring in the queue. Commands are
+/// otherwise read only when there is reason to (session start, wake-up, a command
+/// finished), so idle sessions and heartbeats cost no queries (10k sessions polling
+/// every 2 s would be 5,000 queries a second).
+const STORE_EVERY_POLLS: u32 = 6;
 
 /// A live session, as the rest of the cloud sees it.
 #[derive(Clone)]
@@ -622,14 +630,20 @@ async fn run(
     let mut last_rx = Instant::now();
     let mut held_heartbeat: Option<Message> = None;
     let mut limits = Limits::default();
+    let mut check = true;
+    let mut polls = 0u32;
     loop {
-        if *accepted && inflight.is_none() {
+        if *accepted && inflight.is_none() && check {
             match next_command(app, device).await {
                 Ok(Some(cmd)) => match deliver(ws, app, &cmd).await {
-                    Ok(f) => inflight = f,
+                    // A command that could not be sent was marked failed: look again.
+                    Ok(f) => {
+                        check = f.is_none();
+                        inflight = f;
+                    }
                     Err(e) => return e,
                 },
-                Ok(None) => {}
+                Ok(None) => check = false,
                 Err(e) => tracing::warn!(device, error = %e, "cannot read queued commands"),
             }
         }
@@ -666,7 +680,11 @@ async fn run(
                     }
                     continue;
                 }
-                match handle(ws, app, device, msg, &mut inflight, &mut limits).await {
+                let busy = inflight.is_some();
+                let r = handle(ws, app, device, msg, &mut inflight, &mut limits).await;
+                // A finished command: the next one may be queued.
+                check |= busy && inflight.is_none();
+                match r {
                     Ok(true) => {}
                     Ok(false) => {
                         malformed += 1;
@@ -679,6 +697,7 @@ async fn run(
                 }
             }
             _ = wake.notified() => {
+                check = true;
                 if !app.hub.current(device, session_id) {
                     abort(ws, ErrorCode::ProtocolViolation, "replaced by a newer session of this device").await;
                     return "replaced by a newer session".into();
@@ -702,6 +721,8 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
+                polls += 1;
+                check |= polls % STORE_EVERY_POLLS == 0;
                 if last_rx.elapsed() > Duration::from_secs(180) {
                     return "agent silent for 180 s".into();
                 }

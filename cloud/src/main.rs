@@ -19,6 +19,7 @@ mod api;
 mod blobs;
 mod bus;
 mod store;
+mod swarm;
 mod wire;
 
 use std::io::Write;
@@ -43,6 +44,40 @@ struct Cli {
 enum Cmd {
     Serve(Serve),
     Openapi(OpenapiCmd),
+    Swarm(SwarmCmd),
+}
+
+/// Benchmark a running cloud with simulated agents (real handshakes, heartbeats and
+/// signed commands and results); prints one summary table.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "swarm")]
+struct SwarmCmd {
+    /// agent websocket URL, ws://HOST:PORT/agent (repeat for replicas: agents are
+    /// spread over them, commands go through another one)
+    #[argh(option)]
+    cloud: Vec<String>,
+    /// REST API token (admin) used to register the swarm's owner key, pre-authorise its
+    /// agents and submit commands
+    #[argh(option)]
+    token: String,
+    /// number of simulated agents
+    #[argh(option)]
+    agents: usize,
+    /// heartbeat period of each agent in seconds (default 30)
+    #[argh(option, default = "30")]
+    heartbeat_secs: u64,
+    /// how long to run with all agents connected, in seconds (default 30)
+    #[argh(option, default = "30")]
+    duration_secs: u64,
+    /// process id of a server (repeat for replicas): its RSS and CPU are reported
+    #[argh(option)]
+    server_pid: Vec<u32>,
+    /// signed commands per second sent to random agents (default 20)
+    #[argh(option, default = "20.0")]
+    commands_per_sec: f64,
+    /// at the end, drop every session at once and time how long until all are back
+    #[argh(switch)]
+    reconnect_storm: bool,
 }
 
 /// Serve the REST API and the agent websocket.
@@ -211,6 +246,26 @@ fn main() -> anyhow::Result<()> {
             use utoipa::OpenApi;
             println!("{}", api::ApiDoc::openapi().to_pretty_json()?);
             Ok(())
+        }
+        Cmd::Swarm(s) => {
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(swarm::run(swarm::Opts {
+                    clouds: s.cloud,
+                    token: s.token,
+                    agents: s.agents,
+                    heartbeat_secs: s.heartbeat_secs,
+                    duration_secs: s.duration_secs,
+                    server_pids: s.server_pid,
+                    commands_per_sec: s.commands_per_sec,
+                    reconnect_storm: s.reconnect_storm,
+                }))
         }
         Cmd::Serve(s) => {
             let level = match s.log_level.as_str() {
