@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 
 use futures_util::SinkExt;
 
-use crate::store::CommandRow;
+use crate::store::{CommandRow, HeartbeatRow, Store};
 use crate::{bus, now, wire, App};
 
 /// Websocket read buffer per session.
@@ -94,7 +94,15 @@ pub struct Hub {
     remote: Mutex<HashMap<String, (u64, u64, i64)>>,
     /// replica → when it last said it was alive.
     alive: Mutex<HashMap<u64, Instant>>,
+    /// The heartbeat writer's queue, once started.
+    heartbeats: OnceLock<tokio::sync::mpsc::Sender<HeartbeatRow>>,
+    /// Heartbeats dropped because the writer's queue was full.
+    pub heartbeats_dropped: AtomicU64,
 }
+
+/// Heartbeats waiting to be written; beyond this many the newest are dropped (a
+/// heartbeat is a snapshot: the next one replaces it) and memory stays bounded.
+const HEARTBEAT_QUEUE: usize = 20_000;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -106,11 +114,53 @@ impl Default for Hub {
             bus: OnceLock::new(),
             remote: Mutex::new(HashMap::new()),
             alive: Mutex::new(HashMap::new()),
+            heartbeats: OnceLock::new(),
+            heartbeats_dropped: AtomicU64::new(0),
         }
     }
 }
 
 impl Hub {
+    /// Starts the task that writes heartbeats in batches: one transaction for all that
+    /// arrived while the previous one was committing, so 10k devices cost a few commits
+    /// a second instead of one each, and no session waits for the disk.
+    pub fn start_heartbeat_writer(&self, store: Arc<dyn Store>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<HeartbeatRow>(HEARTBEAT_QUEUE);
+        if self.heartbeats.set(tx).is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 2000).await > 0 {
+                // The newest heartbeat of each device is enough.
+                let mut latest: HashMap<String, HeartbeatRow> = HashMap::new();
+                for b in batch.drain(..) {
+                    latest.insert(b.device.clone(), b);
+                }
+                let rows: Vec<HeartbeatRow> = latest.into_values().collect();
+                if let Err(e) = store.device_heartbeats(&rows).await {
+                    tracing::warn!(error = %e, n = rows.len(), "cannot record heartbeats");
+                }
+            }
+        });
+    }
+
+    async fn record_heartbeat(&self, app: &App, row: HeartbeatRow) {
+        match self.heartbeats.get() {
+            Some(tx) => {
+                if tx.try_send(row).is_err() {
+                    self.heartbeats_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                let _ = app
+                    .store
+                    .device_heartbeats(std::slice::from_ref(&row))
+                    .await;
+            }
+        }
+    }
+
     /// Joins the other replicas: events go out through `sender`, and session ids are
     /// prefixed with the replica's so they stay unique across replicas.
     pub fn attach_bus(&self, sender: bus::Sender) {
@@ -671,6 +721,10 @@ async fn run(
                         continue;
                     }
                 };
+                if is_heartbeat(&msg) && !limits.allow_heartbeat() {
+                    abort(ws, ErrorCode::ProtocolViolation, &format!("more than {MAX_HEARTBEATS} heartbeats in {} s", HEARTBEAT_WINDOW.as_secs())).await;
+                    return "heartbeats too fast: shed".into();
+                }
                 if !*accepted {
                     // A pending device is heard but not recorded (it cannot fill the
                     // store); its latest heartbeat is kept in memory for the moment it
@@ -741,6 +795,8 @@ async fn run(
 #[derive(Default)]
 struct Limits {
     heartbeat: Option<Instant>,
+    /// Heartbeats received in the current window (recorded or not).
+    heartbeat_window: Option<(Instant, u32)>,
     /// State changes written in the current one-second window.
     state_window: Option<(Instant, u32)>,
 }
@@ -749,7 +805,27 @@ struct Limits {
 /// fits; a flood does not).
 const MAX_STATE_WRITES: u32 = 32;
 
+/// Heartbeats a session may send per [`HEARTBEAT_WINDOW`]: three times the fastest
+/// period an agent can be configured with (1 s). Beyond it the session is shed — an
+/// agent 100× too fast costs decoding and wake-ups even when its heartbeats are not
+/// recorded; it reconnects with backoff.
+pub const MAX_HEARTBEATS: u32 = 30;
+pub const HEARTBEAT_WINDOW: Duration = Duration::from_secs(10);
+
 impl Limits {
+    fn allow_heartbeat(&mut self) -> bool {
+        match &mut self.heartbeat_window {
+            Some((start, n)) if start.elapsed() < HEARTBEAT_WINDOW => {
+                *n += 1;
+                *n <= MAX_HEARTBEATS
+            }
+            _ => {
+                self.heartbeat_window = Some((Instant::now(), 1));
+                true
+            }
+        }
+    }
+
     fn allow_state(&mut self) -> bool {
         match &mut self.state_window {
             Some((start, n)) if start.elapsed() < Duration::from_secs(1) => {
@@ -888,13 +964,15 @@ async fn handle(
                             "restarts": c.restarts,
                         })).collect::<Vec<_>>(),
                     });
-                    let _ = app
-                        .store
-                        .device_heartbeat(
-                            device,
-                            h.agent_version.as_str(),
-                            &body.to_string(),
-                            now(),
+                    app.hub
+                        .record_heartbeat(
+                            app,
+                            HeartbeatRow {
+                                device: device.to_owned(),
+                                agent_version: h.agent_version.to_string(),
+                                json: body.to_string(),
+                                at: now(),
+                            },
                         )
                         .await;
                 }
@@ -1035,4 +1113,142 @@ async fn handle(
 /// Frames over this size close the socket in the websocket layer.
 pub const fn max_frame() -> usize {
     MAX_FRAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqlStore;
+    use futures_util::StreamExt;
+    use proto::{AuthMethod, Authenticate, Hello, Keypair, Publish};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn next(ws: &mut Client) -> Option<Message> {
+        loop {
+            match ws.next().await? {
+                Ok(Ws::Binary(b)) => return proto::decode(&b).ok(),
+                Ok(Ws::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    async fn put(ws: &mut Client, m: &Message) -> bool {
+        let f = proto::encode(m).expect("encodable");
+        ws.send(Ws::Binary(f.into())).await.is_ok()
+    }
+
+    /// An accepted agent's session, through WELCOME.
+    async fn agent(url: &str, key: &Keypair) -> Client {
+        let mut req = url.into_client_request().expect("url");
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            proto::SUBPROTOCOL.parse().expect("header"),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("connect");
+        let hello = Hello {
+            realm: BoundedString::new("chute").expect("realm"),
+            pubkey: key.public(),
+            agent_version: BoundedString::new("test").expect("version"),
+            auth_method: AuthMethod::Cryptosign,
+        };
+        assert!(put(&mut ws, &Message::Hello(hello)).await);
+        let Some(Message::Challenge(c)) = next(&mut ws).await else {
+            panic!("no CHALLENGE");
+        };
+        let auth = Authenticate::answer(key, "chute", &c);
+        assert!(put(&mut ws, &Message::Authenticate(auth)).await);
+        assert!(matches!(next(&mut ws).await, Some(Message::Welcome(_))));
+        ws
+    }
+
+    fn heartbeat(seq: u64) -> Message {
+        let mut h = proto::testkit::heartbeat(1);
+        h.seq = seq;
+        Message::Publish(Publish {
+            request: seq,
+            publication: Publication::Heartbeat(h),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_agent_sending_heartbeats_far_too_fast_is_shed_and_others_are_served() {
+        let dir = std::env::temp_dir().join(format!("chute-cloud-shed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = SqlStore::open(&format!("sqlite://{}/c.db", dir.display()))
+            .await
+            .expect("store");
+        let (flood, calm) = (
+            Keypair::generate().expect("key"),
+            Keypair::generate().expect("key"),
+        );
+        for k in [&flood, &calm] {
+            let id = k.public().device_id().to_hex();
+            store
+                .device_insert(&id, &k.public().to_hex(), "accepted", 1)
+                .await
+                .expect("preauthorise");
+        }
+        let app = Arc::new(App {
+            store: Arc::new(store),
+            hub: Hub::default(),
+            blobs: crate::blobs::Blobs::new(&dir).expect("blobs"),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+        });
+        app.hub.start_heartbeat_writer(app.store.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("ws://{}/agent", listener.local_addr().expect("addr"));
+        let router = crate::api::router(app.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+
+        let mut calm_ws = agent(&url, &calm).await;
+        let mut flood_ws = agent(&url, &flood).await;
+        // 100 heartbeats at once: 100× an agent's fastest period.
+        let mut shed = None;
+        for seq in 1..=100 {
+            if !put(&mut flood_ws, &heartbeat(seq)).await {
+                break;
+            }
+        }
+        while let Some(m) = next(&mut flood_ws).await {
+            if let Message::Abort(a) = m {
+                shed = Some(a);
+            }
+        }
+        let a = shed.expect("the flooding session was aborted");
+        assert_eq!(a.code, ErrorCode::ProtocolViolation);
+        assert!(
+            a.message.as_str().contains("heartbeats"),
+            "{}",
+            a.message.as_str()
+        );
+
+        // The calm agent is still served: its heartbeat is recorded.
+        assert!(put(&mut calm_ws, &heartbeat(1)).await);
+        let id = calm.public().device_id().to_hex();
+        let mut recorded = false;
+        for _ in 0..100 {
+            let d = app.store.device_get(&id).await.expect("device");
+            if d.is_some_and(|d| d.last_heartbeat.is_some()) {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(recorded, "the calm agent's heartbeat was recorded");
+        assert!(app.hub.get(&id).is_some());
+        assert!(app.hub.get(&flood.public().device_id().to_hex()).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

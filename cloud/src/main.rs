@@ -72,7 +72,7 @@ struct SwarmCmd {
     /// process id of a server (repeat for replicas): its RSS and CPU are reported
     #[argh(option)]
     server_pid: Vec<u32>,
-    /// signed commands per second sent to random agents (default 20)
+    /// signed commands per second sent to random agents (default 20; 0: none, heartbeats only)
     #[argh(option, default = "20.0")]
     commands_per_sec: f64,
     /// at the end, drop every session at once and time how long until all are back
@@ -205,6 +205,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         blobs: blobs::Blobs::new(&s.data_dir).context("blob directory")?,
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
     });
+    app.hub.start_heartbeat_writer(app.store.clone());
     if Backend::of_url(&url)? == Backend::Postgres {
         // Other replicas may share this database: join them through it.
         let replica = replica_id();

@@ -170,6 +170,15 @@ pub struct DeviceRow {
     pub heartbeat: Option<String>,
 }
 
+/// One heartbeat to record.
+#[derive(Debug, Clone)]
+pub struct HeartbeatRow {
+    pub device: String,
+    pub agent_version: String,
+    pub json: String,
+    pub at: i64,
+}
+
 #[derive(Debug, Clone)]
 pub struct GrantRow {
     pub id: i64,
@@ -289,13 +298,9 @@ pub trait Store: Send + Sync {
     fn device_list(&self) -> Fut<'_, Vec<DeviceRow>>;
     fn device_count_status<'a>(&'a self, status: &'a str) -> Fut<'a, i64>;
     fn device_seen<'a>(&'a self, id: &'a str, agent_version: &'a str, now: i64) -> Fut<'a, ()>;
-    fn device_heartbeat<'a>(
-        &'a self,
-        id: &'a str,
-        agent_version: &'a str,
-        heartbeat_json: &'a str,
-        now: i64,
-    ) -> Fut<'a, ()>;
+    /// Records heartbeats of several devices in one transaction (one commit, one sync
+    /// to disk, for however many arrived meanwhile).
+    fn device_heartbeats<'a>(&'a self, beats: &'a [HeartbeatRow]) -> Fut<'a, ()>;
 
     /// Replaces the stored status snapshot without claiming a heartbeat arrived.
     fn device_set_snapshot<'a>(&'a self, id: &'a str, heartbeat_json: &'a str) -> Fut<'a, ()>;
@@ -789,17 +794,15 @@ impl Store for SqlStore {
         })
     }
 
-    fn device_heartbeat<'a>(
-        &'a self,
-        id: &'a str,
-        agent_version: &'a str,
-        heartbeat_json: &'a str,
-        now: i64,
-    ) -> Fut<'a, ()> {
+    fn device_heartbeats<'a>(&'a self, beats: &'a [HeartbeatRow]) -> Fut<'a, ()> {
         Box::pin(async move {
-            sqlx::query("UPDATE devices SET agent_version = $2, heartbeat = $3, last_heartbeat = $4, last_seen = $4 WHERE id = $1")
-                .bind(id).bind(agent_version).bind(heartbeat_json).bind(now)
-                .execute(&self.pool).await.map_err(q("record heartbeat"))?;
+            let mut tx = self.pool.begin().await.map_err(q("record heartbeats"))?;
+            for b in beats {
+                sqlx::query("UPDATE devices SET agent_version = $2, heartbeat = $3, last_heartbeat = $4, last_seen = $4 WHERE id = $1")
+                    .bind(&b.device).bind(&b.agent_version).bind(&b.json).bind(b.at)
+                    .execute(&mut *tx).await.map_err(q("record heartbeat"))?;
+            }
+            tx.commit().await.map_err(q("record heartbeats"))?;
             Ok(())
         })
     }
@@ -1113,6 +1116,20 @@ mod tests {
             .await
             .expect("a second insert is ignored");
         assert_eq!(s.device_count_status("accepted").await.expect("count"), 1);
+        let beat = |json: &str, at| HeartbeatRow {
+            device: "00".into(),
+            agent_version: "v".into(),
+            json: json.into(),
+            at,
+        };
+        s.device_heartbeats(&[beat("{\"seq\":1}", 5), beat("{\"seq\":2}", 6)])
+            .await
+            .expect("heartbeats");
+        let d = s.device_get("00").await.expect("device").expect("stored");
+        assert_eq!(
+            (d.heartbeat.as_deref(), d.last_heartbeat),
+            (Some("{\"seq\":2}"), Some(6))
+        );
         let tid = s.token_insert("t", "sha", "admin", 1).await.expect("token");
         s.audit(2, Some(tid), "GET", "/x", 200)
             .await

@@ -421,9 +421,13 @@ pub async fn run(o: Opts) -> anyhow::Result<()> {
     let mut rtts: Vec<Duration> = Vec::new();
     let mut cmd_errors = 0u64;
     let mut request_id = crate::now() as u64 * 1000;
-    let gap = Duration::from_secs_f64(1.0 / o.commands_per_sec.max(0.1));
+    let gap = Duration::from_secs_f64(1.0 / o.commands_per_sec.max(0.01));
     let mut rest: Vec<Http> = bases.iter().map(|b| Http::new(b, &o.token)).collect();
-    while steady.elapsed() < Duration::from_secs(o.duration_secs) {
+    if o.commands_per_sec <= 0.0 {
+        // Heartbeats only: what idle sessions cost.
+        tokio::time::sleep(Duration::from_secs(o.duration_secs)).await;
+    }
+    while o.commands_per_sec > 0.0 && steady.elapsed() < Duration::from_secs(o.duration_secs) {
         let next_at = Instant::now() + gap;
         let i = (u64::from_le_bytes(proto::random_bytes::<8>()?) % o.agents as u64) as usize;
         let a = &agents[i];
