@@ -428,3 +428,59 @@ fn a_replica_killed_mid_command_loses_nothing_and_runs_it_once() {
     assert_eq!(timeline.iter().filter(|s| **s == "sent").count(), 2, "{c}");
     w.cli(&["remove", &name]);
 }
+
+/// The swarm benchmark's smoke run: 20 simulated agents against a SQLite cloud, and 20
+/// against two replicas, every session held, every command answered, no errors.
+#[test]
+fn swarm_smoke() {
+    let pg = PgCluster::start();
+    let db = pg.database("swarm");
+    let dir = std::env::temp_dir().join(unique("chute-swarm-"));
+    for d in ["single", "pair"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let single = Replica::start(
+        &dir.join("single"),
+        "single",
+        free_port(),
+        &format!("sqlite://{}/s.db", dir.display()),
+    );
+    let a = Replica::start(&dir.join("pair"), "a", free_port(), &db);
+    let b = Replica::start(&dir.join("pair"), "b", free_port(), &db);
+    for (clouds, pids, token) in [
+        (
+            vec![single.agent_url()],
+            vec![single.child.id()],
+            single.token(),
+        ),
+        (
+            vec![a.agent_url(), b.agent_url()],
+            vec![a.child.id(), b.child.id()],
+            a.token(),
+        ),
+    ] {
+        let mut cmd = Command::new(bin("chute-cloud"));
+        cmd.arg("swarm");
+        for c in &clouds {
+            cmd.args(["--cloud", c]);
+        }
+        for p in &pids {
+            cmd.args(["--server-pid", &p.to_string()]);
+        }
+        let o = cmd
+            .args(["--token", &token, "--agents", "20", "--heartbeat-secs", "1"])
+            .args(["--duration-secs", "3", "--commands-per-sec", "10"])
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{out}\n{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(out.contains("| sessions held | 20 |"), "{out}");
+        assert!(out.contains("| errors | 0 (commands 0) |"), "{out}");
+        assert!(!out.contains("(0 commands)"), "{out}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
