@@ -5,8 +5,14 @@
 //!
 //! Bounds: frames over `proto::MAX_FRAME` close the socket (the websocket layer refuses
 //! them); the handshake must finish within [`HANDSHAKE_TIMEOUT`]; a session that sends
-//! more than [`MAX_MALFORMED`] bad frames is aborted; unknown keys create at most
-//! [`MAX_PENDING`] pending devices, beyond which new keys are refused without a write.
+//! more than [`MAX_MALFORMED`] bad frames is aborted, one that sends more than
+//! [`MAX_HEARTBEATS`] heartbeats per [`HEARTBEAT_WINDOW`] is shed; unknown keys create at
+//! most [`MAX_PENDING`] pending devices, beyond which new keys are refused without a
+//! write; heartbeats wait for the store in a bounded queue (a full one drops them).
+//!
+//! Scale: an idle session costs ~10 KiB of server memory (small websocket buffers) and no
+//! queries — it reads the store when woken (through the [`Hub`], across replicas through
+//! [`crate::bus`]), after a command finishes, and every 30 s as a fallback.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
