@@ -12,6 +12,9 @@ PKGS="podman runc conmon netavark iptables busybox-static iproute2 iperf3 ca-cer
 PKGS="$PKGS curl python3-venv"
 # the web console's browser test (scripts/console-test.sh: Playwright drives Debian's chromium)
 PKGS="$PKGS chromium"
+# chute-cloud on PostgreSQL: its tests start private clusters (initdb + pg_ctl as the
+# `postgres` user the package creates); the package's own cluster is not used.
+PKGS="$PKGS postgresql"
 # program|package: what Podman and the agent exec, and who ships it. Podman finds conmon
 # and netavark in its helper directories, iptables on root's PATH (/usr/sbin).
 NEEDED="

@@ -7,12 +7,18 @@
 //!
 //! Bounds: frames over `proto::MAX_FRAME` close the socket (the websocket layer refuses
 //! them); the handshake must finish within [`HANDSHAKE_TIMEOUT`]; a session that sends
-//! more than [`MAX_MALFORMED`] bad frames is aborted; unknown keys create at most
-//! [`MAX_PENDING`] pending devices, beyond which new keys are refused without a write.
+//! more than [`MAX_MALFORMED`] bad frames is aborted, one that sends more than
+//! [`MAX_HEARTBEATS`] heartbeats per [`HEARTBEAT_WINDOW`] is shed; unknown keys create at
+//! most [`MAX_PENDING`] pending devices, beyond which new keys are refused without a
+//! write; heartbeats wait for the store in a bounded queue (a full one drops them).
+//!
+//! Scale: an idle session costs ~10 KiB of server memory (small websocket buffers) and no
+//! queries — it reads the store when woken (through the [`Hub`], across replicas through
+//! [`crate::bus`]), after a command finishes, and every 30 s as a fallback.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{Message as WsMessage, WebSocket};
@@ -25,9 +31,11 @@ use tokio::sync::Notify;
 
 use futures_util::SinkExt;
 
-use crate::store::CommandRow;
-use crate::{now, wire, App};
+use crate::store::{CommandRow, HeartbeatRow, Store};
+use crate::{bus, now, wire, App};
 
+/// Websocket read buffer per session.
+pub const WS_READ_BUFFER: usize = 4096;
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const MAX_MALFORMED: u32 = 8;
 pub const MAX_PENDING: i64 = 1000;
@@ -38,8 +46,14 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// Image chunk size and how many are in flight ahead of the device's acknowledgement.
 const CHUNK: usize = 256 * 1024;
 const WINDOW: u64 = 4;
-/// How often a session looks for expired or newly queued commands without a wake-up.
-const POLL: Duration = Duration::from_secs(2);
+/// How often a session wakes on its own (silence check, idle follows).
+const POLL: Duration = Duration::from_secs(5);
+/// Every this many POLLs it also reads the store without a wake-up: a fallback for a
+/// wake-up lost between replicas, and for commands expiring in the queue. Commands are
+/// otherwise read only when there is reason to (session start, wake-up, a command
+/// finished), so idle sessions and heartbeats cost no queries (10k sessions polling
+/// every 2 s would be 5,000 queries a second).
+const STORE_EVERY_POLLS: u32 = 6;
 
 /// A live session, as the rest of the cloud sees it.
 #[derive(Clone)]
@@ -73,7 +87,8 @@ pub struct Follow {
     pub last_poll: Instant,
 }
 
-/// Connected devices.
+/// Connected devices: the sessions of this process, and — with replicas on PostgreSQL
+/// — what the other replicas announced over the [`bus`](crate::bus).
 pub struct Hub {
     live: Mutex<HashMap<String, Live>>,
     next_session: AtomicU64,
@@ -81,7 +96,21 @@ pub struct Hub {
     follows: Mutex<HashMap<(String, String), Follow>>,
     /// Image bytes sent to devices in CHUNKs (for /metrics).
     pub chunk_bytes: AtomicU64,
+    /// Other replicas (PostgreSQL only).
+    bus: OnceLock<bus::Sender>,
+    /// device → (replica, session, since) of sessions on other replicas.
+    remote: Mutex<HashMap<String, (u64, u64, i64)>>,
+    /// replica → when it last said it was alive.
+    alive: Mutex<HashMap<u64, Instant>>,
+    /// The heartbeat writer's queue, once started.
+    heartbeats: OnceLock<tokio::sync::mpsc::Sender<HeartbeatRow>>,
+    /// Heartbeats dropped because the writer's queue was full.
+    pub heartbeats_dropped: AtomicU64,
 }
+
+/// Heartbeats waiting to be written; beyond this many the newest are dropped (a
+/// heartbeat is a snapshot: the next one replaces it) and memory stays bounded.
+const HEARTBEAT_QUEUE: usize = 20_000;
 
 impl Default for Hub {
     fn default() -> Self {
@@ -90,27 +119,123 @@ impl Default for Hub {
             next_session: AtomicU64::new(1),
             follows: Mutex::new(HashMap::new()),
             chunk_bytes: AtomicU64::new(0),
+            bus: OnceLock::new(),
+            remote: Mutex::new(HashMap::new()),
+            alive: Mutex::new(HashMap::new()),
+            heartbeats: OnceLock::new(),
+            heartbeats_dropped: AtomicU64::new(0),
         }
     }
 }
 
 impl Hub {
-    pub fn get(&self, device: &str) -> Option<Live> {
+    /// Starts the task that writes heartbeats in batches: one transaction for all that
+    /// arrived while the previous one was committing, so 10k devices cost a few commits
+    /// a second instead of one each, and no session waits for the disk.
+    pub fn start_heartbeat_writer(&self, store: Arc<dyn Store>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<HeartbeatRow>(HEARTBEAT_QUEUE);
+        if self.heartbeats.set(tx).is_err() {
+            return;
+        }
+        tokio::spawn(async move {
+            let mut batch = Vec::new();
+            while rx.recv_many(&mut batch, 2000).await > 0 {
+                // The newest heartbeat of each device is enough.
+                let mut latest: HashMap<String, HeartbeatRow> = HashMap::new();
+                for b in batch.drain(..) {
+                    latest.insert(b.device.clone(), b);
+                }
+                let rows: Vec<HeartbeatRow> = latest.into_values().collect();
+                if let Err(e) = store.device_heartbeats(&rows).await {
+                    tracing::warn!(error = %e, n = rows.len(), "cannot record heartbeats");
+                }
+            }
+        });
+    }
+
+    async fn record_heartbeat(&self, app: &App, row: HeartbeatRow) {
+        match self.heartbeats.get() {
+            Some(tx) => {
+                if tx.try_send(row).is_err() {
+                    self.heartbeats_dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            None => {
+                let _ = app
+                    .store
+                    .device_heartbeats(std::slice::from_ref(&row))
+                    .await;
+            }
+        }
+    }
+
+    /// Joins the other replicas: events go out through `sender`, and session ids are
+    /// prefixed with the replica's so they stay unique across replicas.
+    pub fn attach_bus(&self, sender: bus::Sender) {
+        self.next_session
+            .store(((sender.replica & 0xF_FFFF) << 40) | 1, Ordering::Relaxed);
+        let _ = self.bus.set(sender);
+    }
+
+    fn publish(&self, e: bus::Event) {
+        if let Some(b) = self.bus.get() {
+            b.publish(e);
+        }
+    }
+
+    fn replica_alive(&self, replica: u64) -> bool {
+        self.alive
+            .lock()
+            .ok()
+            .and_then(|a| a.get(&replica).map(|t| t.elapsed() < bus::ALIVE_TIMEOUT))
+            .unwrap_or(false)
+    }
+
+    fn local(&self, device: &str) -> Option<Live> {
         self.live.lock().ok()?.get(device).cloned()
     }
 
-    pub fn count(&self) -> usize {
-        self.live.lock().map(|m| m.len()).unwrap_or(0)
+    /// The device's session here or, with replicas, on a live other replica.
+    pub fn get(&self, device: &str) -> Option<Live> {
+        if let Some(l) = self.local(device) {
+            return Some(l);
+        }
+        let (replica, session, since) = *self.remote.lock().ok()?.get(device)?;
+        self.replica_alive(replica).then(|| Live {
+            session,
+            since,
+            wake: Arc::new(Notify::new()),
+        })
     }
 
-    /// Tells the device's session to look at the store again (new command, accepted…).
+    /// Sessions open on this replica and on the live others.
+    pub fn count(&self) -> usize {
+        let local = self.live.lock().map(|m| m.len()).unwrap_or(0);
+        let remote = self
+            .remote
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|(r, _, _)| self.replica_alive(*r))
+                    .count()
+            })
+            .unwrap_or(0);
+        local + remote
+    }
+
+    /// Tells the device's session to look at the store again (new command, accepted…),
+    /// wherever it is.
     pub fn wake(&self, device: &str) {
-        if let Some(l) = self.get(device) {
-            l.wake.notify_one();
+        match self.local(device) {
+            Some(l) => l.wake.notify_one(),
+            None => self.publish(bus::Event::Wake {
+                d: device.to_owned(),
+            }),
         }
     }
 
     fn register(&self, device: &str, live: Live) {
+        let (session, since) = (live.session, live.since);
         if let Ok(mut m) = self.live.lock() {
             // A newer session of the same key replaces the older one; the older loop
             // notices on its next wake and ends.
@@ -118,29 +243,127 @@ impl Hub {
                 old.wake.notify_one();
             }
         }
+        if let Ok(mut r) = self.remote.lock() {
+            r.remove(device);
+        }
+        self.publish(bus::Event::Session {
+            d: device.to_owned(),
+            s: session,
+            since,
+        });
     }
 
     fn unregister(&self, device: &str, session: u64) {
         if let Ok(mut m) = self.live.lock() {
             if m.get(device).is_some_and(|l| l.session == session) {
                 m.remove(device);
+                self.publish(bus::Event::Gone {
+                    d: device.to_owned(),
+                    s: session,
+                });
+            }
+        }
+    }
+
+    /// An event from another replica.
+    pub fn deliver(&self, replica: u64, e: bus::Event) {
+        use bus::Event as E;
+        if let Ok(mut a) = self.alive.lock() {
+            a.insert(replica, Instant::now());
+        }
+        match e {
+            E::Wake { d } => {
+                if let Some(l) = self.local(&d) {
+                    l.wake.notify_one();
+                }
+            }
+            E::Session { d, s, since } => {
+                // The device reconnected there: a session of it here is stale.
+                if let Ok(mut m) = self.live.lock() {
+                    if let Some(old) = m.remove(&d) {
+                        old.wake.notify_one();
+                    }
+                }
+                if let Ok(mut r) = self.remote.lock() {
+                    r.insert(d, (replica, s, since));
+                }
+            }
+            E::Gone { d, s } => {
+                if let Ok(mut r) = self.remote.lock() {
+                    if r.get(&d).is_some_and(|(_, rs, _)| *rs == s) {
+                        r.remove(&d);
+                    }
+                }
+            }
+            E::Follow { d, c, sub } => self.follow_start_here(&d, &c, sub),
+            E::Logs {
+                d,
+                c,
+                lines,
+                dropped,
+            } => self.follow_push_here(&d, &c, lines, dropped),
+            E::Poll { d, c } => {
+                if let Ok(mut f) = self.follows.lock() {
+                    if let Some(f) = f.get_mut(&(d, c)) {
+                        f.last_poll = Instant::now();
+                    }
+                }
+            }
+            E::Unfollow { d, c } => {
+                if let Ok(mut m) = self.follows.lock() {
+                    m.retain(|(fd, fc), _| fd != &d || c.as_ref().is_some_and(|c| c != fc));
+                }
+            }
+            E::Alive => {}
+            E::Hello => {
+                // A replica started: tell it which sessions are here.
+                let here: Vec<(String, u64, i64)> = self
+                    .live
+                    .lock()
+                    .map(|m| {
+                        m.iter()
+                            .map(|(d, l)| (d.clone(), l.session, l.since))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                for (d, s, since) in here {
+                    self.publish(bus::Event::Session { d, s, since });
+                }
             }
         }
     }
 
     /// Lines after `after` of a followed chute; `None` when nobody follows it. Counts
-    /// as a poll (keeps the follow alive).
+    /// as a poll (keeps the follow alive, on the session's replica too).
     pub fn poll_logs(&self, device: &str, chute: &str, after: u64) -> Option<(Vec<LogLine>, u64)> {
-        let mut f = self.follows.lock().ok()?;
-        let f = f.get_mut(&(device.to_owned(), chute.to_owned()))?;
-        f.last_poll = Instant::now();
-        Some((
-            f.lines.iter().filter(|l| l.seq > after).cloned().collect(),
-            f.dropped,
-        ))
+        let found = {
+            let mut f = self.follows.lock().ok()?;
+            let f = f.get_mut(&(device.to_owned(), chute.to_owned()))?;
+            f.last_poll = Instant::now();
+            (
+                f.lines.iter().filter(|l| l.seq > after).cloned().collect(),
+                f.dropped,
+            )
+        };
+        if self.local(device).is_none() {
+            self.publish(bus::Event::Poll {
+                d: device.to_owned(),
+                c: chute.to_owned(),
+            });
+        }
+        Some(found)
     }
 
     fn follow_start(&self, device: &str, chute: &str, subscription: u64) {
+        self.follow_start_here(device, chute, subscription);
+        self.publish(bus::Event::Follow {
+            d: device.to_owned(),
+            c: chute.to_owned(),
+            sub: subscription,
+        });
+    }
+
+    fn follow_start_here(&self, device: &str, chute: &str, subscription: u64) {
         if let Ok(mut m) = self.follows.lock() {
             let f = m
                 .entry((device.to_owned(), chute.to_owned()))
@@ -157,6 +380,24 @@ impl Hub {
     }
 
     fn follow_push(
+        &self,
+        device: &str,
+        chute: &str,
+        lines: Vec<(u64, String, String)>,
+        dropped: u32,
+    ) {
+        if self.bus.get().is_some() {
+            self.publish(bus::Event::Logs {
+                d: device.to_owned(),
+                c: chute.to_owned(),
+                lines: lines.clone(),
+                dropped,
+            });
+        }
+        self.follow_push_here(device, chute, lines, dropped);
+    }
+
+    fn follow_push_here(
         &self,
         device: &str,
         chute: &str,
@@ -197,8 +438,14 @@ impl Hub {
             .map(|(k, _)| k.clone())
             .collect();
         idle.into_iter()
-            .filter_map(|k| m.remove(&k))
-            .map(|f| f.subscription)
+            .filter_map(|k| {
+                let f = m.remove(&k)?;
+                self.publish(bus::Event::Unfollow {
+                    d: k.0,
+                    c: Some(k.1),
+                });
+                Some(f.subscription)
+            })
             .collect()
     }
 
@@ -207,10 +454,14 @@ impl Hub {
         if let Ok(mut m) = self.follows.lock() {
             m.retain(|(d, _), _| d != device);
         }
+        self.publish(bus::Event::Unfollow {
+            d: device.to_owned(),
+            c: None,
+        });
     }
 
     fn current(&self, device: &str, session: u64) -> bool {
-        self.get(device).is_some_and(|l| l.session == session)
+        self.local(device).is_some_and(|l| l.session == session)
     }
 }
 
@@ -437,14 +688,20 @@ async fn run(
     let mut last_rx = Instant::now();
     let mut held_heartbeat: Option<Message> = None;
     let mut limits = Limits::default();
+    let mut check = true;
+    let mut polls = 0u32;
     loop {
-        if *accepted && inflight.is_none() {
+        if *accepted && inflight.is_none() && check {
             match next_command(app, device).await {
                 Ok(Some(cmd)) => match deliver(ws, app, &cmd).await {
-                    Ok(f) => inflight = f,
+                    // A command that could not be sent was marked failed: look again.
+                    Ok(f) => {
+                        check = f.is_none();
+                        inflight = f;
+                    }
                     Err(e) => return e,
                 },
-                Ok(None) => {}
+                Ok(None) => check = false,
                 Err(e) => tracing::warn!(device, error = %e, "cannot read queued commands"),
             }
         }
@@ -472,6 +729,10 @@ async fn run(
                         continue;
                     }
                 };
+                if is_heartbeat(&msg) && !limits.allow_heartbeat() {
+                    abort(ws, ErrorCode::ProtocolViolation, &format!("more than {MAX_HEARTBEATS} heartbeats in {} s", HEARTBEAT_WINDOW.as_secs())).await;
+                    return "heartbeats too fast: shed".into();
+                }
                 if !*accepted {
                     // A pending device is heard but not recorded (it cannot fill the
                     // store); its latest heartbeat is kept in memory for the moment it
@@ -481,7 +742,11 @@ async fn run(
                     }
                     continue;
                 }
-                match handle(ws, app, device, msg, &mut inflight, &mut limits).await {
+                let busy = inflight.is_some();
+                let r = handle(ws, app, device, msg, &mut inflight, &mut limits).await;
+                // A finished command: the next one may be queued.
+                check |= busy && inflight.is_none();
+                match r {
                     Ok(true) => {}
                     Ok(false) => {
                         malformed += 1;
@@ -494,6 +759,7 @@ async fn run(
                 }
             }
             _ = wake.notified() => {
+                check = true;
                 if !app.hub.current(device, session_id) {
                     abort(ws, ErrorCode::ProtocolViolation, "replaced by a newer session of this device").await;
                     return "replaced by a newer session".into();
@@ -517,6 +783,8 @@ async fn run(
                 }
             }
             _ = tick.tick() => {
+                polls += 1;
+                check |= polls % STORE_EVERY_POLLS == 0;
                 if last_rx.elapsed() > Duration::from_secs(180) {
                     return "agent silent for 180 s".into();
                 }
@@ -535,6 +803,8 @@ async fn run(
 #[derive(Default)]
 struct Limits {
     heartbeat: Option<Instant>,
+    /// Heartbeats received in the current window (recorded or not).
+    heartbeat_window: Option<(Instant, u32)>,
     /// State changes written in the current one-second window.
     state_window: Option<(Instant, u32)>,
 }
@@ -543,7 +813,27 @@ struct Limits {
 /// fits; a flood does not).
 const MAX_STATE_WRITES: u32 = 32;
 
+/// Heartbeats a session may send per [`HEARTBEAT_WINDOW`]: three times the fastest
+/// period an agent can be configured with (1 s). Beyond it the session is shed — an
+/// agent 100× too fast costs decoding and wake-ups even when its heartbeats are not
+/// recorded; it reconnects with backoff.
+pub const MAX_HEARTBEATS: u32 = 30;
+pub const HEARTBEAT_WINDOW: Duration = Duration::from_secs(10);
+
 impl Limits {
+    fn allow_heartbeat(&mut self) -> bool {
+        match &mut self.heartbeat_window {
+            Some((start, n)) if start.elapsed() < HEARTBEAT_WINDOW => {
+                *n += 1;
+                *n <= MAX_HEARTBEATS
+            }
+            _ => {
+                self.heartbeat_window = Some((Instant::now(), 1));
+                true
+            }
+        }
+    }
+
     fn allow_state(&mut self) -> bool {
         match &mut self.state_window {
             Some((start, n)) if start.elapsed() < Duration::from_secs(1) => {
@@ -692,9 +982,16 @@ async fn handle(
                             "restarts": c.restarts,
                         })).collect::<Vec<_>>(),
                     });
-                    let _ = app
-                        .store
-                        .device_heartbeat(device, h.agent_version.as_str(), &body.to_string(), t)
+                    app.hub
+                        .record_heartbeat(
+                            app,
+                            HeartbeatRow {
+                                device: device.to_owned(),
+                                agent_version: h.agent_version.to_string(),
+                                json: body.to_string(),
+                                at: t,
+                            },
+                        )
                         .await;
                 }
                 Publication::Logs(b) => {
@@ -834,4 +1131,143 @@ async fn handle(
 /// Frames over this size close the socket in the websocket layer.
 pub const fn max_frame() -> usize {
     MAX_FRAME
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqlStore;
+    use futures_util::StreamExt;
+    use proto::{AuthMethod, Authenticate, Hello, Keypair, Publish};
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    use tokio_tungstenite::tungstenite::Message as Ws;
+
+    type Client = tokio_tungstenite::WebSocketStream<
+        tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+    >;
+
+    async fn next(ws: &mut Client) -> Option<Message> {
+        loop {
+            match ws.next().await? {
+                Ok(Ws::Binary(b)) => return proto::decode(&b).ok(),
+                Ok(Ws::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    async fn put(ws: &mut Client, m: &Message) -> bool {
+        let f = proto::encode(m).expect("encodable");
+        ws.send(Ws::Binary(f.into())).await.is_ok()
+    }
+
+    /// An accepted agent's session, through WELCOME.
+    async fn agent(url: &str, key: &Keypair) -> Client {
+        let mut req = url.into_client_request().expect("url");
+        req.headers_mut().insert(
+            "Sec-WebSocket-Protocol",
+            proto::SUBPROTOCOL.parse().expect("header"),
+        );
+        let (mut ws, _) = tokio_tungstenite::connect_async(req)
+            .await
+            .expect("connect");
+        let hello = Hello {
+            realm: BoundedString::new("chute").expect("realm"),
+            pubkey: key.public(),
+            agent_version: BoundedString::new("test").expect("version"),
+            auth_method: AuthMethod::Cryptosign,
+        };
+        assert!(put(&mut ws, &Message::Hello(hello)).await);
+        let Some(Message::Challenge(c)) = next(&mut ws).await else {
+            panic!("no CHALLENGE");
+        };
+        let auth = Authenticate::answer(key, "chute", &c);
+        assert!(put(&mut ws, &Message::Authenticate(auth)).await);
+        assert!(matches!(next(&mut ws).await, Some(Message::Welcome(_))));
+        ws
+    }
+
+    fn heartbeat(seq: u64) -> Message {
+        let mut h = proto::testkit::heartbeat(1);
+        h.seq = seq;
+        Message::Publish(Publish {
+            request: seq,
+            publication: Publication::Heartbeat(h),
+        })
+    }
+
+    #[tokio::test]
+    async fn an_agent_sending_heartbeats_far_too_fast_is_shed_and_others_are_served() {
+        let dir = std::env::temp_dir().join(format!("chute-cloud-shed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let store = SqlStore::open(&format!("sqlite://{}/c.db", dir.display()))
+            .await
+            .expect("store");
+        let (flood, calm) = (
+            Keypair::generate().expect("key"),
+            Keypair::generate().expect("key"),
+        );
+        for k in [&flood, &calm] {
+            let id = k.public().device_id().to_hex();
+            store
+                .device_insert(&id, &k.public().to_hex(), "accepted", 1)
+                .await
+                .expect("preauthorise");
+        }
+        let app = Arc::new(App {
+            store: Arc::new(store),
+            hub: Hub::default(),
+            blobs: crate::blobs::Blobs::new(&dir).expect("blobs"),
+            handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
+            console: crate::console::Console::default(),
+        });
+        app.hub.start_heartbeat_writer(app.store.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("ws://{}/agent", listener.local_addr().expect("addr"));
+        let router = crate::api::router(app.clone());
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, router).await;
+        });
+
+        let mut calm_ws = agent(&url, &calm).await;
+        let mut flood_ws = agent(&url, &flood).await;
+        // 100 heartbeats at once: 100× an agent's fastest period.
+        let mut shed = None;
+        for seq in 1..=100 {
+            if !put(&mut flood_ws, &heartbeat(seq)).await {
+                break;
+            }
+        }
+        while let Some(m) = next(&mut flood_ws).await {
+            if let Message::Abort(a) = m {
+                shed = Some(a);
+            }
+        }
+        let a = shed.expect("the flooding session was aborted");
+        assert_eq!(a.code, ErrorCode::ProtocolViolation);
+        assert!(
+            a.message.as_str().contains("heartbeats"),
+            "{}",
+            a.message.as_str()
+        );
+
+        // The calm agent is still served: its heartbeat is recorded.
+        assert!(put(&mut calm_ws, &heartbeat(1)).await);
+        let id = calm.public().device_id().to_hex();
+        let mut recorded = false;
+        for _ in 0..100 {
+            let d = app.store.device_get(&id).await.expect("device");
+            if d.is_some_and(|d| d.last_heartbeat.is_some()) {
+                recorded = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(recorded, "the calm agent's heartbeat was recorded");
+        assert!(app.hub.get(&id).is_some());
+        assert!(app.hub.get(&flood.public().device_id().to_hex()).is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

@@ -1209,7 +1209,12 @@ async fn agent_ws(
         )
         .into_response();
     };
+    // Small buffers: an idle session holds them for hours, 10k sessions at once
+    // (tungstenite's default is 128 KiB each way; frames larger than the read buffer
+    // still arrive, the buffer grows for them).
     ws.protocols([proto::SUBPROTOCOL])
+        .read_buffer_size(crate::agent::WS_READ_BUFFER)
+        .write_buffer_size(0)
         .max_message_size(crate::agent::max_frame())
         .max_frame_size(crate::agent::max_frame())
         .on_upgrade(move |socket| crate::agent::session(socket, app, claim, permit))

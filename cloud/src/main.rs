@@ -11,14 +11,19 @@
 //! (rustls on *ring*, see `tls`); without, plain http and ws (for a loopback test or
 //! behind a TLS-terminating proxy).
 //!
-//! What it deliberately is not (yet): multi-tenant or replicated (the store trait is
-//! the seam for a PostgreSQL backend).
+//! Replicas: several `serve` processes on one PostgreSQL database (`--database
+//! postgres://…`) behave as one manager; they share nothing but the database
+//! (see `bus`). With SQLite it is one process.
+//!
+//! What it deliberately is not (yet): multi-tenant.
 
 mod agent;
 mod api;
 mod blobs;
+mod bus;
 mod console;
 mod store;
+mod swarm;
 mod tls;
 mod wire;
 
@@ -30,7 +35,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use argh::FromArgs;
 
-use crate::store::{SqliteStore, Store};
+use crate::store::{Backend, SqlStore, Store};
 
 /// chute-cloud: fleet manager for chuted devices.
 #[derive(FromArgs)]
@@ -44,6 +49,40 @@ struct Cli {
 enum Cmd {
     Serve(Serve),
     Openapi(OpenapiCmd),
+    Swarm(SwarmCmd),
+}
+
+/// Benchmark a running cloud with simulated agents (real handshakes, heartbeats and
+/// signed commands and results); prints one summary table.
+#[derive(FromArgs)]
+#[argh(subcommand, name = "swarm")]
+struct SwarmCmd {
+    /// agent websocket URL, ws://HOST:PORT/agent (repeat for replicas: agents are
+    /// spread over them, commands go through another one)
+    #[argh(option)]
+    cloud: Vec<String>,
+    /// REST API token (admin) used to register the swarm's owner key, pre-authorise its
+    /// agents and submit commands
+    #[argh(option)]
+    token: String,
+    /// number of simulated agents
+    #[argh(option)]
+    agents: usize,
+    /// heartbeat period of each agent in seconds (default 30)
+    #[argh(option, default = "30")]
+    heartbeat_secs: u64,
+    /// how long to run with all agents connected, in seconds (default 30)
+    #[argh(option, default = "30")]
+    duration_secs: u64,
+    /// process id of a server (repeat for replicas): its RSS and CPU are reported
+    #[argh(option)]
+    server_pid: Vec<u32>,
+    /// signed commands per second sent to random agents (default 20; 0: none, heartbeats only)
+    #[argh(option, default = "20.0")]
+    commands_per_sec: f64,
+    /// at the end, drop every session at once and time how long until all are back
+    #[argh(switch)]
+    reconnect_storm: bool,
 }
 
 /// Serve the REST API and the agent websocket.
@@ -56,7 +95,8 @@ struct Serve {
     /// address to listen on (default 127.0.0.1:8080)
     #[argh(option, default = "String::from(\"127.0.0.1:8080\")")]
     listen: String,
-    /// database URL (default sqlite://DATA_DIR/cloud.db)
+    /// database URL: sqlite://PATH (default sqlite://DATA_DIR/cloud.db) or
+    /// postgres://USER[:PASSWORD]@HOST[:PORT]/DB (replicas share one)
     #[argh(option)]
     database: Option<String>,
     /// PEM certificate chain: serve https and wss instead of http and ws (needs --tls-key)
@@ -92,6 +132,18 @@ pub fn now() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// A replica's id for this run (unique among the processes sharing a database).
+fn replica_id() -> u64 {
+    let b = proto::random_bytes::<8>().unwrap_or_else(|_| {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        (t ^ (u64::from(std::process::id()) << 40)).to_le_bytes()
+    });
+    u64::from_le_bytes(b)
 }
 
 /// File holding the admin API token, written 0600 on first start.
@@ -150,10 +202,7 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         .database
         .clone()
         .unwrap_or_else(|| format!("sqlite://{}", s.data_dir.join("cloud.db").display()));
-    if !url.starts_with("sqlite:") {
-        anyhow::bail!("database {url:?}: only sqlite:// URLs are supported in this version");
-    }
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&url).await?);
+    let store: Arc<dyn Store> = Arc::new(SqlStore::open(&url).await?);
     if s.database.is_none() {
         use std::os::unix::fs::PermissionsExt;
         for f in ["cloud.db", "cloud.db-wal", "cloud.db-shm"] {
@@ -173,6 +222,15 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         // Session cookies are `Secure` when this process serves TLS itself.
         console: console::Console::new(s.tls_cert.is_some()),
     });
+    app.hub.start_heartbeat_writer(app.store.clone());
+    if Backend::of_url(&url)? == Backend::Postgres {
+        // Other replicas may share this database: join them through it.
+        let replica = replica_id();
+        let to = app.clone();
+        let sender = bus::start(&url, replica, move |r, e| to.hub.deliver(r, e)).await?;
+        app.hub.attach_bus(sender);
+        tracing::info!(replica = format!("{replica:016x}"), "replica joined");
+    }
     let listener = tokio::net::TcpListener::bind(&s.listen)
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
@@ -222,6 +280,26 @@ fn main() -> anyhow::Result<()> {
             use utoipa::OpenApi;
             println!("{}", api::ApiDoc::openapi().to_pretty_json()?);
             Ok(())
+        }
+        Cmd::Swarm(s) => {
+            tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::WARN)
+                .with_writer(std::io::stderr)
+                .init();
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(swarm::run(swarm::Opts {
+                    clouds: s.cloud,
+                    token: s.token,
+                    agents: s.agents,
+                    heartbeat_secs: s.heartbeat_secs,
+                    duration_secs: s.duration_secs,
+                    server_pids: s.server_pid,
+                    commands_per_sec: s.commands_per_sec,
+                    reconnect_storm: s.reconnect_storm,
+                }))
         }
         Cmd::Serve(s) => {
             let level = match s.log_level.as_str() {

@@ -609,7 +609,8 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         "{d}"
     );
 
-    // A heartbeat flood is recorded at a bounded rate, not frame by frame.
+    // A heartbeat flood is recorded at a bounded rate, not frame by frame, and the
+    // flooding session is shed (the device may come back, at a sane rate).
     let hb = |seq: u64| {
         Message::Publish(proto::Publish {
             request: seq,
@@ -627,8 +628,25 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     };
     std::thread::sleep(Duration::from_millis(1000));
     for seq in 10..210 {
-        fake::send(&mut wc, &hb(seq));
+        if wc
+            .send(tungstenite::Message::Binary(
+                proto::encode(&hb(seq)).unwrap().into(),
+            ))
+            .is_err()
+        {
+            break;
+        }
     }
+    let mut shed = None;
+    while let Some(m) = fake::recv(&mut wc) {
+        if let Message::Abort(a) = m {
+            shed = Some(a.message.as_str().to_owned());
+        }
+    }
+    assert!(
+        shed.as_deref().is_some_and(|m| m.contains("heartbeats")),
+        "the flooding session was not shed: {shed:?}"
+    );
     std::thread::sleep(Duration::from_millis(300));
     let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
     assert_eq!(
@@ -636,6 +654,8 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         "every flooded heartbeat was written: {d}"
     );
     std::thread::sleep(Duration::from_millis(1000));
+    let (mut wc, welcome) = fake::connect(&url, &c, None);
+    assert!(matches!(welcome, Some(Message::Welcome(_))), "{welcome:?}");
     fake::send(&mut wc, &hb(500));
     wait_until("the next heartbeat after the gap", T, || {
         device_entry(&ctl, &owner_key, &c_id).is_some_and(|d| d["heartbeat"]["seq"] == 500)

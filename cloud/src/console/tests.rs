@@ -9,7 +9,7 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use tower::ServiceExt;
 
-use crate::store::SqliteStore;
+use crate::store::{HeartbeatRow, SqlStore};
 use crate::{api, now, App};
 
 struct Env {
@@ -30,7 +30,7 @@ async fn env() -> Env {
         proto::hex_encode(&proto::random_bytes::<4>().unwrap())
     ));
     std::fs::create_dir_all(&dir).unwrap();
-    let store = SqliteStore::open(&format!("sqlite://{}", dir.join("c.db").display()))
+    let store = SqlStore::open(&format!("sqlite://{}", dir.join("c.db").display()))
         .await
         .unwrap();
     let app = Arc::new(App {
@@ -98,7 +98,12 @@ async fn sign_in_csrf_escaping_and_sign_out() {
             "cpu_millicores": 1, "memory_bytes": 1, "rx_bytes": 0, "tx_bytes": 0}]});
     e.app
         .store
-        .device_heartbeat(&id, "<i>1.0</i>", &hb.to_string(), now())
+        .device_heartbeats(&[HeartbeatRow {
+            device: id.clone(),
+            agent_version: "<i>1.0</i>".into(),
+            json: hb.to_string(),
+            at: now(),
+        }])
         .await
         .unwrap();
 
