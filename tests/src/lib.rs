@@ -5,6 +5,7 @@
 //! Not a library for users; only the tests in `tests/tests/` use it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+pub mod fleet;
 pub mod peer;
 pub mod pg;
 

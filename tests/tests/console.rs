@@ -11,91 +11,11 @@
 //! Run with scripts/console-test.sh (it builds the binaries and the venv first).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::process::{Command, Stdio};
 
+use e2e::fleet::{bin, identity, trust_owner, Cloud};
 use e2e::*;
-
-const T: Duration = Duration::from_secs(60);
-
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    let p = target.join("debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build -p chuted -p chute-cloud -p chutectl` first",
-        p.display()
-    );
-    p
-}
-
-/// A chute-cloud process on a free port, killed on drop.
-struct Cloud {
-    child: Child,
-    port: u16,
-    data: PathBuf,
-}
-
-impl Cloud {
-    fn start(dir: &Path) -> Cloud {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let data = dir.join("cloud");
-        let child = Command::new(bin("chute-cloud"))
-            .args(["serve", "--data-dir"])
-            .arg(&data)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("cloud.log")).unwrap())
-            .spawn()
-            .expect("start chute-cloud");
-        let c = Cloud { child, port, data };
-        wait_until("chute-cloud to listen", T, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && c.data.join("admin.token").exists()
-        });
-        c
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn chutectl(cloud: &Cloud, home: &Path, key: &Path, args: &[&str]) -> String {
-    let o = Command::new(bin("chutectl"))
-        .arg("--key")
-        .arg(key)
-        .args(args)
-        .env("HOME", home)
-        .env("CHUTECTL_CLOUD", format!("http://127.0.0.1:{}", cloud.port))
-        .env("CHUTECTL_TOKEN", cloud.token())
-        .output()
-        .expect("run chutectl");
-    assert!(
-        o.status.success(),
-        "chutectl {args:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
 
 #[test]
 #[ignore = "needs root, Podman and Chromium with Playwright; run scripts/console-test.sh"]
@@ -109,27 +29,11 @@ fn console_browser_admits_grants_deploys_follows_and_stops() {
     let mut w = World::new(&small_pools_config("heartbeat_secs = 1\nsample_secs = 1\n"));
     let cloud = Cloud::start(&w.dir);
     let home = w.dir.join("home");
+    let ctl = cloud.ctl(home.clone());
     let owner_key = w.dir.join("owner.key");
-    chutectl(&cloud, &home, &owner_key, &["keygen"]);
-    let init: serde_json::Value = serde_json::from_str(&chutectl(
-        &cloud,
-        &home,
-        &owner_key,
-        &["owner", "init", "--json"],
-    ))
-    .unwrap();
-    let owner_hex = init["owner_key"].as_str().unwrap().to_owned();
-    let state = w.state_dir.to_str().unwrap().to_owned();
-    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
-    let device = w
-        .cli(&["id", "--state-dir", &state])
-        .lines()
-        .find_map(|l| l.strip_prefix("device_id ").map(|s| s.trim().to_owned()))
-        .unwrap();
-    w.run_args = vec![
-        "--cloud".into(),
-        format!("ws://127.0.0.1:{}/agent", cloud.port),
-    ];
+    trust_owner(&w, &ctl, &owner_key);
+    let device = identity(&w).device_id;
+    w.run_args = vec!["--cloud".into(), cloud.agent_url()];
     w.start_agent();
 
     // The example chute, under a name of this test, printing hostile lines to its log.
@@ -174,7 +78,7 @@ fn console_browser_admits_grants_deploys_follows_and_stops() {
     let started = std::time::Instant::now();
     let st = Command::new(&python)
         .arg(&script)
-        .env("CONSOLE_URL", format!("http://127.0.0.1:{}", cloud.port))
+        .env("CONSOLE_URL", cloud.http())
         .env("CONSOLE_TOKEN", cloud.token())
         .env("CONSOLE_DEVICE", &device)
         .env("CONSOLE_CHUTE", &name)
@@ -183,7 +87,7 @@ fn console_browser_admits_grants_deploys_follows_and_stops() {
         .env("CONSOLE_PROFILE", w.dir.join("chromium-profile"))
         .env("CHUTECTL", bin("chutectl"))
         .env("CHUTECTL_KEY", &owner_key)
-        .env("CHUTECTL_CLOUD", format!("http://127.0.0.1:{}", cloud.port))
+        .env("CHUTECTL_CLOUD", cloud.http())
         .env("CHUTECTL_TOKEN", cloud.token())
         .env("HOME", &home)
         .status()

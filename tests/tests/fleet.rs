@@ -3,199 +3,38 @@
 //! them. Needs `cargo build -p chuted -p chute-cloud -p chutectl` first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use e2e::fleet::{chute_with_image, grant_developer, identity, timeline, trust_owner, Cloud, Ctl};
 use e2e::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    let p = target.join("debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build -p chute-cloud -p chutectl` first",
-        p.display()
-    );
-    p
-}
-
-/// A chute-cloud process on a free port, killed on drop.
-struct Cloud {
-    child: Child,
-    port: u16,
-    data: PathBuf,
-    log: PathBuf,
-    /// What it printed on stdout.
-    out: PathBuf,
-    tls: bool,
-}
-
-impl Cloud {
-    fn start(dir: &Path) -> Cloud {
-        Self::start_with(dir, None)
-    }
-
-    /// With `tls` (certificate chain, key): https and wss.
-    fn start_with(dir: &Path, tls: Option<(&Path, &Path)>) -> Cloud {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let data = dir.join("cloud");
-        let log = dir.join("cloud.log");
-        let out = dir.join("cloud.out");
-        let mut cmd = Command::new(bin("chute-cloud"));
-        cmd.args(["serve", "--data-dir"]).arg(&data).args([
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--log-level",
-            "debug",
-        ]);
-        if let Some((cert, key)) = tls {
-            cmd.arg("--tls-cert").arg(cert).arg("--tls-key").arg(key);
-        }
-        let child = cmd
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start chute-cloud");
-        let c = Cloud {
-            child,
-            port,
-            data,
-            log,
-            out,
-            tls: tls.is_some(),
-        };
-        wait_until("chute-cloud /healthz", T, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && c.data.join("admin.token").exists()
-        });
-        c
-    }
-
-    fn http(&self) -> String {
-        let scheme = if self.tls { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.port)
-    }
-
-    fn agent_url(&self) -> String {
-        let scheme = if self.tls { "wss" } else { "ws" };
-        format!("{scheme}://127.0.0.1:{}/agent", self.port)
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Cloud {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// chutectl with this test's cloud, token and a HOME of its own.
-struct Ctl {
-    cloud: String,
-    token: String,
-    home: PathBuf,
-}
-
-impl Ctl {
-    fn run(&self, key: &Path, args: &[&str]) -> Output {
-        Command::new(bin("chutectl"))
-            .arg("--key")
-            .arg(key)
-            .args(args)
-            .env("HOME", &self.home)
-            .env("CHUTECTL_CLOUD", &self.cloud)
-            .env("CHUTECTL_TOKEN", &self.token)
-            .output()
-            .expect("run chutectl")
-    }
-
-    /// Runs with `--json` (at the end, as users type it); returns (success, JSON).
-    fn json(&self, key: &Path, args: &[&str]) -> (bool, Value) {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.run(key, &a);
-        let out = String::from_utf8_lossy(&o.stdout);
-        let v = serde_json::from_str(&out).unwrap_or_else(|_| {
-            panic!(
-                "chutectl {args:?}: not JSON: {out}\nstderr: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
-        (o.status.success(), v)
-    }
-
-    fn ok(&self, key: &Path, args: &[&str]) -> Value {
-        let (ok, v) = self.json(key, args);
-        assert!(ok, "chutectl {args:?} failed: {v}");
-        v
-    }
-}
-
-fn device_entry(ctl: &Ctl, key: &Path, id: &str) -> Option<Value> {
-    let list = ctl.ok(key, &["device", "list"]);
-    list.as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["id"] == id)
-        .cloned()
-}
-
 #[test]
 fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     let mut w = World::new(&small_pools_config("heartbeat_secs = 1\nsample_secs = 1\n"));
     let cloud = Cloud::start(&w.dir);
-    let ctl = Ctl {
-        cloud: cloud.http(),
-        token: cloud.token(),
-        home: w.dir.join("home"),
-    };
+    let ctl = cloud.ctl(w.dir.join("home"));
     let owner_key = w.dir.join("owner.key");
     let dev_key = w.dir.join("dev.key");
 
     // The owner registers the fleet key and the device trusts it.
-    ctl.ok(&owner_key, &["keygen"]);
-    let init = ctl.ok(&owner_key, &["owner", "init"]);
-    let owner_hex = init["owner_key"].as_str().unwrap().to_owned();
-    assert!(init["trust_command"].as_str().unwrap().contains(&owner_hex));
-    let state = w.state_dir.to_str().unwrap().to_owned();
-    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
-    let id_out = w.cli(&["id", "--state-dir", &state]);
-    let device = id_out
-        .lines()
-        .find_map(|l| l.strip_prefix("device_id "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let init = trust_owner(&w, &ctl, &owner_key);
+    let owner_hex = init["owner_key"].as_str().unwrap();
+    assert!(init["trust_command"].as_str().unwrap().contains(owner_hex));
+    let device = identity(&w).device_id;
 
     // An unknown device appears pending, with a fingerprint the owner can compare.
     w.run_args = vec!["--cloud".into(), cloud.agent_url()];
     w.start_agent();
     wait_until("the device to appear pending", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["status"] == "pending")
+        ctl.listed_device(&owner_key, &device)
+            .is_some_and(|d| d["status"] == "pending")
     });
-    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    let d = ctl.listed_device(&owner_key, &device).unwrap();
     assert_eq!(d["connected"], true, "{d}");
     assert!(
         device.starts_with(&d["fingerprint"].as_str().unwrap().replace('-', "")),
@@ -208,14 +47,14 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     // Accepted: heartbeats are recorded from then on.
     ctl.ok(&owner_key, &["device", "accept", &device]);
     wait_until("a heartbeat after acceptance", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+        ctl.listed_device(&owner_key, &device).is_some_and(|d| {
             d["status"] == "accepted"
                 && d["last_heartbeat"].is_i64()
                 && d["agent_version"].is_string()
         })
     });
     // Its clock, as its heartbeats report it: this host's, so in step with the cloud's.
-    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    let d = ctl.listed_device(&owner_key, &device).unwrap();
     assert_eq!(d["clock"]["state"], "ok", "{d}");
     let skew = d["clock"]["skew_secs"].as_i64().unwrap();
     assert!(skew.abs() <= 3, "{d}");
@@ -226,33 +65,16 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
 
     // The owner grants a developer key every procedure on chutes `<prefix>*` only.
     let prefix = unique("fl");
-    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let patterns = format!("{prefix}-*");
-    ctl.ok(
-        &owner_key,
-        &[
-            "grant",
-            "issue",
-            "--to",
-            &dev_pub,
-            "--procedures",
-            "deploy,start,stop,restart,remove,logs,status",
-            "--chutes",
-            &patterns,
-        ],
-    );
+    grant_developer(&ctl, &owner_key, &dev_key, &prefix);
 
     // The developer works with a developer token: fleet state and what they sign, not
     // admission or grants.
     let dev_token = ctl.ok(&owner_key, &["token", "create", "alice"]);
-    let dctl = Ctl {
-        cloud: cloud.http(),
-        token: dev_token["token"].as_str().unwrap().to_owned(),
-        home: w.dir.join("home-dev"),
-    };
+    let dctl = Ctl::new(
+        cloud.http(),
+        dev_token["token"].as_str().unwrap().to_owned(),
+        w.dir.join("home-dev"),
+    );
     let (ok, denied) = dctl.json(&dev_key, &["device", "accept", &device]);
     assert!(
         !ok && denied["error"]
@@ -265,19 +87,12 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     // The developer pushes a chute directory with an image archive: the image goes to
     // the cloud's blob store, then to the device over the chunk transfer.
     let name = format!("{prefix}-web");
-    let dir = w.chute_dir(
+    let dir = chute_with_image(
+        &mut w,
         &name,
         r#"["sh", "-c", "echo hello-from-the-cloud; while true; do echo tick; sleep 1; done"]"#,
         "[resources]\ncpu = 0.25\nmemory = \"48MiB\"\npids = 48\n",
     );
-    podman_ok(&[
-        "save",
-        "--format",
-        "docker-archive",
-        "-o",
-        dir.join("image.tar").to_str().unwrap(),
-        IMAGE,
-    ]);
     let started = Instant::now();
     let pushed = dctl.ok(&dev_key, &["push", dir.to_str().unwrap(), "--tag", "lab"]);
     let push_secs = started.elapsed().as_secs_f64();
@@ -290,18 +105,12 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     );
     assert_eq!(r["verified"], true, "{r}");
     assert_eq!(r["device"], device.as_str());
-    let timeline: Vec<&str> = r["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(timeline, ["queued", "sent", "succeeded"], "{r}");
+    assert_eq!(timeline(r), ["queued", "sent", "succeeded"], "{r}");
     eprintln!("push round trip (upload + transfer + deploy + verified result): {push_secs:.2}s");
 
     let image_size = std::fs::metadata(dir.join("image.tar")).unwrap().len();
     assert_eq!(
-        metric(&cloud, "chute_cloud_image_bytes_sent_total"),
+        cloud.metric("chute_cloud_image_bytes_sent_total"),
         image_size,
         "the image crossed once"
     );
@@ -327,26 +136,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     });
     assert_eq!(logs["verified"], true, "{logs}");
     // Following: the verified tail, then live lines relayed while someone watches.
-    let o = dctl.run(
-        &dev_key,
-        &[
-            "logs",
-            "--device",
-            &device,
-            &name,
-            "--tail",
-            "1",
-            "--follow",
-            "--follow-secs",
-            "4",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = dctl.follow_logs(&dev_key, &device, &name, 4);
     assert!(
         lines
             .iter()
@@ -369,7 +159,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
     w.wait_state(&name, e2e::ChuteState::Running, T);
     // The device still holds the image that archive loaded: nothing crosses the link.
     assert_eq!(
-        metric(&cloud, "chute_cloud_image_bytes_sent_total"),
+        cloud.metric("chute_cloud_image_bytes_sent_total"),
         image_size,
         "a device that already holds the digest is sent nothing"
     );
@@ -386,7 +176,7 @@ fn owner_admits_a_device_and_a_developer_pushes_a_chute_through_the_cloud() {
 
     // Honest status: running/total from heartbeats.
     wait_until("heartbeats to count the running chute", T, || {
-        device_entry(&ctl, &owner_key, &device)
+        ctl.listed_device(&owner_key, &device)
             .is_some_and(|d| d["chutes_running"] == 1 && d["chutes_total"] == 1)
     });
 
@@ -526,7 +316,7 @@ mod fake {
 }
 
 fn status_of(ctl: &Ctl, key: &Path, id: &str) -> String {
-    device_entry(ctl, key, id)
+    ctl.listed_device(key, id)
         .map(|d| d["status"].as_str().unwrap().to_owned())
         .unwrap_or_default()
 }
@@ -537,11 +327,7 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     let dir = std::env::temp_dir().join(unique("chute-cloud-adm-"));
     std::fs::create_dir_all(&dir).unwrap();
     let cloud = Cloud::start(&dir);
-    let ctl = Ctl {
-        cloud: cloud.http(),
-        token: cloud.token(),
-        home: dir.join("home"),
-    };
+    let ctl = cloud.ctl(dir.join("home"));
     let owner_key = dir.join("owner.key");
     let dev_key = dir.join("dev.key");
     ctl.ok(&owner_key, &["keygen"]);
@@ -592,16 +378,16 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         }),
     );
     std::thread::sleep(Duration::from_millis(300));
-    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    let d = ctl.listed_device(&owner_key, &c_id).unwrap();
     assert!(d["last_heartbeat"].is_null(), "{d}");
     ctl.ok(&owner_key, &["device", "accept", &c_id]);
     wait_until("the held heartbeat recorded on acceptance", T, || {
-        device_entry(&ctl, &owner_key, &c_id).is_some_and(|d| {
+        ctl.listed_device(&owner_key, &c_id).is_some_and(|d| {
             d["last_heartbeat"].is_i64() && d["agent_version"] == "fake-2" && d["chutes_total"] == 0
         })
     });
     // Its clock said 1970: the skew against the cloud's clock shows it.
-    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    let d = ctl.listed_device(&owner_key, &c_id).unwrap();
     let now = e2e::peer::unix_now() as i64;
     assert_eq!(d["clock"]["secs"], 0, "{d}");
     assert!(
@@ -648,7 +434,7 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         "the flooding session was not shed: {shed:?}"
     );
     std::thread::sleep(Duration::from_millis(300));
-    let d = device_entry(&ctl, &owner_key, &c_id).unwrap();
+    let d = ctl.listed_device(&owner_key, &c_id).unwrap();
     assert_eq!(
         d["heartbeat"]["seq"], 10,
         "every flooded heartbeat was written: {d}"
@@ -658,7 +444,8 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     assert!(matches!(welcome, Some(Message::Welcome(_))), "{welcome:?}");
     fake::send(&mut wc, &hb(500));
     wait_until("the next heartbeat after the gap", T, || {
-        device_entry(&ctl, &owner_key, &c_id).is_some_and(|d| d["heartbeat"]["seq"] == 500)
+        ctl.listed_device(&owner_key, &c_id)
+            .is_some_and(|d| d["heartbeat"]["seq"] == 500)
     });
 
     // Rejecting a device closes its session and refuses it from then on.
@@ -751,19 +538,8 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         ],
     );
     let spawn = |op: &str| {
-        Command::new(bin("chutectl"))
-            .args([
-                "--key",
-                dev_key.to_str().unwrap(),
-                op,
-                "--device",
-                &b_id,
-                "app-one",
-                "--json",
-            ])
-            .env("HOME", &ctl.home)
-            .env("CHUTECTL_CLOUD", &ctl.cloud)
-            .env("CHUTECTL_TOKEN", &ctl.token)
+        ctl.command(&dev_key)
+            .args([op, "--device", &b_id, "app-one", "--json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -771,11 +547,11 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     };
     let stop = spawn("stop");
     wait_until("the stop command queued", T, || {
-        cloud_commands(&ctl, &b_id).len() == 1
+        ctl.commands(&b_id).len() == 1
     });
     let start = spawn("start");
     wait_until("the start command queued", T, || {
-        cloud_commands(&ctl, &b_id).len() == 2
+        ctl.commands(&b_id).len() == 2
     });
     let (mut wb, m) = fake::connect(&url, &b, None);
     assert!(matches!(m, Some(Message::Welcome(_))));
@@ -811,13 +587,7 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
         let v: Value = serde_json::from_slice(&o.stdout).unwrap();
         assert!(o.status.success(), "{v}");
         assert_eq!(v["verified"], true, "{v}");
-        let t: Vec<&str> = v["timeline"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["status"].as_str().unwrap())
-            .collect();
-        assert_eq!(t, ["queued", "sent", "succeeded"], "{v}");
+        assert_eq!(timeline(&v), ["queued", "sent", "succeeded"], "{v}");
     }
 
     // A result signed by another key is stored by the relay but refused by chutectl.
@@ -846,7 +616,8 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
     // ends `expired`.
     drop(wb);
     wait_until("B offline", T, || {
-        device_entry(&ctl, &owner_key, &b_id).is_some_and(|d| d["connected"] == false)
+        ctl.listed_device(&owner_key, &b_id)
+            .is_some_and(|d| d["connected"] == false)
     });
     let seed = |p: &Path| {
         proto::Keypair::from_seed(
@@ -906,44 +677,13 @@ fn admission_claims_rejection_hostile_frames_and_offline_delivery_in_order() {
             );
         }
     }
-    let c = cloud_commands(&ctl, &b_id)
+    let c = ctl
+        .commands(&b_id)
         .into_iter()
         .find(|c| c["id"] == queued["id"])
         .unwrap();
-    let t: Vec<&str> = c["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(t, ["queued", "expired"], "{c}");
+    assert_eq!(timeline(&c), ["queued", "expired"], "{c}");
     let _ = std::fs::remove_dir_all(&dir);
-}
-
-fn cloud_commands(ctl: &Ctl, device: &str) -> Vec<Value> {
-    let o = Command::new("curl")
-        .args(["-sf", "-H", &format!("Authorization: Bearer {}", ctl.token)])
-        .arg(format!("{}/api/v1/devices/{device}/commands", ctl.cloud))
-        .output()
-        .unwrap();
-    serde_json::from_slice::<Value>(&o.stdout)
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
-}
-
-fn metric(cloud: &Cloud, name: &str) -> u64 {
-    let o = Command::new("curl")
-        .args(["-sf", &format!("{}/metrics", cloud.http())])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .unwrap_or_else(|| panic!("no {name} in /metrics"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -951,23 +691,12 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
     // A long heartbeat period: status between heartbeats comes from state changes.
     let mut w = World::new(&small_pools_config("heartbeat_secs = 120\n"));
     let cloud = Cloud::start(&w.dir);
-    let ctl = Ctl {
-        cloud: cloud.http(),
-        token: cloud.token(),
-        home: w.dir.join("home"),
-    };
+    let ctl = cloud.ctl(w.dir.join("home"));
     let owner_key = w.dir.join("owner.key");
     ctl.ok(&owner_key, &["keygen"]);
     ctl.ok(&owner_key, &["owner", "init"]);
     let claim = ctl.ok(&owner_key, &["device", "claim-token", "--expires", "5m"]);
-    let state = w.state_dir.to_str().unwrap().to_owned();
-    let id_out = w.cli(&["id", "--state-dir", &state]);
-    let device = id_out
-        .lines()
-        .find_map(|l| l.strip_prefix("device_id "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    let device = identity(&w).device_id;
     w.run_args = vec![
         "--cloud".into(),
         cloud.agent_url(),
@@ -976,14 +705,15 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
     ];
     w.start_agent();
     wait_until("the claimed device online and accepted", T, || {
-        device_entry(&ctl, &owner_key, &device)
+        ctl.listed_device(&owner_key, &device)
             .is_some_and(|d| d["status"] == "accepted" && d["connected"] == true)
     });
     // Its heartbeats are recorded without the owner doing anything.
     wait_until("a heartbeat", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["last_heartbeat"].is_i64())
+        ctl.listed_device(&owner_key, &device)
+            .is_some_and(|d| d["last_heartbeat"].is_i64())
     });
-    let first = device_entry(&ctl, &owner_key, &device).unwrap()["last_heartbeat"].clone();
+    let first = ctl.listed_device(&owner_key, &device).unwrap()["last_heartbeat"].clone();
 
     // Status follows chute state changes at once, not a heartbeat period later, and
     // does not pretend a heartbeat arrived.
@@ -991,11 +721,12 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
     let dir = w.chute_dir(&name, r#"["sleep", "3600"]"#, "");
     w.deploy(&dir);
     wait_until("the running chute in the cloud's status", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["chutes_running"] == 1)
+        ctl.listed_device(&owner_key, &device)
+            .is_some_and(|d| d["chutes_running"] == 1)
     });
     w.cli(&["stop", &name]);
     wait_until("the stopped chute in the cloud's status", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+        ctl.listed_device(&owner_key, &device).is_some_and(|d| {
             d["chutes_running"] == 0
                 && d["heartbeat"]["chutes"].as_array().is_some_and(|c| {
                     c.iter()
@@ -1005,9 +736,10 @@ fn chuted_run_with_a_claim_token_is_accepted_on_first_connect() {
     });
     w.cli(&["remove", &name]);
     wait_until("the removed chute gone from the cloud's status", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| d["chutes_total"] == 0)
+        ctl.listed_device(&owner_key, &device)
+            .is_some_and(|d| d["chutes_total"] == 0)
     });
-    let d = device_entry(&ctl, &owner_key, &device).unwrap();
+    let d = ctl.listed_device(&owner_key, &device).unwrap();
     assert_eq!(
         d["last_heartbeat"], first,
         "a state change is not a heartbeat: {d}"
@@ -1035,18 +767,14 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
     let certs = w.dir.join("tls");
     std::fs::create_dir_all(&certs).unwrap();
     let (ca, leaf, key) = make_certs(&certs);
-    let cloud = Cloud::start_with(&w.dir, Some((&leaf, &key)));
+    let cloud = Cloud::options(&w.dir).tls(&leaf, &key).start();
     let printed = std::fs::read_to_string(&cloud.out).unwrap();
     assert!(
         printed.contains(&format!("https://127.0.0.1:{}", cloud.port))
             && printed.contains(&format!("wss://127.0.0.1:{}/agent", cloud.port)),
         "{printed}"
     );
-    let ctl = Ctl {
-        cloud: cloud.http(),
-        token: cloud.token(),
-        home: w.dir.join("home"),
-    };
+    let ctl = cloud.ctl(w.dir.join("home"));
     let owner_key = w.dir.join("owner.key");
 
     // chutectl trusts the private CA once `login --ca` saved it; not before.
@@ -1067,20 +795,8 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    ctl.ok(&owner_key, &["keygen"]);
-    let owner_hex = ctl.ok(&owner_key, &["owner", "init"])["owner_key"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let state = w.state_dir.to_str().unwrap().to_owned();
-    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
-    let device = w
-        .cli(&["id", "--state-dir", &state])
-        .lines()
-        .find_map(|l| l.strip_prefix("device_id "))
-        .unwrap()
-        .trim()
-        .to_owned();
+    trust_owner(&w, &ctl, &owner_key);
+    let device = identity(&w).device_id;
 
     // Hostile clients on the TLS port: one that never starts its handshake, one that
     // speaks plain http. Neither disturbs anyone; the silent one is cut off.
@@ -1126,7 +842,7 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
         w.agent_log().contains("invalid peer certificate")
     });
     assert!(
-        device_entry(&ctl, &owner_key, &device).is_none(),
+        ctl.listed_device(&owner_key, &device).is_none(),
         "an agent that refused the certificate reached the cloud"
     );
     w.kill_agent();
@@ -1136,49 +852,23 @@ fn a_tls_cloud_serves_agents_over_wss_and_chutectl_over_https() {
         .extend(["--cloud-ca".into(), ca.to_str().unwrap().to_owned()]);
     w.start_agent();
     wait_until("the device connected and accepted over wss", T, || {
-        device_entry(&ctl, &owner_key, &device).is_some_and(|d| {
+        ctl.listed_device(&owner_key, &device).is_some_and(|d| {
             d["status"] == "accepted" && d["connected"] == true && d["last_heartbeat"].is_i64()
         })
     });
 
     // A developer pushes a chute with its image over https; it runs on the device.
     let dev_key = w.dir.join("dev.key");
-    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     let prefix = unique("tls");
-    ctl.ok(
-        &owner_key,
-        &[
-            "grant",
-            "issue",
-            "--to",
-            &dev_pub,
-            "--procedures",
-            "deploy,start,stop,restart,remove,logs,status",
-            "--chutes",
-            &format!("{prefix}-*"),
-        ],
-    );
+    grant_developer(&ctl, &owner_key, &dev_key, &prefix);
     let name = format!("{prefix}-web");
-    let dir = w.chute_dir(
+    let dir = chute_with_image(
+        &mut w,
         &name,
         r#"["sh", "-c", "while true; do echo tick; sleep 1; done"]"#,
         "",
     );
-    podman_ok(&[
-        "save",
-        "--format",
-        "docker-archive",
-        "-o",
-        dir.join("image.tar").to_str().unwrap(),
-        IMAGE,
-    ]);
-    let pushed = ctl.ok(
-        &dev_key,
-        &["push", dir.to_str().unwrap(), "--device", &device],
-    );
+    let pushed = ctl.push(&dev_key, &dir, &device);
     let r = &pushed["results"][0];
     assert_eq!(
         (r["status"].as_str(), r["verified"].as_bool()),

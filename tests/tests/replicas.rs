@@ -4,222 +4,47 @@
 //! (e2e::pg). Needs `cargo build -p chuted -p chute-cloud -p chutectl` first.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
+use e2e::fleet::{
+    bin, chute_with_image, free_port, grant_developer, identity, timeline, trust_owner, Cloud, Ctl,
+};
 use e2e::pg::PgCluster;
 use e2e::*;
 use serde_json::Value;
 
 const T: Duration = Duration::from_secs(60);
 
-fn bin(name: &str) -> PathBuf {
-    let target = std::env::var("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| workspace_root().join("target"));
-    let p = target.join("debug").join(name);
-    assert!(
-        p.exists(),
-        "{} missing: run `cargo build -p chute-cloud -p chutectl` first",
-        p.display()
-    );
-    p
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A chute-cloud replica on `port`, killed on drop. Replicas share the database and the
-/// data dir (the image blobs).
-struct Replica {
-    child: Child,
-    port: u16,
-    data: PathBuf,
-    log: PathBuf,
-}
-
-impl Replica {
-    fn start(dir: &Path, name: &str, port: u16, database: &str) -> Replica {
-        let data = dir.join("cloud");
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(bin("chute-cloud"))
-            .args(["serve", "--data-dir"])
-            .arg(&data)
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--database",
-                database,
-                "--log-level",
-                "debug",
-            ])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start chute-cloud");
-        let r = Replica {
-            child,
-            port,
-            data,
-            log,
-        };
-        wait_until("chute-cloud listening", T, || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-                && r.data.join("admin.token").exists()
-        });
-        r
-    }
-
-    fn http(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn agent_url(&self) -> String {
-        format!("ws://127.0.0.1:{}/agent", self.port)
-    }
-
-    fn token(&self) -> String {
-        std::fs::read_to_string(self.data.join("admin.token"))
-            .unwrap()
-            .trim()
-            .to_owned()
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
-/// chutectl with one replica's URL, a token and a HOME of its own.
-struct Ctl {
-    cloud: String,
-    token: String,
-    home: PathBuf,
-}
-
-impl Ctl {
-    fn run(&self, key: &Path, args: &[&str]) -> Output {
-        Command::new(bin("chutectl"))
-            .arg("--key")
-            .arg(key)
-            .args(args)
-            .env("HOME", &self.home)
-            .env("CHUTECTL_CLOUD", &self.cloud)
-            .env("CHUTECTL_TOKEN", &self.token)
-            .output()
-            .expect("run chutectl")
-    }
-
-    fn ok(&self, key: &Path, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let o = self.run(key, &a);
-        let out = String::from_utf8_lossy(&o.stdout);
-        let v: Value = serde_json::from_str(&out).unwrap_or_else(|_| {
-            panic!(
-                "chutectl {args:?}: not JSON: {out}\nstderr: {}",
-                String::from_utf8_lossy(&o.stderr)
-            )
-        });
-        assert!(o.status.success(), "chutectl {args:?} failed: {v}");
-        v
-    }
-
-    /// GET /api/v1/PATH as JSON (Null when it fails).
-    fn get(&self, path: &str) -> Value {
-        let o = Command::new("curl")
-            .args([
-                "-sf",
-                "-H",
-                &format!("Authorization: Bearer {}", self.token),
-            ])
-            .arg(format!("{}/api/v1/{path}", self.cloud))
-            .output()
-            .unwrap();
-        serde_json::from_slice(&o.stdout).unwrap_or(Value::Null)
-    }
-
-    fn device(&self, id: &str) -> Value {
-        self.get(&format!("devices/{id}"))
-    }
+/// A chute-cloud replica named `name` (its log file) on `port`, killed on drop.
+/// Replicas share the database and the data dir (the image blobs).
+fn replica(dir: &Path, name: &str, port: u16, database: &str) -> Cloud {
+    Cloud::options(dir)
+        .name(name)
+        .port(port)
+        .database(database)
+        .start()
 }
 
 /// The owner set up through `ctl`, the device trusting it; returns (owner key, device
 /// id, device public key).
-fn owner_and_device(w: &mut World, ctl: &Ctl) -> (PathBuf, String, String) {
+fn owner_and_device(w: &World, ctl: &Ctl) -> (PathBuf, String, String) {
     let owner_key = w.dir.join("owner.key");
-    ctl.ok(&owner_key, &["keygen"]);
-    let init = ctl.ok(&owner_key, &["owner", "init"]);
-    let owner_hex = init["owner_key"].as_str().unwrap().to_owned();
-    let state = w.state_dir.to_str().unwrap().to_owned();
-    w.cli(&["trust", "--state-dir", &state, "--owner-key", &owner_hex]);
-    let id = w.cli(&["id", "--state-dir", &state]);
-    let field = |f: &str| {
-        id.lines()
-            .find_map(|l| l.strip_prefix(f))
-            .unwrap()
-            .trim()
-            .to_owned()
-    };
-    (owner_key, field("device_id "), field("public_key "))
+    trust_owner(w, ctl, &owner_key);
+    let id = identity(w);
+    (owner_key, id.device_id, id.public_key)
 }
 
 /// A developer key granted every procedure on `<prefix>-*`, and its chutectl.
 fn developer(w: &World, ctl: &Ctl, owner_key: &Path, prefix: &str) -> (PathBuf, Ctl) {
     let dev_key = w.dir.join("dev.key");
-    let dev_pub = ctl.ok(&dev_key, &["keygen"])["pubkey"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    ctl.ok(
-        owner_key,
-        &[
-            "grant",
-            "issue",
-            "--to",
-            &dev_pub,
-            "--procedures",
-            "deploy,start,stop,restart,remove,logs,status",
-            "--chutes",
-            &format!("{prefix}-*"),
-        ],
-    );
+    grant_developer(ctl, owner_key, &dev_key, prefix);
     let dctl = Ctl {
-        cloud: ctl.cloud.clone(),
-        token: ctl.token.clone(),
         home: w.dir.join("home-dev"),
+        ..ctl.clone()
     };
     (dev_key, dctl)
-}
-
-/// Cloud deploys pin their image by content: the chute directory carries an archive.
-fn with_image_archive(dir: &Path) {
-    podman_ok(&[
-        "save",
-        "--format",
-        "docker-archive",
-        "-o",
-        dir.join("image.tar").to_str().unwrap(),
-        IMAGE,
-    ]);
 }
 
 #[test]
@@ -227,14 +52,10 @@ fn a_device_on_replica_a_is_managed_entirely_through_replica_b() {
     let pg = PgCluster::start();
     let db = pg.database("fleet");
     let mut w = World::new(&small_pools_config("heartbeat_secs = 1\nsample_secs = 1\n"));
-    let a = Replica::start(&w.dir, "a", free_port(), &db);
-    let b = Replica::start(&w.dir, "b", free_port(), &db);
-    let ctl = Ctl {
-        cloud: b.http(),
-        token: a.token(),
-        home: w.dir.join("home"),
-    };
-    let (owner_key, device, _) = owner_and_device(&mut w, &ctl);
+    let a = replica(&w.dir, "a", free_port(), &db);
+    let b = replica(&w.dir, "b", free_port(), &db);
+    let ctl = Ctl::new(b.http(), a.token(), w.dir.join("home"));
+    let (owner_key, device, _) = owner_and_device(&w, &ctl);
 
     // The device connects to A; B sees it pending and connected.
     w.run_args = vec!["--cloud".into(), a.agent_url()];
@@ -255,16 +76,13 @@ fn a_device_on_replica_a_is_managed_entirely_through_replica_b() {
     let prefix = unique("rp");
     let (dev_key, dctl) = developer(&w, &ctl, &owner_key, &prefix);
     let name = format!("{prefix}-web");
-    let dir = w.chute_dir(
+    let dir = chute_with_image(
+        &mut w,
         &name,
         r#"["sh", "-c", "echo hello-from-b; while true; do echo tick; sleep 1; done"]"#,
         "",
     );
-    with_image_archive(&dir);
-    let pushed = dctl.ok(
-        &dev_key,
-        &["push", dir.to_str().unwrap(), "--device", &device],
-    );
+    let pushed = dctl.push(&dev_key, &dir, &device);
     let r = &pushed["results"][0];
     assert_eq!(
         r["status"],
@@ -277,26 +95,7 @@ fn a_device_on_replica_a_is_managed_entirely_through_replica_b() {
     w.wait_state(&name, ChuteState::Running, T);
 
     // Live logs followed through B are relayed by A.
-    let o = dctl.run(
-        &dev_key,
-        &[
-            "logs",
-            "--device",
-            &device,
-            &name,
-            "--tail",
-            "1",
-            "--follow",
-            "--follow-secs",
-            "4",
-            "--json",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let lines: Vec<Value> = String::from_utf8_lossy(&o.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = dctl.follow_logs(&dev_key, &device, &name, 4);
     assert!(
         lines
             .iter()
@@ -313,11 +112,7 @@ fn a_device_on_replica_a_is_managed_entirely_through_replica_b() {
     });
 
     // Both replicas tell the same story: device, commands, audit log.
-    let actl = Ctl {
-        cloud: a.http(),
-        token: ctl.token.clone(),
-        home: ctl.home.clone(),
-    };
+    let actl = ctl.at(a.http());
     let (da, db_) = (actl.device(&device), ctl.device(&device));
     for f in ["status", "connected", "agent_version", "chutes_total"] {
         assert_eq!(da[f], db_[f], "{f}: A {da} / B {db_}");
@@ -342,14 +137,10 @@ fn a_replica_killed_mid_command_loses_nothing_and_runs_it_once() {
     let db = pg.database("fleet");
     let mut w = World::new(&small_pools_config("heartbeat_secs = 1\n"));
     let a_port = free_port();
-    let mut a = Replica::start(&w.dir, "a", a_port, &db);
-    let b = Replica::start(&w.dir, "b", free_port(), &db);
-    let ctl = Ctl {
-        cloud: b.http(),
-        token: a.token(),
-        home: w.dir.join("home"),
-    };
-    let (owner_key, device, pubkey) = owner_and_device(&mut w, &ctl);
+    let mut a = replica(&w.dir, "a", a_port, &db);
+    let b = replica(&w.dir, "b", free_port(), &db);
+    let ctl = Ctl::new(b.http(), a.token(), w.dir.join("home"));
+    let (owner_key, device, pubkey) = owner_and_device(&w, &ctl);
     ctl.ok(&owner_key, &["device", "preauthorize", &pubkey]);
     w.run_args = vec!["--cloud".into(), a.agent_url()];
     w.start_agent();
@@ -361,28 +152,18 @@ fn a_replica_killed_mid_command_loses_nothing_and_runs_it_once() {
     // A chute that ignores SIGTERM: its stop takes the agent's stop timeout (2 s), long
     // enough to kill A while the command is with the device.
     let name = format!("{prefix}-slow");
-    let dir = w.chute_dir(
+    let dir = chute_with_image(
+        &mut w,
         &name,
         r#"["sh", "-c", "trap '' TERM; while true; do sleep 1; done"]"#,
         "",
     );
-    with_image_archive(&dir);
-    let r = dctl.ok(
-        &dev_key,
-        &["push", dir.to_str().unwrap(), "--device", &device],
-    );
+    let r = dctl.push(&dev_key, &dir, &device);
     assert_eq!(r["results"][0]["status"], "succeeded", "{r}");
     w.wait_state(&name, ChuteState::Running, T);
 
     let stop = std::thread::spawn({
-        let (key, ctl) = (
-            dev_key.clone(),
-            Ctl {
-                cloud: dctl.cloud.clone(),
-                token: dctl.token.clone(),
-                home: dctl.home.clone(),
-            },
-        );
+        let (key, ctl) = (dev_key.clone(), dctl.clone());
         let (device, name) = (device.clone(), name.clone());
         move || ctl.run(&key, &["stop", "--device", &device, &name, "--json"])
     });
@@ -398,7 +179,7 @@ fn a_replica_killed_mid_command_loses_nothing_and_runs_it_once() {
     });
     a.kill9();
     // Another replica takes over A's address; the agent's backoff finds it.
-    let _c = Replica::start(&w.dir, "c", a_port, &db);
+    let _c = replica(&w.dir, "c", a_port, &db);
     let o = stop.join().unwrap();
     let out: Value = serde_json::from_slice(&o.stdout).unwrap_or(Value::Null);
     assert!(
@@ -415,12 +196,7 @@ fn a_replica_killed_mid_command_loses_nothing_and_runs_it_once() {
         .filter(|l| l.contains("running signed command") && l.contains(&format!("request={id} ")))
         .count();
     assert_eq!(runs, 1, "the stop ran once:\n{}", tail(&log, 40));
-    let timeline: Vec<&str> = c["timeline"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["status"].as_str().unwrap())
-        .collect();
+    let timeline = timeline(&c);
     assert_eq!(timeline.first(), Some(&"queued"), "{c}");
     assert_eq!(timeline.last(), Some(&"succeeded"), "{c}");
     // It was with the device when A died: the replica that took over sent it again and
@@ -439,23 +215,19 @@ fn swarm_smoke() {
     for d in ["single", "pair"] {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
-    let single = Replica::start(
+    let single = replica(
         &dir.join("single"),
         "single",
         free_port(),
         &format!("sqlite://{}/s.db", dir.display()),
     );
-    let a = Replica::start(&dir.join("pair"), "a", free_port(), &db);
-    let b = Replica::start(&dir.join("pair"), "b", free_port(), &db);
+    let a = replica(&dir.join("pair"), "a", free_port(), &db);
+    let b = replica(&dir.join("pair"), "b", free_port(), &db);
     for (clouds, pids, token) in [
-        (
-            vec![single.agent_url()],
-            vec![single.child.id()],
-            single.token(),
-        ),
+        (vec![single.agent_url()], vec![single.pid()], single.token()),
         (
             vec![a.agent_url(), b.agent_url()],
-            vec![a.child.id(), b.child.id()],
+            vec![a.pid(), b.pid()],
             a.token(),
         ),
     ] {
