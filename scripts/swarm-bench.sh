@@ -56,7 +56,10 @@ new_db() {
 }
 serve() { # serve NAME DATA_DIR [DATABASE] -> sets PORT and PID
   PORT=$(free_port)
-  local args=(serve --data-dir "$2" --listen "127.0.0.1:$PORT" --log-level warn)
+  # Every simulated agent comes from 127.0.0.1: lift the per-address connection cap
+  # (1024 by default) above the swarm's size.
+  local args=(serve --data-dir "$2" --listen "127.0.0.1:$PORT" --log-level warn
+              --max-connections-per-ip $((AGENTS + 1000)) --max-connections $((AGENTS + 1000)))
   [ -n "${3:-}" ] && args+=(--database "$3")
   "$BIN" "${args[@]}" >"$WORK/$1.out" 2>"$WORK/$1.log" &
   PID=$!

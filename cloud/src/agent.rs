@@ -1220,6 +1220,7 @@ mod tests {
             blobs: crate::blobs::Blobs::new(&dir).expect("blobs"),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES)),
             console: crate::console::Console::default(),
+            conns: crate::conns::Limiter::new(crate::conns::Limits::default()),
         });
         app.hub.start_heartbeat_writer(app.store.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

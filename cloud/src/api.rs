@@ -435,6 +435,13 @@ async fn metrics(State(app): State<Arc<App>>) -> Result<String, ApiError> {
     }
     out.push_str("# HELP chute_cloud_heartbeat_lag_seconds Oldest last heartbeat among connected devices.\n# TYPE chute_cloud_heartbeat_lag_seconds gauge\n");
     out.push_str(&format!("chute_cloud_heartbeat_lag_seconds {lag}\n"));
+    out.push_str("# HELP chute_cloud_connections Open TCP connections (agents, API, console).\n# TYPE chute_cloud_connections gauge\n");
+    out.push_str(&format!("chute_cloud_connections {}\n", app.conns.open()));
+    out.push_str("# HELP chute_cloud_connections_refused_total Connections closed at accept: an address or the server at its limit.\n# TYPE chute_cloud_connections_refused_total counter\n");
+    out.push_str(&format!(
+        "chute_cloud_connections_refused_total {}\n",
+        app.conns.refused()
+    ));
     out.push_str("# HELP chute_cloud_image_bytes_sent_total Image bytes sent to devices in chunks.\n# TYPE chute_cloud_image_bytes_sent_total counter\n");
     out.push_str(&format!(
         "chute_cloud_image_bytes_sent_total {}\n",

@@ -21,6 +21,7 @@ mod agent;
 mod api;
 mod blobs;
 mod bus;
+mod conns;
 mod console;
 mod store;
 mod swarm;
@@ -108,6 +109,14 @@ struct Serve {
     /// log level: error, warn, info, debug (default info)
     #[argh(option, default = "String::from(\"info\")")]
     log_level: String,
+    /// open connections one IP address may hold (default 1024; devices behind one NAT
+    /// share an address: raise it for fleets behind carrier-grade NAT)
+    #[argh(option, default = "1024")]
+    max_connections_per_ip: usize,
+    /// open connections in all (default 16384; also bounded by the open-files limit,
+    /// which the server raises to its hard limit at start)
+    #[argh(option, default = "16384")]
+    max_connections: usize,
 }
 
 /// Print the OpenAPI document and exit.
@@ -125,6 +134,8 @@ pub struct App {
     pub handshakes: Arc<tokio::sync::Semaphore>,
     /// Web console sessions and heartbeat history.
     pub console: console::Console,
+    /// Open connections by address (the limits `serve` enforces; shown in /metrics).
+    pub conns: conns::Limiter,
 }
 
 pub fn now() -> i64 {
@@ -178,6 +189,9 @@ async fn ensure_admin_token(store: &dyn Store, data_dir: &Path) -> anyhow::Resul
 
 async fn serve(s: Serve) -> anyhow::Result<()> {
     // Checked before anything is created: a typo in a path must not leave a data dir.
+    if s.max_connections_per_ip == 0 || s.max_connections == 0 {
+        anyhow::bail!("--max-connections-per-ip and --max-connections must be at least 1");
+    }
     let tls = match (&s.tls_cert, &s.tls_key) {
         (Some(cert), Some(key)) => Some(tls::server_config(cert, key)?),
         (None, None) => None,
@@ -221,6 +235,11 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         handshakes: Arc::new(tokio::sync::Semaphore::new(agent::MAX_HANDSHAKES)),
         // Session cookies are `Secure` when this process serves TLS itself.
         console: console::Console::new(s.tls_cert.is_some()),
+        conns: conns::Limiter::new(conns::Limits {
+            per_ip: s.max_connections_per_ip,
+            total: s.max_connections,
+            first_byte: conns::FIRST_BYTE_DEADLINE,
+        }),
     });
     app.hub.start_heartbeat_writer(app.store.clone());
     if Backend::of_url(&url)? == Backend::Postgres {
@@ -235,6 +254,13 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", s.listen))?;
     let addr = listener.local_addr()?;
+    let nofile = raise_nofile();
+    // Each connection is a descriptor; the database, blobs and logs need some too.
+    if (s.max_connections as u64).saturating_add(256) > nofile {
+        tracing::warn!(nofile, max_connections = s.max_connections,
+            "the open-files limit is below --max-connections: accepts will fail before the cap holds");
+    }
+    let listener = conns::LimitedListener::new(listener, app.conns.clone());
     let router = api::router(app);
     match tls {
         Some(cfg) => {
@@ -254,6 +280,28 @@ async fn serve(s: Serve) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Raises the soft open-files limit to the hard one (every agent session is a descriptor)
+/// and returns the limit in force.
+pub fn raise_nofile() -> u64 {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let cur = getrlimit(Resource::Nofile);
+    let soft = cur.current.unwrap_or(u64::MAX);
+    match cur.maximum {
+        Some(hard) if soft < hard => {
+            let mut raised = cur;
+            raised.current = Some(hard);
+            match setrlimit(Resource::Nofile, raised) {
+                Ok(()) => hard,
+                Err(e) => {
+                    tracing::warn!(soft, hard, error = %e, "cannot raise the open-files limit");
+                    soft
+                }
+            }
+        }
+        _ => soft,
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -16,7 +16,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use axum::serve::Listener;
+use tokio::net::TcpStream;
+
+use crate::conns::{Limited, LimitedListener};
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -80,13 +83,14 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
 
 /// Accepted, handshaken TLS connections for `axum::serve`.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(TlsStream<Limited<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    /// Starts accepting on `tcp` (on the current tokio runtime).
-    pub fn new(tcp: TcpListener, cfg: Arc<ServerConfig>) -> std::io::Result<Self> {
+    /// Starts accepting on `tcp` (on the current tokio runtime); `tcp` applies the
+    /// connection limits before any TLS work.
+    pub fn new(tcp: LimitedListener, cfg: Arc<ServerConfig>) -> std::io::Result<Self> {
         let local = tcp.local_addr()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         tokio::spawn(accept_loop(tcp, TlsAcceptor::from(cfg), tx));
@@ -95,32 +99,16 @@ impl TlsListener {
 }
 
 async fn accept_loop(
-    tcp: TcpListener,
+    mut tcp: LimitedListener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+    tx: mpsc::Sender<(TlsStream<Limited<TcpStream>>, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
     loop {
         let (stream, peer) = tokio::select! {
             // axum dropped the listener (shutdown): stop accepting.
             _ = tx.closed() => return,
-            r = tcp.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Per-connection errors (the peer already gone) are not worth a
-                    // pause; running out of descriptors is (like axum's own loop).
-                    if !matches!(
-                        e.kind(),
-                        std::io::ErrorKind::ConnectionAborted
-                            | std::io::ErrorKind::ConnectionReset
-                            | std::io::ErrorKind::ConnectionRefused
-                    ) {
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                    continue;
-                }
-            },
+            c = tcp.accept() => c,
         };
         let Ok(permit) = handshakes.clone().try_acquire_owned() else {
             tracing::debug!(%peer, "too many TLS handshakes in progress; connection closed");
@@ -143,7 +131,7 @@ async fn accept_loop(
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = TlsStream<Limited<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

@@ -39,6 +39,7 @@ async fn env() -> Env {
         blobs: crate::blobs::Blobs::new(&dir).unwrap(),
         handshakes: Arc::new(tokio::sync::Semaphore::new(1)),
         console: super::Console::default(),
+        conns: crate::conns::Limiter::new(crate::conns::Limits::default()),
     });
     Env { app, dir }
 }
