@@ -329,26 +329,19 @@ fn main() -> anyhow::Result<()> {
             println!("{}", api::ApiDoc::openapi().to_pretty_json()?);
             Ok(())
         }
-        Cmd::Swarm(s) => {
-            tracing_subscriber::fmt()
-                .with_max_level(tracing::Level::WARN)
-                .with_writer(std::io::stderr)
-                .init();
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(swarm::run(swarm::Opts {
-                    clouds: s.cloud,
-                    token: s.token,
-                    agents: s.agents,
-                    heartbeat_secs: s.heartbeat_secs,
-                    duration_secs: s.duration_secs,
-                    server_pids: s.server_pid,
-                    commands_per_sec: s.commands_per_sec,
-                    reconnect_storm: s.reconnect_storm,
-                }))
-        }
+        Cmd::Swarm(s) => run_logged(
+            tracing::Level::WARN,
+            swarm::run(swarm::Opts {
+                clouds: s.cloud,
+                token: s.token,
+                agents: s.agents,
+                heartbeat_secs: s.heartbeat_secs,
+                duration_secs: s.duration_secs,
+                server_pids: s.server_pid,
+                commands_per_sec: s.commands_per_sec,
+                reconnect_storm: s.reconnect_storm,
+            }),
+        ),
         Cmd::Serve(s) => {
             let level = match s.log_level.as_str() {
                 "error" => tracing::Level::ERROR,
@@ -357,15 +350,24 @@ fn main() -> anyhow::Result<()> {
                 "debug" => tracing::Level::DEBUG,
                 other => anyhow::bail!("--log-level {other:?}: use error, warn, info or debug"),
             };
-            tracing_subscriber::fmt()
-                .with_max_level(level)
-                .with_writer(std::io::stderr)
-                .init();
-            tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?
-                .block_on(serve(s))
+            run_logged(level, serve(s))
         }
     }
+}
+
+/// Logs to stderr at `level` and runs `job` on the two-worker runtime both `serve` and
+/// `swarm` use (this machine class has two cores).
+fn run_logged(
+    level: tracing::Level,
+    job: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .init();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(job)
 }
