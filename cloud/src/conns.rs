@@ -59,8 +59,16 @@ pub struct Limiter {
 
 struct Inner {
     limits: Limits,
-    open: Mutex<HashMap<IpAddr, usize>>,
+    open: Mutex<Open>,
     refused: AtomicU64,
+}
+
+/// Open connections by address, and their sum (kept, not summed per accept: with many
+/// addresses that sum would be a walk over all of them on every accept).
+#[derive(Default)]
+struct Open {
+    by_ip: HashMap<IpAddr, usize>,
+    total: usize,
 }
 
 impl Limiter {
@@ -68,7 +76,7 @@ impl Limiter {
         Self {
             inner: Arc::new(Inner {
                 limits,
-                open: Mutex::new(HashMap::new()),
+                open: Mutex::new(Open::default()),
                 refused: AtomicU64::new(0),
             }),
         }
@@ -78,13 +86,13 @@ impl Limiter {
     /// its limit (the caller closes the connection).
     pub fn admit(&self, peer: IpAddr) -> Option<Slot> {
         let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
-        let total: usize = open.values().sum();
-        let mine = open.get(&peer).copied().unwrap_or(0);
-        if total >= self.inner.limits.total || mine >= self.inner.limits.per_ip {
+        let mine = open.by_ip.get(&peer).copied().unwrap_or(0);
+        if open.total >= self.inner.limits.total || mine >= self.inner.limits.per_ip {
             self.inner.refused.fetch_add(1, Ordering::Relaxed);
             return None;
         }
-        *open.entry(peer).or_insert(0) += 1;
+        *open.by_ip.entry(peer).or_insert(0) += 1;
+        open.total += 1;
         Some(Slot {
             inner: self.inner.clone(),
             peer,
@@ -94,7 +102,7 @@ impl Limiter {
     /// Connections open now.
     pub fn open(&self) -> usize {
         let open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.values().sum()
+        open.total
     }
 
     /// Connections closed at accept because a limit was reached, since start.
@@ -112,11 +120,12 @@ pub struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut open = self.inner.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(&self.peer) {
+        if let Some(n) = open.by_ip.get_mut(&self.peer) {
             *n -= 1;
             if *n == 0 {
-                open.remove(&self.peer);
+                open.by_ip.remove(&self.peer);
             }
+            open.total -= 1;
         }
     }
 }
